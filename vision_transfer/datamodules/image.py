@@ -1,0 +1,267 @@
+"""LightningDataModules for image folders, CSVs and Fashion-MNIST.
+
+Transforms come from the attached model's :class:`DataConfig` (or one set by hand), so the
+data is always preprocessed the way the backbone was pretrained.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from vision_transfer.backbones import DataConfig
+from vision_transfer.data.dataset import ImageDataset, list_predict_files
+from vision_transfer.data.images import check_image_header
+from vision_transfer.data.sources import (
+    Samples,
+    SourceSplits,
+    read_csv,
+    read_fashion_mnist,
+    read_image_folder,
+    stratified_split,
+    stratified_subset,
+)
+from vision_transfer.data.transforms import create_eval_transform, create_train_transform
+from vision_transfer.errors import DataError
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Base class: reads a source, splits it (seeded, stratified) and serves DataLoaders.
+
+    Args:
+        batch_size: images per batch (per device).
+        num_workers: DataLoader worker processes; None uses ``min(8, cpu_count)``.
+        val_fraction: share of train held out for validation when the source has no val split.
+        test_fraction: share of train held out for test when the source has no test split.
+        split_seed: seed of those splits and of the subsets; recorded in ``splits.csv``.
+        max_train_samples: class-balanced subset of train (None: all).
+        max_val_samples: class-balanced subset of val (None: all).
+        max_test_samples: class-balanced subset of test (None: all).
+        scale_min: smallest area fraction of the random resized crop.
+        hflip: probability of a horizontal flip.
+        color_jitter: brightness/contrast/saturation jitter strength (0 disables it).
+        verify_images: open every image header at setup, so bad files fail before training.
+        predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
+    """
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        max_test_samples: int | None = None,
+        scale_min: float = 0.35,
+        hflip: float = 0.5,
+        color_jitter: float = 0.0,
+        verify_images: bool = True,
+        predict_paths: str | list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if not 0 <= fraction < 1:
+                raise DataError(f"{name}={fraction}: must be in [0, 1).")
+        self.save_hyperparameters()
+        self.batch_size = batch_size
+        self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
+        self.data_config: DataConfig | None = None
+        self.class_names: list[str] | None = None
+        self.splits: dict[str, Samples] = {}
+        self.predict_files: list[str] = []
+
+    @abstractmethod
+    def read_source(self) -> SourceSplits:
+        """Read the source's class names and whatever splits it defines."""
+
+    # -- setup ------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        config = self._resolve_data_config()
+        if stage == "predict":
+            self.class_names = self._model_class_names()
+            self.predict_files = list_predict_files(self.hparams.predict_paths or [])
+            return
+        if not self.splits:
+            self.splits = self._make_splits()
+            self._record_splits()
+        hp = self.hparams
+        train_tf = create_train_transform(config, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter)
+        eval_tf = create_eval_transform(config)
+        self.datasets = {
+            split: ImageDataset(samples, train_tf if split == "train" else eval_tf) for split, samples in self.splits.items()
+        }
+
+    def _resolve_data_config(self) -> DataConfig:
+        if self.data_config is None:
+            model = self.trainer.lightning_module if self.trainer is not None else None
+            self.data_config = getattr(model, "data_config", None)
+        if self.data_config is None:
+            raise DataError(f"{type(self).__name__}: set .data_config or attach it to a Trainer with an ImageClassifier.")
+        return self.data_config
+
+    def _model_class_names(self) -> list[str] | None:
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return getattr(model, "class_names", None)
+
+    def _make_splits(self) -> dict[str, Samples]:
+        source = self.read_source()
+        splits = dict(source.splits)
+        model_classes = self._model_class_names()
+        if model_classes is not None:  # a trained model fixes the label indices
+            lookup = {name: i for i, name in enumerate(model_classes)}
+            unknown = [c for c in source.class_names if c not in lookup]
+            if unknown:
+                raise DataError(
+                    f"{self.describe()}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the model's "
+                    f"{len(model_classes)} classes ({', '.join(model_classes[:10])}{'...' if len(model_classes) > 10 else ''})."
+                )
+            remap = np.array([lookup[c] for c in source.class_names], dtype=np.int64)
+            splits = {k: Samples(s.items, remap[s.labels], s.ids) for k, s in splits.items()}
+            self.class_names = list(model_classes)
+        else:
+            self.class_names = list(source.class_names)
+        if len(self.class_names) < 2:
+            raise DataError(f"{self.describe()}: found {len(self.class_names)} class; a classifier needs at least 2.")
+        hp = self.hparams
+        missing = [s for s in ("val", "test") if s not in splits]
+        fractions = [hp.val_fraction if s == "val" else hp.test_fraction for s in missing]
+        if missing:
+            train = splits["train"]
+            parts = stratified_split(train.labels, fractions, hp.split_seed)
+            splits["train"] = train.take(parts[0])
+            for split, part in zip(missing, parts[1:], strict=True):
+                splits[split] = train.take(part)
+        limits = {"train": hp.max_train_samples, "val": hp.max_val_samples, "test": hp.max_test_samples}
+        for split, limit in limits.items():
+            if limit is not None and split in splits:
+                splits[split] = splits[split].take(stratified_subset(splits[split].labels, limit, hp.split_seed))
+        splits = {k: v for k, v in splits.items() if len(v)}
+        if hp.verify_images:
+            for samples in splits.values():
+                if not isinstance(samples.items, np.ndarray):
+                    for path in samples.items:
+                        check_image_header(path)
+        return splits
+
+    def _record_splits(self) -> None:
+        """Write which sample went to which split, so the split can be audited and reproduced."""
+        if self.trainer is None or self.trainer.global_rank != 0 or not self.trainer.log_dir:
+            return
+        path = Path(self.trainer.log_dir) / "splits.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = self.class_names or []
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["split", "sample", "label"])
+            for split, samples in self.splits.items():
+                writer.writerows((split, i, names[label]) for i, label in zip(samples.ids, samples.labels, strict=True))
+
+    def describe(self) -> str:
+        """Short name of the source, used in messages."""
+        return type(self).__name__
+
+    # -- loaders ----------------------------------------------------------------------------
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
+        workers = self.num_workers
+        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=workers > 0,
+            # A last batch of one image breaks BatchNorm in training.
+            drop_last=shuffle and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+        )
+
+    def _split_loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        if split not in self.datasets:
+            raise DataError(f"{self.describe()}: no {split} split.")
+        return self._loader(self.datasets[split], shuffle)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._split_loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._split_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._split_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        samples = Samples(self.predict_files, np.full(len(self.predict_files), -1), self.predict_files)
+        return self._loader(ImageDataset(samples, create_eval_transform(self._resolve_data_config())))
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """A folder with one sub-folder of images per class, optionally inside ``train/``, ``val/``, ``test/``.
+
+    Args:
+        root: the folder.
+        kwargs: see :class:`ImageDataModule`.
+    """
+
+    def __init__(self, root: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+
+    def read_source(self) -> SourceSplits:
+        return read_image_folder(self.root)
+
+    def describe(self) -> str:
+        return str(self.root)
+
+
+class CsvDataModule(ImageDataModule):
+    """A CSV of ``path,label`` rows, paths relative to the CSV, with an optional ``split`` column.
+
+    Args:
+        csv_path: the CSV file.
+        path_column: column holding image paths.
+        label_column: column holding class labels.
+        kwargs: see :class:`ImageDataModule`.
+    """
+
+    def __init__(self, csv_path: str, path_column: str = "path", label_column: str = "label", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.csv_path = csv_path
+        self.path_column = path_column
+        self.label_column = label_column
+
+    def read_source(self) -> SourceSplits:
+        return read_csv(self.csv_path, self.path_column, self.label_column)
+
+    def describe(self) -> str:
+        return str(self.csv_path)
+
+
+class FashionMNISTDataModule(ImageDataModule):
+    """Fashion-MNIST (10 classes of 28x28 grayscale clothing), from its IDX files.
+
+    Args:
+        root: folder with the IDX files; None uses Debian's ``dataset-fashion-mnist`` package.
+        download: fetch with torchvision when the files are not found (needs the network).
+        kwargs: see :class:`ImageDataModule`; the official test split is kept as test.
+    """
+
+    def __init__(self, root: str | None = None, download: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = root
+        self.download = download
+
+    def read_source(self) -> SourceSplits:
+        return read_fashion_mnist(self.root, self.download)
+
+    def describe(self) -> str:
+        return f"Fashion-MNIST ({self.root or 'Debian package'})"

@@ -1,0 +1,89 @@
+"""PNG plots of a run: training curves from ``metrics.csv`` and the confusion matrix."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never needs a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
+    """``metrics.csv`` (Lightning's CSVLogger) -> metric name -> [(step, value)]."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    with Path(path).open(newline="") as f:
+        for row in csv.DictReader(f):
+            step = float(row.get("step") or 0)
+            for key, value in row.items():
+                if key in ("step", "epoch") or value in (None, ""):
+                    continue
+                series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def plot_training_curves(metrics_csv: str | Path, out: str | Path) -> Path | None:
+    """Loss, accuracy and learning-rate curves against the optimizer step; None if nothing logged."""
+    series = read_metrics(metrics_csv)
+    panels = [
+        ("loss", [k for k in ("train/loss", "val/loss") if k in series]),
+        ("accuracy", [k for k in ("train/acc", "val/acc") if k in series]),
+        ("learning rate", sorted(k for k in series if k.startswith("lr"))),
+    ]
+    panels = [(title, keys) for title, keys in panels if keys]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        for key in keys:
+            steps, values = zip(*series[key], strict=True)
+            ax.plot(steps, values, marker="o" if key.startswith("val") else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out: str | Path) -> Path:
+    """Row-normalised confusion matrix (true class per row), with counts in the cells."""
+    matrix = np.asarray(matrix)
+    n = len(class_names)
+    totals = matrix.sum(axis=1, keepdims=True)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
+    size = max(4.0, 0.45 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(n), class_names, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 30:
+        for i in range(n):
+            for j in range(n):
+                if matrix[i, j]:
+                    color = "white" if share[i, j] > 0.5 else "black"
+                    ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=7, color=color)
+    accuracy = np.trace(matrix) / max(1, matrix.sum())
+    ax.set_title(f"confusion matrix (accuracy {accuracy:.2%}, n={int(matrix.sum())})")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
+    """Recall of each class; NaN for classes absent from the data."""
+    matrix = np.asarray(matrix, dtype=float)
+    totals = matrix.sum(axis=1)
+    return np.array([matrix[i, i] / totals[i] if totals[i] else math.nan for i in range(len(matrix))])

@@ -1,0 +1,222 @@
+"""ImageClassifier: a timm backbone plus a linear head, fine-tuned or linearly probed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from vision_transfer.backbones import DataConfig, create_backbone
+from vision_transfer.errors import DataError
+from vision_transfer.tuning import TuningPolicy, build_param_groups
+
+Mode = Literal["linear_probe", "full"]
+BnPolicy = Literal["train", "frozen_stats", "frozen"]
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm backbone and a linear head, trained in one of the tuning modes.
+
+    Args:
+        backbone: timm architecture name.
+        weights: ``auto``, ``packaged``, ``timm``, ``timm:<tag>``, ``none`` or a file path.
+        mode: ``linear_probe`` (backbone frozen, in eval mode, no gradient computed for it) or
+            ``full`` (everything trains).
+        class_names: the classes, in head order; None takes them from the datamodule.
+        image_size: square input size replacing the backbone's pretrained one.
+        optimizer: ``adamw`` or ``sgd`` (with Nesterov momentum).
+        lr: learning rate of the backbone's top stage group.
+        head_lr: learning rate of the head; None uses ``lr``.
+        layer_decay: each stage group below the top gets ``lr`` times this, once more per step down.
+        weight_decay: decoupled weight decay, not applied to biases and norm parameters.
+        momentum: SGD momentum.
+        warmup_epochs: linear warmup length, in (fractional) epochs, before the cosine decay.
+        min_lr_ratio: the cosine schedule ends at this fraction of each group's learning rate.
+        label_smoothing: cross-entropy label smoothing.
+        drop_rate: dropout before the head.
+        drop_path_rate: stochastic depth inside the backbone, where timm supports it.
+        bn: BatchNorm in frozen groups: ``frozen_stats`` (eval mode, default), ``frozen`` (same,
+            named for clarity) or ``train`` (running statistics keep updating).
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: str | None = "auto",
+        mode: Mode = "full",
+        class_names: list[str] | None = None,
+        image_size: int | None = None,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-3,
+        head_lr: float | None = None,
+        layer_decay: float = 1.0,
+        weight_decay: float = 0.01,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.5,
+        min_lr_ratio: float = 0.01,
+        label_smoothing: float = 0.1,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        bn: BnPolicy = "frozen_stats",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        kwargs: dict[str, Any] = {"drop_rate": drop_rate}
+        if drop_path_rate:
+            kwargs["drop_path_rate"] = drop_path_rate
+        self.backbone, self.data_config = create_backbone(backbone, weights, image_size=image_size, **kwargs)
+        self.weights_source: dict[str, Any] = dict(self.backbone.pretrained_cfg["weights"])  # type: ignore[index]
+        self.policy = TuningPolicy(self.backbone, mode=mode, bn=bn)
+        self.register_buffer("mean", torch.tensor(self.data_config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(self.data_config.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.class_names: list[str] | None = None
+        self.head: nn.Module = nn.Identity()
+        if class_names is not None:
+            self._build_head(list(class_names))
+
+    # -- building ----------------------------------------------------------------------------
+    def _build_head(self, class_names: list[str]) -> None:
+        n = len(class_names)
+        self.class_names = class_names
+        self.hparams["class_names"] = class_names
+        self.head = nn.Linear(self.backbone.num_features, n)  # type: ignore[arg-type]
+        metrics = {
+            "acc": MulticlassAccuracy(n, average="micro"),
+            "acc_top5": MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
+            "f1_macro": MulticlassF1Score(n, average="macro"),
+        }
+        self.val_metrics = MetricCollection(metrics, prefix="val/")
+        self.test_metrics = self.val_metrics.clone(prefix="test/")
+        self.test_confusion = MulticlassConfusionMatrix(n)
+
+    def setup(self, stage: str) -> None:
+        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer is not None else None
+        if self.class_names is None:
+            if names is None:
+                raise DataError("ImageClassifier: class_names not given and the datamodule has none.")
+            self._build_head(list(names))
+
+    # -- forward -----------------------------------------------------------------------------
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 NCHW batch (as the datamodules yield it) -> normalised float batch."""
+        if images.dtype == torch.uint8:
+            images = (images.float() - self.mean) / self.std
+        return images
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        images, *rest = batch
+        return (self.preprocess(images), *rest)
+
+    def forward_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features; frozen stage groups run without autograd."""
+        return self.policy.forward(images)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(images))
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        self.policy.apply_eval_modes()
+        return self
+
+    # -- steps -------------------------------------------------------------------------------
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self._loss(logits, labels)
+        acc = (logits.argmax(1) == labels).float().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/acc", acc, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True)
+        self.val_metrics.update(logits, labels)
+        self.log_dict(self.val_metrics, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, labels = batch
+        logits = self(images)
+        self.log("test/loss", self._loss(logits, labels), sync_dist=True)
+        self.test_metrics.update(logits, labels)
+        self.test_confusion.update(logits, labels)
+        self.log_dict(self.test_metrics)
+
+    def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Class probabilities of each image."""
+        return self(batch[0]).softmax(dim=1)
+
+    # -- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        hp = self.hparams
+        groups = build_param_groups(
+            self.policy.groups,
+            self.backbone,
+            self.head,
+            lr=hp.lr,
+            head_lr=hp.head_lr if hp.head_lr is not None else hp.lr,
+            layer_decay=hp.layer_decay,
+            weight_decay=hp.weight_decay,
+        )
+        if hp.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        warmup = int(hp.warmup_epochs * total / epochs)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The state dict holds the trained weights: rebuilding needs no weights file or network.
+        checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "weights": "none"}
+        checkpoint["vision_transfer"] = {
+            "class_names": self.class_names,
+            "data_config": self.data_config.to_dict(),
+            "initial_weights": self.weights_source,
+            "backbone": self.hparams.backbone,
+        }
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and datamodule.hparams:
+            cls = type(datamodule)
+            checkpoint["vision_transfer"]["datamodule"] = {
+                "class_path": f"{cls.__module__}.{cls.__qualname__}",
+                "init_args": dict(datamodule.hparams),
+            }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get("vision_transfer", {})
+        names = meta.get("class_names")
+        if names is not None and self.class_names is not None and list(names) != self.class_names:
+            raise DataError(
+                f"checkpoint has {len(names)} classes ({', '.join(names[:5])}...), this model has "
+                f"{len(self.class_names)} ({', '.join(self.class_names[:5])}...)."
+            )
+        if "initial_weights" in meta:
+            self.weights_source = meta["initial_weights"]
+        if "data_config" in meta:
+            self.data_config = DataConfig.from_dict(meta["data_config"])
+
+
+def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Any:
+    """LR multiplier: linear warmup from ~0, then cosine decay to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
