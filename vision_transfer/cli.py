@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import sys
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import lazy_instance
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
-from jsonargparse import lazy_instance
 
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import VisionTransferError
@@ -37,13 +39,16 @@ class VisionTransferCLI(LightningCLI):
                 "logger": lazy_instance(CSVLogger, save_dir="runs"),
                 "callbacks": [lazy_instance(LearningRateMonitor)],
                 "max_epochs": 10,
+                "log_every_n_steps": 10,
             },
             args=args,
             run=run,
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint after training")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint after training"
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(
             {
@@ -57,7 +62,7 @@ class VisionTransferCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        argv = list(args) if isinstance(args, list) else sys.argv[1:]
+        argv = list(args) if isinstance(args, list) else sys.argv[1:]  # args=None: the command line
         ckpt = _flag_value(argv, "--ckpt_path")
         if argv and argv[0] in self._subcommand_parsers and ckpt:
             self._subcommand_parsers[argv[0]].set_defaults(checkpoint_defaults(ckpt))
@@ -103,12 +108,13 @@ def checkpoint_defaults(path: str) -> dict[str, Any]:
         if not key.startswith("_"):
             defaults[f"model.{key}"] = value
     datamodule = checkpoint.get("vision_transfer", {}).get("datamodule")
-    if datamodule:
-        defaults["data"] = datamodule
+    if datamodule:  # older checkpoints may carry LightningCLI's private keys
+        init_args = {k: v for k, v in datamodule.get("init_args", {}).items() if not k.startswith("_")}
+        defaults["data"] = {"class_path": datamodule["class_path"], "init_args": init_args}
     return defaults
 
 
-def print_summary(trainer: Any, metrics: dict[str, float], best: str | None) -> None:
+def print_summary(trainer: Any, metrics: Mapping[str, float], best: str | None) -> None:
     """The lines a user wants after training: test results and where everything went."""
     log_dir = Path(trainer.log_dir or ".").resolve()
     report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
@@ -119,7 +125,9 @@ def print_summary(trainer: Any, metrics: dict[str, float], best: str | None) -> 
     lines.append(f"{'checkpoint':<16} {Path(best).resolve() if best else 'none saved'}")
     lines.append(f"{'logs':<16} {log_dir}")
     if report is not None and report.files:
-        lines.append(f"{'plots':<16} " + ", ".join(str(Path(f).resolve()) for f in report.files if str(f).endswith(".png")))
+        lines.append(
+            f"{'plots':<16} " + ", ".join(str(Path(f).resolve()) for f in report.files if str(f).endswith(".png"))
+        )
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
 
@@ -139,10 +147,13 @@ COMMANDS = {"backbones": _backbones_command}
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; user errors end with one clear line and exit status 2."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    # Expected here: the model normalises batches after transfer, and the datamodule does not.
+    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv and argv[0] in COMMANDS:
-            COMMANDS[argv[0]](argv[1:])
+        if args and args[0] in COMMANDS:
+            COMMANDS[args[0]](args[1:])
         else:
             VisionTransferCLI(args=argv)
     except VisionTransferError as e:

@@ -73,7 +73,8 @@ def _check_name(name: str) -> None:
 
 
 def _classifier_keys(model: torch.nn.Module) -> tuple[str, ...]:
-    names = model.pretrained_cfg.get("classifier", "")  # type: ignore[union-attr]
+    cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+    names = cfg.get("classifier", "")
     return tuple(names) if isinstance(names, (list, tuple)) else (names,)
 
 
@@ -139,7 +140,8 @@ def create_model(
             _load_weights(model, name, source)
     if num_classes is not None:
         model.reset_classifier(num_classes)  # type: ignore[operator]
-    model.pretrained_cfg = {**model.pretrained_cfg, "weights": source.to_dict()}  # type: ignore[assignment]
+    pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})
+    setattr(model, "pretrained_cfg", {**pretrained_cfg, "weights": source.to_dict()})  # noqa: B010 (typed as Module attr)
     return model, DataConfig.from_model(model, image_size)
 
 

@@ -147,6 +147,8 @@ def remap_packaged(state_dict: dict[str, torch.Tensor], target: torch.nn.Module)
     out = {}
     for (src_key, tensor), (dst_key, dst) in zip(state_dict.items(), target_sd.items(), strict=True):
         if tensor.shape != dst.shape:
-            raise WeightsError(f"packaged weights: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(dst.shape)}.")
+            raise WeightsError(
+                f"packaged weights: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(dst.shape)}."
+            )
         out[dst_key] = tensor
     return out

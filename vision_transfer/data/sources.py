@@ -52,7 +52,7 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
         idx = rng.permutation(np.flatnonzero(labels == cls))
         start = len(idx)
         for part, fraction in zip(parts[1:], fractions, strict=True):
-            n = int(round(len(idx) * fraction))
+            n = round(len(idx) * fraction)
             if fraction > 0 and n == 0 and len(idx) > len(fractions):
                 n = 1
             part.extend(idx[start - n : start])
@@ -99,7 +99,9 @@ def read_image_folder(root: str | Path) -> SourceSplits:
         if unknown:
             raise DataError(f"{root / split}: classes not in train/: {', '.join(unknown)}.")
         files = [(str(f), class_names.index(c)) for c, fs in per_class.items() for f in fs]
-        splits[split] = Samples([f for f, _ in files], np.array([c for _, c in files], dtype=np.int64), [f for f, _ in files])
+        splits[split] = Samples(
+            [f for f, _ in files], np.array([c for _, c in files], dtype=np.int64), [f for f, _ in files]
+        )
     return SourceSplits(class_names, splits)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from vision_transfer.backbones import DataConfig
@@ -74,6 +73,7 @@ class ImageDataModule(pl.LightningDataModule):
                 raise DataError(f"{name}={fraction}: must be in [0, 1).")
         self.save_hyperparameters()
         self.batch_size = batch_size
+        self.predict_paths = predict_paths
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.data_config: DataConfig | None = None
         self.class_names: list[str] | None = None
@@ -89,16 +89,19 @@ class ImageDataModule(pl.LightningDataModule):
         config = self._resolve_data_config()
         if stage == "predict":
             self.class_names = self._model_class_names()
-            self.predict_files = list_predict_files(self.hparams.predict_paths or [])
+            self.predict_files = list_predict_files(self.predict_paths or [])
             return
         if not self.splits:
             self.splits = self._make_splits()
             self._record_splits()
-        hp = self.hparams
-        train_tf = create_train_transform(config, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter)
+        hp: Any = self.hparams
+        train_tf = create_train_transform(
+            config, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter
+        )
         eval_tf = create_eval_transform(config)
         self.datasets = {
-            split: ImageDataset(samples, train_tf if split == "train" else eval_tf) for split, samples in self.splits.items()
+            split: ImageDataset(samples, train_tf if split == "train" else eval_tf)
+            for split, samples in self.splits.items()
         }
 
     def _resolve_data_config(self) -> DataConfig:
@@ -106,7 +109,9 @@ class ImageDataModule(pl.LightningDataModule):
             model = self.trainer.lightning_module if self.trainer is not None else None
             self.data_config = getattr(model, "data_config", None)
         if self.data_config is None:
-            raise DataError(f"{type(self).__name__}: set .data_config or attach it to a Trainer with an ImageClassifier.")
+            raise DataError(
+                f"{type(self).__name__}: set .data_config or attach it to a Trainer with an ImageClassifier."
+            )
         return self.data_config
 
     def _model_class_names(self) -> list[str] | None:
@@ -121,9 +126,10 @@ class ImageDataModule(pl.LightningDataModule):
             lookup = {name: i for i, name in enumerate(model_classes)}
             unknown = [c for c in source.class_names if c not in lookup]
             if unknown:
+                more = "..." if len(model_classes) > 10 else ""
                 raise DataError(
                     f"{self.describe()}: label(s) {', '.join(map(repr, unknown[:5]))} are not among the model's "
-                    f"{len(model_classes)} classes ({', '.join(model_classes[:10])}{'...' if len(model_classes) > 10 else ''})."
+                    f"{len(model_classes)} classes ({', '.join(model_classes[:10])}{more})."
                 )
             remap = np.array([lookup[c] for c in source.class_names], dtype=np.int64)
             splits = {k: Samples(s.items, remap[s.labels], s.ids) for k, s in splits.items()}
@@ -132,7 +138,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.class_names = list(source.class_names)
         if len(self.class_names) < 2:
             raise DataError(f"{self.describe()}: found {len(self.class_names)} class; a classifier needs at least 2.")
-        hp = self.hparams
+        hp: Any = self.hparams
         missing = [s for s in ("val", "test") if s not in splits]
         fractions = [hp.val_fraction if s == "val" else hp.test_fraction for s in missing]
         if missing:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -29,17 +30,22 @@ def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
 def plot_training_curves(metrics_csv: str | Path, out: str | Path) -> Path | None:
     """Loss, accuracy and learning-rate curves against the optimizer step; None if nothing logged."""
     series = read_metrics(metrics_csv)
-    panels = [
+    panels: list[tuple[str, list[str]]] = [
         ("loss", [k for k in ("train/loss", "val/loss") if k in series]),
         ("accuracy", [k for k in ("train/acc", "val/acc") if k in series]),
-        ("learning rate", sorted(k for k in series if k.startswith("lr"))),
+        ("learning rate", sorted(k for k in series if k.startswith("lr") and not k.endswith("no_decay"))),
     ]
     panels = [(title, keys) for title, keys in panels if keys]
+    axes: Any
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
+        drawn: list[list[tuple[float, float]]] = []
         for key in keys:
+            if series[key] in drawn:  # e.g. stage groups that share one learning rate
+                continue
+            drawn.append(series[key])
             steps, values = zip(*series[key], strict=True)
             ax.plot(steps, values, marker="o" if key.startswith("val") else None, markersize=3, label=key)
         ax.set_title(title)

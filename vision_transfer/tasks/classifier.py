@@ -8,7 +8,7 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from vision_transfer.backbones import DataConfig, create_backbone
@@ -44,6 +44,9 @@ class ImageClassifier(pl.LightningModule):
             named for clarity) or ``train`` (running statistics keep updating).
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -66,6 +69,7 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.label_smoothing = label_smoothing
         kwargs: dict[str, Any] = {"drop_rate": drop_rate}
         if drop_path_rate:
             kwargs["drop_path_rate"] = drop_path_rate
@@ -85,7 +89,7 @@ class ImageClassifier(pl.LightningModule):
         self.class_names = class_names
         self.hparams["class_names"] = class_names
         self.head = nn.Linear(self.backbone.num_features, n)  # type: ignore[arg-type]
-        metrics = {
+        metrics: dict[str, Metric | MetricCollection] = {
             "acc": MulticlassAccuracy(n, average="micro"),
             "acc_top5": MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
             "f1_macro": MulticlassF1Score(n, average="macro"),
@@ -95,7 +99,8 @@ class ImageClassifier(pl.LightningModule):
         self.test_confusion = MulticlassConfusionMatrix(n)
 
     def setup(self, stage: str) -> None:
-        names = getattr(self.trainer.datamodule, "class_names", None) if self._trainer is not None else None
+        datamodule = getattr(self._trainer, "datamodule", None)
+        names = getattr(datamodule, "class_names", None)
         if self.class_names is None:
             if names is None:
                 raise DataError("ImageClassifier: class_names not given and the datamodule has none.")
@@ -114,19 +119,20 @@ class ImageClassifier(pl.LightningModule):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; frozen stage groups run without autograd."""
-        return self.policy.forward(images)
+        return self.policy.forward(images, self.training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.forward_features(images))
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
-        self.policy.apply_eval_modes()
+        if mode:
+            self.policy.apply_eval_modes()
         return self
 
     # -- steps -------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch
@@ -158,7 +164,7 @@ class ImageClassifier(pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
+        hp: Any = self.hparams
         groups = build_param_groups(
             self.policy.groups,
             self.backbone,
@@ -186,14 +192,14 @@ class ImageClassifier(pl.LightningModule):
             "class_names": self.class_names,
             "data_config": self.data_config.to_dict(),
             "initial_weights": self.weights_source,
-            "backbone": self.hparams.backbone,
+            "backbone": self.hparams["backbone"],
         }
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and datamodule.hparams:
             cls = type(datamodule)
             checkpoint["vision_transfer"]["datamodule"] = {
                 "class_path": f"{cls.__module__}.{cls.__qualname__}",
-                "init_args": dict(datamodule.hparams),
+                "init_args": {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")},
             }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -33,7 +33,8 @@ class PredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("w", newline="")
-        k = min(self.top_k, len(pl_module.class_names or []) or self.top_k)
+        names: list[str] = getattr(pl_module, "class_names", None) or []
+        k = min(self.top_k, len(names) or self.top_k)
         header = ["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
         self._writer = csv.writer(self._file)
         self._writer.writerow(header)
@@ -49,7 +50,7 @@ class PredictionWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         files = trainer.datamodule.predict_files  # type: ignore[attr-defined]
-        names = pl_module.class_names or []
+        names: list[str] = getattr(pl_module, "class_names", None) or []
         probs, classes = torch.topk(prediction.float(), min(self.top_k, prediction.shape[1]), dim=1)
         for index, p_row, c_row in zip(batch_indices, probs.tolist(), classes.tolist(), strict=True):
             cells: list[Any] = [files[index]]

@@ -36,12 +36,18 @@ class TuningPolicy:
         self.groups = stage_groups(backbone)
         self.bn = bn
         self.num_frozen = len(self.groups) if mode == "linear_probe" else 0
+        self._frozen_modules: tuple[int, list[nn.Module]] | None = None
 
     @property
     def frozen_parameter_names(self) -> set[str]:
         return {name for group in self.groups[: self.num_frozen] for name in group}
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, training: bool) -> torch.Tensor:
+        """Backbone features; ``training`` is the mode of the model that owns the backbone."""
+        # Lightning restores each submodule's mode attribute directly (not through train()),
+        # so the frozen groups' eval mode is re-applied here, where it cannot be bypassed.
+        if training:
+            self.apply_eval_modes()
         if self.num_frozen == len(self.groups):
             with torch.no_grad():
                 return self.backbone(images)
@@ -51,6 +57,11 @@ class TuningPolicy:
 
     def frozen_modules(self) -> list[nn.Module]:
         """Largest modules whose parameters all belong to frozen groups."""
+        if self._frozen_modules is None or self._frozen_modules[0] != self.num_frozen:
+            self._frozen_modules = (self.num_frozen, self._find_frozen_modules())
+        return self._frozen_modules[1]
+
+    def _find_frozen_modules(self) -> list[nn.Module]:
         frozen = self.frozen_parameter_names
         if not frozen:
             return []
@@ -69,8 +80,6 @@ class TuningPolicy:
 
     def apply_eval_modes(self) -> None:
         """Put frozen groups (and, under ``bn='frozen'``, every BatchNorm) in eval mode."""
-        if not self.backbone.training:
-            return
         for module in self.frozen_modules():
             module.eval()
             if self.bn == "train":

@@ -1,0 +1,88 @@
+"""Tiny, seeded fixtures: image folders and CSVs generated on the fly, a tiny timm model at 32 px."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TINY_BACKBONE = "test_efficientnet"  # timm's own tiny test architecture, with BatchNorm
+TINY_SIZE = 32
+CLASSES = ("circle", "square", "stripes")
+
+
+def make_image(kind: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    """A noisy RGB image whose class is visible in its shape, so tiny models can learn it."""
+    image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    if kind == "circle":
+        mask = (yy - size / 2) ** 2 + (xx - size / 2) ** 2 < (size / 3) ** 2
+    elif kind == "square":
+        mask = (abs(yy - size / 2) < size / 4) & (abs(xx - size / 2) < size / 4)
+    else:
+        mask = (xx // 5) % 2 == 0
+    image[mask] = rng.integers(180, 255, 3, dtype=np.uint8)
+    return image
+
+
+def write_folder(root: Path, per_class: int = 8, seed: int = 0, classes: tuple[str, ...] = CLASSES) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(make_image(name, rng)).save(root / name / f"{name}_{i}.png")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Three classes of eight 40x40 PNGs, no split folders."""
+    return write_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def split_folder(tmp_path: Path) -> Path:
+    """``train/``, ``val/`` and ``test/`` folders, each with the three classes."""
+    root = tmp_path / "split_images"
+    for split, n, seed in (("train", 8, 0), ("val", 3, 1), ("test", 3, 2)):
+        write_folder(root / split, per_class=n, seed=seed)
+    return root
+
+
+@pytest.fixture
+def csv_dataset(image_folder: Path) -> Path:
+    """A ``path,label`` CSV beside the images, paths relative to it."""
+    path = image_folder / "labels.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "label"])
+        for image in sorted(image_folder.rglob("*.png")):
+            writer.writerow([image.relative_to(image_folder).as_posix(), image.parent.name])
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_fit_args(data_args: list[str], tmp_path: Path, *extra: str) -> list[str]:
+    """CLI arguments for a fast fit of the tiny model on a generated dataset."""
+    return [
+        "fit",
+        f"--model.backbone={TINY_BACKBONE}",
+        "--model.weights=none",
+        f"--model.image_size={TINY_SIZE}",
+        *data_args,
+        "--data.init_args.batch_size=8",
+        "--data.init_args.num_workers=0",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        *extra,
+    ]

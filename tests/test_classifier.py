@@ -1,0 +1,135 @@
+"""ImageClassifier: what each mode trains, BatchNorm, optimizer groups, precision, checkpoints."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tests.conftest import TINY_BACKBONE, TINY_SIZE
+from vision_transfer.datamodules import ImageFolderDataModule
+from vision_transfer.errors import DataError
+from vision_transfer.tasks import ImageClassifier
+from vision_transfer.tasks.classifier import cosine_with_warmup
+
+
+def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
+    options = {
+        "max_steps": 3,
+        "logger": False,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "num_sanity_val_steps": 0,
+        "limit_val_batches": 0,
+        "default_root_dir": tmp_path,
+    }
+    return pl.Trainer(**{**options, **kwargs})
+
+
+def _fit(tmp_path: Path, folder: Path, **model_kwargs) -> tuple[ImageClassifier, dict, dict]:
+    """Train a few steps; return the model and its backbone's state before and after."""
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, lr=0.05, warmup_epochs=0, **model_kwargs
+    )
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    datamodule = ImageFolderDataModule(str(folder), batch_size=8, num_workers=0)
+    _trainer(tmp_path).fit(model, datamodule)
+    return model, before, model.backbone.state_dict()
+
+
+def test_linear_probe_changes_nothing_in_the_backbone(tmp_path: Path, image_folder: Path) -> None:
+    model, before, after = _fit(tmp_path, image_folder, mode="linear_probe")
+    for key, value in after.items():
+        assert torch.equal(value, before[key]), f"{key} moved in linear_probe mode"
+    assert all(p.grad is None for p in model.backbone.parameters()), "a gradient was computed for the backbone"
+    assert all(p.requires_grad for p in model.backbone.parameters())  # frozen by no_grad, not requires_grad
+    assert model.head.weight.grad is not None
+
+
+def test_full_mode_trains_weights_and_batchnorm_statistics(tmp_path: Path, image_folder: Path) -> None:
+    _, before, after = _fit(tmp_path, image_folder, mode="full")
+    weights = [k for k in after if k.endswith("weight")]
+    stats = [k for k in after if k.endswith("running_mean")]
+    assert stats and all(not torch.equal(after[k], before[k]) for k in stats)
+    assert sum(not torch.equal(after[k], before[k]) for k in weights) == len(weights)
+
+
+def test_linear_probe_backbone_stays_in_eval_mode_after_train() -> None:
+    model = ImageClassifier(TINY_BACKBONE, weights="none", mode="linear_probe", class_names=["a", "b"])
+    model.train()
+    assert model.training and model.head.training
+    assert not any(m.training for m in model.backbone.modules())
+    full = ImageClassifier(TINY_BACKBONE, weights="none", mode="full", class_names=["a", "b"]).train()
+    assert all(m.training for m in full.backbone.modules() if isinstance(m, _BatchNorm))
+
+
+def test_bn_frozen_keeps_every_batchnorm_in_eval_mode() -> None:
+    model = ImageClassifier(TINY_BACKBONE, weights="none", mode="full", bn="frozen", class_names=["a", "b"]).train()
+    norms = [m for m in model.backbone.modules() if isinstance(m, _BatchNorm)]
+    assert norms and not any(m.training for m in norms)
+
+
+def test_optimizer_groups_have_absolute_learning_rates(tmp_path: Path, image_folder: Path) -> None:
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, lr=0.1, head_lr=1.0, layer_decay=0.5, weight_decay=0.05
+    )
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    groups = trainer.optimizers[0].param_groups
+    lrs = {g["name"]: g["initial_lr"] for g in groups}  # before the schedule's multiplier
+    top = len(model.policy.groups) - 1
+    assert lrs["head"] == 1.0 and lrs[f"stage{top}"] == pytest.approx(0.1)
+    assert lrs["stage0"] == pytest.approx(0.1 * 0.5**top)
+    assert all(g["weight_decay"] == 0 for g in groups if g["name"].endswith("no_decay"))
+    assert all(g["weight_decay"] == 0.05 for g in groups if not g["name"].endswith("no_decay"))
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_cosine_schedule_warms_up_then_decays() -> None:
+    factor = cosine_with_warmup(warmup_steps=4, total_steps=20, min_ratio=0.1)
+    values = [factor(s) for s in range(21)]
+    assert values[0] < values[3] < values[4] == pytest.approx(1.0)
+    assert values[12] == pytest.approx(0.55) and values[20] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(values[4:]))
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, image_folder: Path) -> None:
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, warmup_epochs=0)
+    datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
+    trainer = _trainer(tmp_path, precision="bf16-mixed", limit_val_batches=1.0)
+    trainer.fit(model, datamodule)
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert trainer.callback_metrics["val/acc"] >= 0
+    assert next(model.parameters()).dtype == torch.float32  # mixed: master weights stay fp32
+
+
+def test_checkpoint_keeps_classes_and_needs_no_weights_file(tmp_path: Path, image_folder: Path) -> None:
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
+    datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, datamodule)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=True)
+    assert checkpoint["vision_transfer"]["class_names"] == ["circle", "square", "stripes"]
+    assert checkpoint["vision_transfer"]["datamodule"]["init_args"]["root"] == str(image_folder)
+    restored = ImageClassifier.load_from_checkpoint(path, weights_only=True)
+    assert restored.class_names == model.class_names and restored.data_config.input_size == (3, 32, 32)
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(restored.eval()(x), model.eval()(x), atol=1e-6)
+
+
+def test_checkpoint_with_other_classes_is_refused(tmp_path: Path, image_folder: Path) -> None:
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    path = tmp_path / "three.ckpt"
+    trainer.save_checkpoint(path)
+    other = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["cat", "dog"])
+    with pytest.raises(DataError, match=r"checkpoint has 3 classes .* this model has 2"):
+        other.on_load_checkpoint(torch.load(path, weights_only=True))

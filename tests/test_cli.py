@@ -1,0 +1,190 @@
+"""The ``vision-transfer`` command: every shipped config, fit -> test -> predict, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import CLASSES, tiny_fit_args
+from vision_transfer.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+def run_cli(args: list[str]) -> int:
+    try:
+        main(args)
+    except SystemExit as e:
+        return int(e.code or 0)
+    return 0
+
+
+def _png_ok(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(path).size[0] > 100
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_shipped_config_runs(
+    config: Path, tmp_path: Path, image_folder: Path, csv_dataset: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    overrides = {
+        "image_folder": [f"--data.init_args.root={image_folder}"],
+        "csv": [f"--data.init_args.csv_path={csv_dataset}"],
+    }.get(config.stem, ["--data.init_args.max_train_samples=200", "--data.init_args.max_test_samples=100"])
+    code = run_cli(
+        [
+            "fit",
+            f"--config={config}",
+            *overrides,
+            "--trainer.fast_dev_run=true",
+            "--trainer.enable_progress_bar=false",
+            "--data.init_args.num_workers=0",
+            f"--trainer.default_root_dir={tmp_path}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        ]
+    )
+    assert code == 0
+
+
+def test_fit_test_predict_end_to_end(
+    tmp_path: Path, split_folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)  # validate/test/predict log into ./runs
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={split_folder}"]
+    assert run_cli(tiny_fit_args(data, tmp_path, "--trainer.max_epochs=2")) == 0
+    out = capsys.readouterr().out
+    assert "test/acc" in out and "checkpoint" in out and "plots" in out
+    run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
+    for name in ("curves.png", "confusion_matrix.png"):
+        assert _png_ok(run / name), name
+    assert (run / "config.yaml").is_file() and (run / "per_class.csv").is_file()
+    with (run / "splits.csv").open() as f:
+        splits = {row["split"] for row in csv.DictReader(f)}
+    assert splits == {"train", "val", "test"}
+    best = run / "checkpoints" / "best.ckpt"
+    assert best.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+    # validate and test from the checkpoint alone: model and data settings come from it
+    for command in ("validate", "test"):
+        assert run_cli([command, f"--ckpt_path={best}", "--trainer.enable_progress_bar=false"]) == 0
+
+    output = tmp_path / "predictions.csv"
+    predict = [
+        "predict",
+        f"--ckpt_path={best}",
+        f"--data.init_args.predict_paths={split_folder / 'test'}",
+        f"--prediction.output={output}",
+        "--prediction.top_k=2",
+        "--trainer.enable_progress_bar=false",
+    ]
+    assert run_cli(predict) == 0
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 9 and list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
+    assert all(r["label_1"] in CLASSES and 0 < float(r["prob_1"]) <= 1 for r in rows)
+    assert all(float(r["prob_1"]) >= float(r["prob_2"]) for r in rows)
+
+
+def _fit_folder(folder: Path, tmp_path: Path, *extra: str) -> int:
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={folder}"]
+    return run_cli(tiny_fit_args(data, tmp_path, *extra))
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [("zero.png", b"", "zero.png: empty file"), ("text.png", b"hello, I am text", "text.png: not an image")],
+)
+def test_bad_image_stops_before_training_with_its_name(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str], name: str, content: bytes, message: str
+) -> None:
+    (image_folder / "circle" / name).write_bytes(content)
+    assert _fit_folder(image_folder, tmp_path) == 2
+    err = capsys.readouterr().err
+    assert f"vision-transfer: error: {image_folder / 'circle'}/{message}" in err
+    assert "Traceback" not in err
+
+
+def test_truncated_image_in_a_worker_gives_one_clear_line(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)
+    Image.fromarray(noise).save(tmp_path / "full.jpg")
+    # The header is intact, so the setup check passes; decoding fails inside a DataLoader worker.
+    (image_folder / "square" / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:700])
+    code = _fit_folder(image_folder, tmp_path, "--data.init_args.num_workers=1", "--data.init_args.batch_size=32")
+    err = capsys.readouterr().err
+    assert code == 2 and "cut.jpg: corrupt or truncated image" in err
+    assert "Traceback" not in err
+
+
+def test_empty_class_folder_is_named(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (image_folder / "nothing_here").mkdir()
+    assert _fit_folder(image_folder, tmp_path) == 2
+    assert "class folder(s) with no images: nothing_here" in capsys.readouterr().err
+
+
+def test_csv_row_with_missing_file(tmp_path: Path, csv_dataset: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with csv_dataset.open("a") as f:
+        f.write("circle/ghost.png,circle\n")
+    data = ["--data=vision_transfer.datamodules.CsvDataModule", f"--data.init_args.csv_path={csv_dataset}"]
+    assert run_cli(tiny_fit_args(data, tmp_path)) == 2
+    assert "line 26: " in capsys.readouterr().err
+
+
+def test_label_unknown_to_the_checkpoint(
+    tmp_path: Path, image_folder: Path, csv_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _fit_folder(image_folder, tmp_path, "--test_after_fit=false") == 0
+    best = next((tmp_path / "runs").rglob("best.ckpt"))
+    with csv_dataset.open("a") as f:
+        f.write("circle/circle_0.png,triangle\n")
+    code = run_cli(
+        [
+            "test",
+            f"--ckpt_path={best}",
+            "--data=vision_transfer.datamodules.CsvDataModule",
+            f"--data.init_args.csv_path={csv_dataset}",
+            "--data.init_args.num_workers=0",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and "label(s) 'triangle' are not among the model's 3 classes" in err
+
+
+def test_unknown_config_key_is_named(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _fit_folder(image_folder, tmp_path, "--model.learning_rate=0.1") == 2
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_unknown_backbone_is_one_clear_line(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+    args = tiny_fit_args(data, tmp_path)
+    args[1] = "--model.backbone=resnet_50"
+    assert run_cli(args) == 2
+    assert "backbone='resnet_50' is not a timm model. Did you mean: resnet50" in capsys.readouterr().err
+
+
+def test_console_script_is_installed() -> None:
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "vision-transfer"), "backbones"], capture_output=True, text=True, check=True
+    )
+    assert "tf_efficientnet_lite0" in result.stdout and "packaged" in result.stdout
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path: Path, image_folder: Path) -> None:
+    assert _fit_folder(image_folder, tmp_path, "--test_after_fit=false") == 0
+    best = next((tmp_path / "runs").rglob("best.ckpt"))
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hyper_parameters"]["weights"] == "none"
+    assert checkpoint["vision_transfer"]["initial_weights"]["kind"] == "none"
