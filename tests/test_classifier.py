@@ -14,7 +14,7 @@ from tests.conftest import TINY_BACKBONE, TINY_SIZE
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import DataError
 from vision_transfer.tasks import ImageClassifier
-from vision_transfer.tasks.classifier import cosine_with_warmup
+from vision_transfer.tuning.schedule import cosine_with_warmup
 
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:

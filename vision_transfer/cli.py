@@ -77,8 +77,9 @@ class VisionTransferCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") or None
         results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.global_rank == 0:
-            print_summary(self.trainer, results[0] if results else {}, best)
+            print_summary(self.trainer, log_dir, results[0] if results else {}, best)
 
     def after_predict(self) -> None:
         writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)  # type: ignore[attr-defined]
@@ -114,16 +115,15 @@ def checkpoint_defaults(path: str) -> dict[str, Any]:
     return defaults
 
 
-def print_summary(trainer: Any, metrics: Mapping[str, float], best: str | None) -> None:
+def print_summary(trainer: Any, log_dir: str | None, metrics: Mapping[str, float], best: str | None) -> None:
     """The lines a user wants after training: test results and where everything went."""
-    log_dir = Path(trainer.log_dir or ".").resolve()
     report = next((c for c in trainer.callbacks if isinstance(c, RunReport)), None)
     lines = ["", "=" * 72]
     for key in ("test/acc", "test/acc_top5", "test/f1_macro", "test/loss"):
         if key in metrics:
             lines.append(f"{key:<16} {metrics[key]:.4f}")
     lines.append(f"{'checkpoint':<16} {Path(best).resolve() if best else 'none saved'}")
-    lines.append(f"{'logs':<16} {log_dir}")
+    lines.append(f"{'logs':<16} {Path(log_dir or '.').resolve()}")
     if report is not None and report.files:
         lines.append(
             f"{'plots':<16} " + ", ".join(str(Path(f).resolve()) for f in report.files if str(f).endswith(".png"))

@@ -9,12 +9,14 @@ from __future__ import annotations
 import csv
 import os
 from abc import abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytorch_lightning as pl
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_transfer.backbones import DataConfig
 from vision_transfer.data.dataset import ImageDataset, list_predict_files
@@ -32,6 +34,29 @@ from vision_transfer.data.transforms import create_eval_transform, create_train_
 from vision_transfer.errors import DataError
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """Shuffles with a generator seeded by ``(seed, epoch)``: a resumed run sees the same order.
+
+    Lightning calls ``set_epoch`` at each epoch start (as it does for ``DistributedSampler``,
+    which replaces this sampler under DDP and is seeded the same way).
+    """
+
+    def __init__(self, size: int, seed: int = 0) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base class: reads a source, splits it (seeded, stratified) and serves DataLoaders.
 
@@ -47,6 +72,7 @@ class ImageDataModule(pl.LightningDataModule):
         scale_min: smallest area fraction of the random resized crop.
         hflip: probability of a horizontal flip.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables it).
+        augment: False trains on the eval transform (deterministic batches).
         verify_images: open every image header at setup, so bad files fail before training.
         predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
     """
@@ -64,6 +90,7 @@ class ImageDataModule(pl.LightningDataModule):
         scale_min: float = 0.35,
         hflip: float = 0.5,
         color_jitter: float = 0.0,
+        augment: bool = True,
         verify_images: bool = True,
         predict_paths: str | list[str] | None = None,
     ) -> None:
@@ -95,10 +122,12 @@ class ImageDataModule(pl.LightningDataModule):
             self.splits = self._make_splits()
             self._record_splits()
         hp: Any = self.hparams
-        train_tf = create_train_transform(
-            config, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter
-        )
         eval_tf = create_eval_transform(config)
+        train_tf = (
+            create_train_transform(config, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter)
+            if hp.augment
+            else eval_tf
+        )
         self.datasets = {
             split: ImageDataset(samples, train_tf if split == "train" else eval_tf)
             for split, samples in self.splits.items()
@@ -161,9 +190,12 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _record_splits(self) -> None:
         """Write which sample went to which split, so the split can be audited and reproduced."""
-        if self.trainer is None or self.trainer.global_rank != 0 or not self.trainer.log_dir:
+        if self.trainer is None:
             return
-        path = Path(self.trainer.log_dir) / "splits.csv"
+        log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        if self.trainer.global_rank != 0 or not log_dir:
+            return
+        path = Path(log_dir) / "splits.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
         names = self.class_names or []
         with path.open("w", newline="") as f:
@@ -183,7 +215,7 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffleSampler(len(dataset), self.hparams["split_seed"]) if shuffle else None,  # type: ignore[arg-type]
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,

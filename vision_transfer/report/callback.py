@@ -17,9 +17,10 @@ class RunReport(pl.Callback):
         self.files: list[Path] = []
 
     def _folder(self, trainer: pl.Trainer) -> Path | None:
-        if trainer.global_rank != 0 or not trainer.log_dir:
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
+        if trainer.global_rank != 0 or not log_dir:
             return None
-        folder = Path(trainer.log_dir)
+        folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 

@@ -12,11 +12,10 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from vision_transfer.backbones import DataConfig, create_backbone
-from vision_transfer.errors import DataError
+from vision_transfer.errors import DataError, VisionTransferError
 from vision_transfer.tuning import TuningPolicy, build_param_groups
-
-Mode = Literal["linear_probe", "full"]
-BnPolicy = Literal["train", "frozen_stats", "frozen"]
+from vision_transfer.tuning.policy import BnPolicy, Mode, Unit
+from vision_transfer.tuning.schedule import group_lr_lambdas
 
 
 class ImageClassifier(pl.LightningModule):
@@ -25,8 +24,10 @@ class ImageClassifier(pl.LightningModule):
     Args:
         backbone: timm architecture name.
         weights: ``auto``, ``packaged``, ``timm``, ``timm:<tag>``, ``none`` or a file path.
-        mode: ``linear_probe`` (backbone frozen, in eval mode, no gradient computed for it) or
-            ``full`` (everything trains).
+        mode: ``linear_probe`` (backbone frozen, in eval mode, no gradient computed for it),
+            ``full`` (everything trains), ``gradual`` (ULMFiT: head only, then one more stage
+            group, top down, at each milestone), ``lp_ft`` (linear probe for ``lp_epochs``, then
+            a full fine-tune from that head at ``lr``), ``partial`` (top ``trainable_groups`` only).
         class_names: the classes, in head order; None takes them from the datamodule.
         image_size: square input size replacing the backbone's pretrained one.
         optimizer: ``adamw`` or ``sgd`` (with Nesterov momentum).
@@ -40,8 +41,18 @@ class ImageClassifier(pl.LightningModule):
         label_smoothing: cross-entropy label smoothing.
         drop_rate: dropout before the head.
         drop_path_rate: stochastic depth inside the backbone, where timm supports it.
-        bn: BatchNorm in frozen groups: ``frozen_stats`` (eval mode, default), ``frozen`` (same,
-            named for clarity) or ``train`` (running statistics keep updating).
+        bn: ``frozen_stats`` (BatchNorm of frozen groups in eval mode, the default), ``train``
+            (their running statistics keep updating) or ``frozen`` (every BatchNorm in eval mode).
+        trainable_groups: ``partial``: how many top stage groups train.
+        unfreeze_every: ``gradual``: one more group every this many epochs (or steps).
+        unfreeze_milestones: ``gradual``: explicit epochs (or steps) instead.
+        milestone_unit: ``epoch`` or ``step``, for the two options above.
+        lp_epochs: ``lp_ft``: epochs of linear probing (at ``head_lr``) before the fine-tune.
+        rewarm: restart the warmup for each group when it is unfrozen.
+        scheduler: ``cosine`` (per step, with warmup, following the unfreezing schedule),
+            ``plateau`` (ReduceLROnPlateau on ``val/acc``, per epoch) or ``constant``.
+        plateau_factor: ``plateau``: factor applied to every group's learning rate.
+        plateau_patience: ``plateau``: epochs without improvement before a reduction.
     """
 
     mean: torch.Tensor
@@ -66,6 +77,15 @@ class ImageClassifier(pl.LightningModule):
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         bn: BnPolicy = "frozen_stats",
+        trainable_groups: int = 1,
+        unfreeze_every: int = 1,
+        unfreeze_milestones: list[int] | None = None,
+        milestone_unit: Unit = "epoch",
+        lp_epochs: int = 1,
+        rewarm: bool = False,
+        scheduler: Literal["cosine", "plateau", "constant"] = "cosine",
+        plateau_factor: float = 0.3,
+        plateau_patience: int = 2,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -75,9 +95,19 @@ class ImageClassifier(pl.LightningModule):
             kwargs["drop_path_rate"] = drop_path_rate
         self.backbone, self.data_config = create_backbone(backbone, weights, image_size=image_size, **kwargs)
         self.weights_source: dict[str, Any] = dict(self.backbone.pretrained_cfg["weights"])  # type: ignore[index]
-        self.policy = TuningPolicy(self.backbone, mode=mode, bn=bn)
+        self.policy = TuningPolicy(
+            self.backbone,
+            mode=mode,
+            bn=bn,
+            trainable_groups=trainable_groups,
+            unfreeze_every=unfreeze_every,
+            unfreeze_milestones=unfreeze_milestones,
+            milestone_unit=milestone_unit,
+            lp_epochs=lp_epochs,
+        )
         self.register_buffer("mean", torch.tensor(self.data_config.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(self.data_config.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self._announced = False
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
         if class_names is not None:
@@ -105,6 +135,19 @@ class ImageClassifier(pl.LightningModule):
             if names is None:
                 raise DataError("ImageClassifier: class_names not given and the datamodule has none.")
             self._build_head(list(names))
+        if stage == "fit":
+            self._check_ddp()
+
+    def _check_ddp(self) -> None:
+        # DDP must skip frozen parameters: they get no gradient while they are frozen.
+        strategy = self.trainer.strategy
+        freezes = any(start > 0 for start in self.policy.starts)
+        find_unused = getattr(strategy, "_ddp_kwargs", {}).get("find_unused_parameters", False)
+        if freezes and type(strategy).__name__ in ("DDPStrategy",) and not find_unused:
+            raise VisionTransferError(
+                f"mode={self.hparams['mode']!r} freezes stage groups, which DDP must be told about: "
+                "use --trainer.strategy ddp_find_unused_parameters_true."
+            )
 
     # -- forward -----------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -129,6 +172,25 @@ class ImageClassifier(pl.LightningModule):
         if mode:
             self.policy.apply_eval_modes()
         return self
+
+    # -- unfreezing schedule -----------------------------------------------------------------
+    def _sync_policy(self) -> None:
+        """Set the trainable groups for the current epoch/step (also right after a resume)."""
+        changed = self.policy.update(self.current_epoch, self.global_step)
+        if changed or not self._announced:
+            self._announced = True
+            self.print(f"epoch {self.current_epoch}, step {self.global_step}: training {self.policy.describe()}")
+
+    def on_train_epoch_start(self) -> None:
+        self._sync_policy()
+        self.log("train/frozen_groups", float(self.policy.num_frozen))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.policy.milestone_unit == "step":
+            self._sync_policy()
+
+    def on_after_backward(self) -> None:
+        self.policy.drop_frozen_grads()
 
     # -- steps -------------------------------------------------------------------------------
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -178,10 +240,29 @@ class ImageClassifier(pl.LightningModule):
             optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=True)
         else:
             optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=hp.plateau_factor, patience=hp.plateau_patience
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/acc"}}
+        if hp.scheduler == "constant":
+            return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        warmup = int(hp.warmup_epochs * total / epochs)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(warmup, total, hp.min_lr_ratio))
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
+        batches = self.trainer.num_training_batches  # inf until the fit loop has its data
+        per_epoch = total / epochs if epochs else (batches if math.isfinite(batches) and batches > 0 else total)
+        starts = self.policy.start_steps(per_epoch)
+        lambdas = group_lr_lambdas(
+            [g["stage"] for g in groups],
+            starts,
+            total_steps=total,
+            warmup_steps=int(hp.warmup_epochs * per_epoch),
+            min_ratio=hp.min_lr_ratio,
+            rewarm=hp.rewarm,
+            phase_start=starts[0] if hp.mode == "lp_ft" else None,
+            head_scale_after_phase=hp.lr / (hp.head_lr if hp.head_lr is not None else hp.lr),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # -- checkpoints -------------------------------------------------------------------------
@@ -214,15 +295,3 @@ class ImageClassifier(pl.LightningModule):
             self.weights_source = meta["initial_weights"]
         if "data_config" in meta:
             self.data_config = DataConfig.from_dict(meta["data_config"])
-
-
-def cosine_with_warmup(warmup_steps: int, total_steps: int, min_ratio: float) -> Any:
-    """LR multiplier: linear warmup from ~0, then cosine decay to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor

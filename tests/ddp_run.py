@@ -1,0 +1,61 @@
+"""Two-process CPU DDP (gloo) run with a gradual unfreeze milestone mid-run; used by test_resume_ddp.
+
+Usage: python tests/ddp_run.py OUT_DIR [STRATEGY]. Each rank saves its final weights to
+OUT_DIR/rank<N>.pt and the frozen-group count it saw at each epoch.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
+from vision_transfer.datamodules import ImageFolderDataModule
+from vision_transfer.tasks import ImageClassifier
+
+
+class FrozenLog(pl.Callback):
+    def __init__(self) -> None:
+        self.frozen: list[int] = []
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.frozen.append(pl_module.policy.num_frozen)  # type: ignore[union-attr]
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    strategy = sys.argv[2] if len(sys.argv) > 2 else "ddp_find_unused_parameters_true"
+    data = out / "images"
+    if not data.exists():  # rank 0 and rank 1 both get here; the content is seeded and identical
+        write_folder(data, per_class=12)
+    pl.seed_everything(0)
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0
+    )
+    log = FrozenLog()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=3,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[log],
+        default_root_dir=out,
+    )
+    trainer.fit(model, ImageFolderDataModule(str(data), batch_size=4, num_workers=0, verify_images=False))
+    torch.save(
+        {"state_dict": model.state_dict(), "frozen": log.frozen, "world": trainer.world_size},
+        out / f"rank{trainer.global_rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main()
