@@ -8,12 +8,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from jsonargparse import lazy_instance
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
+from vision_transfer.backbones.weights import safe_torch_load
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import VisionTransferError
 from vision_transfer.report.callback import RunReport
@@ -98,12 +98,7 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
 
 def checkpoint_defaults(path: str) -> dict[str, Any]:
     """Model and datamodule settings stored in one of our checkpoints, as parser defaults."""
-    if not Path(path).is_file():
-        raise VisionTransferError(f"--ckpt_path {path}: file not found.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise VisionTransferError(f"--ckpt_path {path}: cannot be read as a checkpoint ({e}).") from e
+    checkpoint = safe_torch_load(path)
     defaults: dict[str, Any] = {}
     for key, value in checkpoint.get("hyper_parameters", {}).items():
         if not key.startswith("_"):
@@ -142,7 +137,47 @@ def _backbones_command(argv: list[str]) -> None:
         print(f"{info.name:<28} weights={info.weights:<12} {info.path}")
 
 
-COMMANDS = {"backbones": _backbones_command}
+def _export_command(argv: list[str]) -> None:
+    import argparse
+
+    from vision_transfer.export.exporter import (
+        FORMATS,
+        classifier_from_pretrained,
+        export_checkpoint,
+        export_classifier,
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="vision-transfer export",
+        description="Export a checkpoint (or a pretrained backbone with its classifier) for timm, TorchScript, ONNX.",
+    )
+    parser.add_argument("checkpoint", nargs="?", help="a vision-transfer .ckpt; omit with --backbone")
+    parser.add_argument("--to", required=True, help="output folder")
+    parser.add_argument("--backbone", help="export this pretrained timm model instead of a checkpoint")
+    parser.add_argument("--weights", default="auto", help="weights of --backbone (auto, packaged, timm, none, a file)")
+    parser.add_argument("--formats", default=",".join(FORMATS), help=f"comma-separated subset of {','.join(FORMATS)}")
+    args = parser.parse_args(argv)
+    formats = [f for f in args.formats.split(",") if f]
+    if bool(args.checkpoint) == bool(args.backbone):
+        parser.error("give either a checkpoint or --backbone")
+    if args.checkpoint:
+        report = export_checkpoint(args.checkpoint, args.to, formats)
+    else:
+        report = export_classifier(classifier_from_pretrained(args.backbone, args.weights), args.to, formats)
+    folder = Path(args.to).resolve()
+    for kind, files in report["files"].items():
+        diff = report["max_abs_diff"].get(kind)
+        check = (
+            f"  (max |logit diff| vs PyTorch {diff:.1e}, tolerance {report['tolerance']:.0e})"
+            if diff is not None
+            else ""
+        )
+        print(f"{kind:<12} {', '.join(files) if isinstance(files, list) else files}{check}")
+    print(f"exported to {folder}")
+    print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
+
+
+COMMANDS = {"backbones": _backbones_command, "export": _export_command}
 
 
 def main(argv: list[str] | None = None) -> None:

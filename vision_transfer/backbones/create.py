@@ -124,6 +124,8 @@ def create_model(
         the data config its inputs need.
     """
     _check_name(name)
+    if timm_kwargs.get("features_only"):
+        return _create_features(name, weights, image_size, timm_kwargs)
     source = resolve_weights(name, weights)
     if source.kind == "timm":
         try:
@@ -145,6 +147,22 @@ def create_model(
     return model, DataConfig.from_model(model, image_size)
 
 
+def _create_features(
+    name: str, weights: str | None, image_size: int | None, timm_kwargs: dict[str, Any]
+) -> tuple[torch.nn.Module, DataConfig]:
+    """timm's ``features_only`` model, its weights copied from the full model of the same source."""
+    feature_kwargs = {
+        k: timm_kwargs.pop(k) for k in ("features_only", "out_indices", "feature_cls") if k in timm_kwargs
+    }
+    full, data_config = create_model(name, weights, num_classes=0, image_size=image_size, **timm_kwargs)
+    features = timm.create_model(name, pretrained=False, **feature_kwargs, **timm_kwargs)
+    missing, _ = features.load_state_dict(full.state_dict(), strict=False)
+    if missing:
+        raise WeightsError(f"{name}: features_only model has weights the full model lacks: {missing[:3]}.")
+    features.pretrained_cfg = dict(full.pretrained_cfg)  # type: ignore[arg-type,assignment]
+    return features, data_config
+
+
 def create_backbone(
     name: str,
     weights: str | None = "auto",
@@ -154,7 +172,9 @@ def create_backbone(
 ) -> tuple[torch.nn.Module, DataConfig]:
     """Build a headless timm backbone: ``model(x)`` returns pooled features of ``model.num_features``.
 
-    See :func:`create_model` for the arguments; the ImageNet classifier is removed.
+    See :func:`create_model` for the arguments; the ImageNet classifier is removed. With
+    ``features_only=True`` (and optionally ``out_indices``) it returns timm's multi-scale
+    feature-map model instead, loaded from the same weight source, for detectors and segmenters.
     """
     return create_model(name, weights, num_classes=0, image_size=image_size, **timm_kwargs)
 

@@ -70,7 +70,8 @@ def resolve_weights(name: str, weights: str | None) -> WeightsSource:
 
     Accepted values: ``None``/``"none"`` (random init), ``"packaged"``, ``"timm"`` or
     ``"timm:<tag>"`` (timm's hub, needs the network or a warm cache), a path to a
-    ``.safetensors``/``.pth`` file, and ``"auto"``: packaged when installed, else timm's hub.
+    ``.safetensors``/``.pth`` file or an export folder, and ``"auto"``: packaged when installed,
+    else timm's hub.
     """
     if weights is None or weights == "none":
         return WeightsSource("none")
@@ -91,6 +92,8 @@ def resolve_weights(name: str, weights: str | None) -> WeightsSource:
         tag = weights.partition(":")[2]
         return WeightsSource("timm", f"{name}.{tag}" if tag else name)
     path = Path(weights).expanduser()
+    if path.is_dir() and (path / "model.safetensors").is_file():  # an export folder (timm's layout)
+        path = path / "model.safetensors"
     if path.suffix in _WEIGHT_FILE_SUFFIXES or path.exists():
         if not path.is_file():
             raise WeightsError(f"weights file not found: {path}")
@@ -114,8 +117,23 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_safetensors(str(path))
         except Exception as e:  # safetensors raises its own error types
             raise WeightsError(f"{path}: not a valid safetensors file ({e}).") from e
+    obj = safe_torch_load(path)
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}.")
+    return obj
+
+
+def safe_torch_load(path: str | Path) -> Any:
+    """``torch.load`` with ``weights_only=True``, turning refusals into errors that say why."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: file not found.")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refused to load: the file needs arbitrary code to unpickle "
@@ -124,13 +142,6 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
         raise WeightsError(f"{path}: cannot read weights ({e}).") from e
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: expected a state dict of tensors, found {type(obj).__name__}.")
-    return obj
 
 
 def remap_packaged(state_dict: dict[str, torch.Tensor], target: torch.nn.Module) -> dict[str, torch.Tensor]:

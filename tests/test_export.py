@@ -1,0 +1,151 @@
+"""Export round trips: timm alone, load_backbone/load_classifier, TorchScript and ONNX agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage import data as skdata
+
+from tests.conftest import TINY_BACKBONE, TINY_SIZE
+from tests.test_cli import run_cli
+from vision_transfer import create_backbone
+from vision_transfer.errors import UnsafeCheckpointError
+from vision_transfer.export import export_checkpoint, load_backbone, load_classifier
+from vision_transfer.export.exporter import TOLERANCE, classifier_from_pretrained, export_classifier
+
+PLAIN_TIMM = """
+import importlib.util, sys
+# hide the project (an editable install adds a meta-path finder): only timm and torch remain
+sys.meta_path[:] = [f for f in sys.meta_path if "vision_transfer" not in repr(f)]
+sys.path[:] = [p for p in sys.path if "vision_transfer" not in p and p not in ("", ".")]
+assert importlib.util.find_spec("vision_transfer") is None
+import torch, timm
+folder, arch, n, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+x = torch.load(out + ".in.pt")
+a = timm.create_model("local-dir:" + folder, pretrained=True).eval()
+b = timm.create_model(arch, pretrained=True, num_classes=n,
+                      pretrained_cfg_overlay=dict(file=folder + "/model.safetensors", num_classes=n)).eval()
+with torch.no_grad():
+    torch.save({"a": a(x), "b": b(x)}, out)
+"""
+
+
+@pytest.fixture(scope="module")
+def trained_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny classifier fine-tuned for a few steps through the real CLI."""
+    from tests.conftest import tiny_fit_args, write_folder
+
+    root = tmp_path_factory.mktemp("export")
+    folder = write_folder(root / "images")
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={folder}"]
+    assert run_cli(tiny_fit_args(data, root, "--test_after_fit=false")) == 0
+    return next((root / "runs").rglob("best.ckpt"))
+
+
+def _plain_timm(folder: Path, arch: str, n: int, x: torch.Tensor, tmp_path: Path) -> dict[str, torch.Tensor]:
+    out = tmp_path / "plain.pt"
+    torch.save(x, str(out) + ".in.pt")
+    # A subprocess whose path does not include the project: only timm and torch are importable.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", PLAIN_TIMM, str(folder), arch, str(n), str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return torch.load(out, weights_only=True)
+
+
+def test_round_trip_timm_alone_load_backbone_and_onnx(trained_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "export"
+    report = export_checkpoint(trained_checkpoint, out)
+    assert set(report["files"]) == {"timm", "torchscript", "onnx"}
+    assert all(d <= TOLERANCE for d in report["max_abs_diff"].values())
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == TINY_BACKBONE and config["label_names"] == ["circle", "square", "stripes"]
+    assert config["pretrained_cfg"]["input_size"] == [3, TINY_SIZE, TINY_SIZE]
+    assert config["vision_transfer"]["provenance"]["initial_weights"]["kind"] == "none"
+
+    classifier = load_classifier(trained_checkpoint)
+    x = torch.randn(3, 3, TINY_SIZE, TINY_SIZE)
+    with torch.no_grad():
+        reference = classifier(x)
+        features = classifier.backbone(x)
+    plain = _plain_timm(out, TINY_BACKBONE, 3, x, tmp_path)
+    assert torch.allclose(plain["a"], reference, atol=1e-5) and torch.allclose(plain["b"], reference, atol=1e-5)
+
+    backbone, data_config = load_backbone(out)
+    with torch.no_grad():
+        assert torch.allclose(backbone(x), features, atol=1e-5)
+    assert data_config == classifier.data_config
+
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(out / "classifier.onnx"), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(["logits"], {"images": x.numpy()})[0]  # another batch size than exported
+    assert np.allclose(onnx_logits, reference.numpy(), atol=TOLERANCE)
+    scripted = torch.jit.load(str(out / "classifier.torchscript.pt"))
+    with torch.no_grad():
+        assert torch.allclose(scripted(x), reference, atol=TOLERANCE)
+
+
+def test_export_command_and_predict_on_any_input(trained_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cli_export"
+    assert run_cli(["export", str(trained_checkpoint), "--to", str(out), "--formats", "timm"]) == 0
+    classifier = load_classifier(out)
+    image = np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)
+    Image.fromarray(image).save(tmp_path / "x.png")
+    by_path, by_pil, by_array = classifier.predict([tmp_path / "x.png", Image.fromarray(image), image], top_k=2)
+    assert by_path == by_pil == by_array
+    assert len(by_path) == 2 and by_path[0][0] in {"circle", "square", "stripes"} and by_path[0][1] >= by_path[1][1]
+
+
+@pytest.mark.slow
+def test_packaged_lite0_exported_and_reimported_still_sees_espresso(tmp_path: Path) -> None:
+    report = export_classifier(
+        classifier_from_pretrained("tf_efficientnet_lite0", "packaged"), tmp_path, ["timm", "onnx"]
+    )
+    assert report["max_abs_diff"]["onnx"] <= TOLERANCE
+    classifier = load_classifier(tmp_path)
+    assert classifier.predict(skdata.coffee(), top_k=1)[0][0][0] == "espresso"
+    assert "cat" in classifier.predict(Image.fromarray(skdata.chelsea()), top_k=1)[0][0][0]
+    backbone, config = load_backbone(tmp_path)
+    assert backbone.num_features == 1280 and config.mean == (0.5, 0.5, 0.5)
+
+
+def test_features_only_from_packaged_and_exported_weights(trained_checkpoint: Path, tmp_path: Path) -> None:
+    maps, _ = create_backbone("tf_efficientnet_lite0", weights="packaged", features_only=True, out_indices=(2, 4))
+    shapes = [tuple(f.shape) for f in maps(torch.randn(1, 3, 64, 64))]
+    assert shapes == [(1, 40, 8, 8), (1, 320, 2, 2)]
+    full, _ = create_backbone("tf_efficientnet_lite0", weights="packaged")
+    assert torch.equal(maps.state_dict()["conv_stem.weight"], full.state_dict()["conv_stem.weight"])
+
+    export_checkpoint(trained_checkpoint, tmp_path, ["timm"])
+    tiny_maps, _ = create_backbone(TINY_BACKBONE, weights=str(tmp_path), features_only=True)
+    backbone, _ = load_backbone(tmp_path)
+    assert torch.equal(tiny_maps.state_dict()["conv_stem.weight"], backbone.state_dict()["conv_stem.weight"])
+
+
+def test_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"state_dict": Evil(), "vision_transfer": {}}))
+    for loader in (load_classifier, load_backbone):
+        with pytest.raises(UnsafeCheckpointError, match=r"evil\.ckpt: refused"):
+            loader(path)
+    assert run_cli(["export", str(path), "--to", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "pwned").exists()

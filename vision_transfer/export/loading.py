@@ -1,0 +1,166 @@
+"""Load what vision-transfer trained or exported, for use in other projects."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from torch import nn
+
+from vision_transfer.backbones import DataConfig
+from vision_transfer.backbones.weights import safe_torch_load
+from vision_transfer.data.images import load_image, to_rgb
+from vision_transfer.data.transforms import create_eval_transform
+from vision_transfer.errors import WeightsError
+from vision_transfer.export.timm_format import (
+    CONFIG_NAME,
+    classifier_name,
+    data_config_from_export,
+    read_export,
+)
+
+ImageInput = str | Path | Image.Image | np.ndarray
+
+
+class Classifier(nn.Module):
+    """A backbone, a linear head and their preprocessing, ready for inference.
+
+    ``forward`` takes normalised float batches (as timm models do); :meth:`predict` takes
+    images in any form and does everything else.
+    """
+
+    def __init__(
+        self, architecture: str, backbone: nn.Module, head: nn.Module, data_config: DataConfig, class_names: list[str]
+    ) -> None:
+        super().__init__()
+        self.architecture = architecture
+        self.backbone = backbone
+        self.head = head
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.data_config = data_config
+        self.class_names = class_names
+        self.provenance: dict[str, Any] = {}
+        self.transform = create_eval_transform(data_config)
+        self.register_buffer("mean", torch.tensor(data_config.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(data_config.std).view(1, 3, 1, 1), persistent=False)
+        self.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
+        """Files, PIL images or HxW[xC] uint8 arrays -> a normalised NCHW float batch."""
+        items = list(images) if isinstance(images, (list, tuple)) else [images]
+        arrays = []
+        for item in items:
+            if isinstance(item, (str, Path)):
+                array = load_image(item)
+            elif isinstance(item, Image.Image):
+                array = to_rgb(item)
+            else:
+                array = np.asarray(item)
+                array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
+            arrays.append(self.transform(image=np.ascontiguousarray(array, dtype=np.uint8))["image"])
+        batch = torch.stack(arrays).float().div_(255)
+        device = next(self.parameters()).device
+        return ((batch.to(device) - self.mean) / self.std).contiguous()
+
+    @torch.inference_mode()
+    def predict(self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5) -> list[list[tuple[str, float]]]:
+        """Top-k ``(class name, probability)`` pairs for each image."""
+        probs = self(self.preprocess(images)).softmax(dim=1)
+        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
+        return [
+            [(self.class_names[i], float(v)) for v, i in zip(row_v, row_i, strict=True)]
+            for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
+        ]
+
+
+@dataclass
+class Loaded:
+    """What a checkpoint or an export folder holds."""
+
+    architecture: str
+    backbone: nn.Module
+    head: nn.Module | None
+    data_config: DataConfig
+    class_names: list[str] | None
+    provenance: dict[str, Any]
+
+
+def _from_checkpoint(path: Path) -> Loaded:
+    from vision_transfer.tasks import ImageClassifier  # Lightning only when a checkpoint is read
+
+    checkpoint = safe_torch_load(path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "vision_transfer" not in checkpoint:
+        raise WeightsError(f"{path}: not a vision-transfer checkpoint (no state_dict / vision_transfer entries).")
+    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
+    model = ImageClassifier(**{**hparams, "weights": "none"})
+    model.load_state_dict(checkpoint["state_dict"])
+    meta = checkpoint["vision_transfer"]
+    provenance = {"checkpoint": str(path.resolve()), "initial_weights": meta.get("initial_weights")}
+    data_config = DataConfig.from_dict(meta["data_config"])
+    return Loaded(hparams["backbone"], model.backbone, model.head, data_config, model.class_names, provenance)
+
+
+def _from_export(folder: Path) -> Loaded:
+    config, state = read_export(folder)
+    architecture = config["architecture"]
+    backbone = timm.create_model(architecture, pretrained=False, num_classes=0)
+    prefix = classifier_name(architecture) + "."
+    head_state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    body = {k: v for k, v in state.items() if not k.startswith(prefix)}
+    missing, unexpected = backbone.load_state_dict(body, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{folder}: weights do not fit {architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
+    head = None
+    if head_state:
+        head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
+        head.load_state_dict(head_state)
+    provenance = {**config.get("vision_transfer", {}).get("provenance", {}), "export": str(folder.resolve())}
+    return Loaded(architecture, backbone, head, data_config_from_export(config), config.get("label_names"), provenance)
+
+
+def load(path: str | Path) -> Loaded:
+    """Read an export folder (or its ``model.safetensors``) or a vision-transfer checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        return _from_export(path)
+    if path.is_file() and (path.parent / CONFIG_NAME).is_file() and path.suffix == ".safetensors":
+        return _from_export(path.parent)
+    if path.is_file():
+        return _from_checkpoint(path)
+    raise WeightsError(f"{path}: not found (expected an export folder, its model.safetensors, or a .ckpt).")
+
+
+def load_backbone(path: str | Path) -> tuple[nn.Module, DataConfig]:
+    """A headless timm backbone and its data config, from an export folder or a checkpoint."""
+    loaded = load(path)
+    return loaded.backbone.eval(), loaded.data_config
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Classifier:
+    """A :class:`Classifier` from an export folder (with a head) or a checkpoint."""
+    loaded = load(path)
+    if loaded.head is None or not loaded.class_names:
+        raise WeightsError(f"{path}: has no classifier head (a backbone-only export); use load_backbone().")
+    classifier = Classifier(
+        loaded.architecture, loaded.backbone, loaded.head, loaded.data_config, list(loaded.class_names)
+    )
+    classifier.provenance = loaded.provenance
+    return classifier.to(device)
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """What an export folder holds, from its ``config.json``."""
+    config, _ = read_export(path)
+    return config
