@@ -177,7 +177,67 @@ def _export_command(argv: list[str]) -> None:
     print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
 
 
-COMMANDS = {"backbones": _backbones_command, "export": _export_command}
+def _feature_parser(command: str) -> Any:
+    from typing import Literal
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=f"vision-transfer {command}", description=FEATURE_HELP[command])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--backbone", type=str, default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", type=str | None, default="auto")
+    parser.add_argument("--image_size", type=int | None, default=None)
+    parser.add_subclass_arguments(ImageDataModule, "data", required=True)
+    parser.add_argument("--cache_dir", type=str | None, default=None, help="default: $VISION_TRANSFER_CACHE")
+    parser.add_argument("--dtype", type=Literal["float16", "float32"], default="float16")
+    parser.add_argument("--precision", type=Literal["auto", "32", "bf16", "16"], default="auto")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=0)
+    if command == "probe":
+        parser.add_argument("--output", type=str, default="runs/probe")
+        parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="sgd")
+        parser.add_argument("--epochs", type=int, default=10, help="sgd: epochs over the cached features")
+        parser.add_argument("--lrs", type=list[float] | None, default=None, help="sgd: learning rates swept")
+        parser.add_argument("--wds", type=list[float] | None, default=None, help="sgd: L2 penalties swept")
+        parser.add_argument("--c_grid_size", type=int, default=45, help="lbfgs: C values from 1e-6 to 1e5")
+        parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+FEATURE_HELP = {
+    "extract": "Run a frozen backbone once over each split and cache the features.",
+    "probe": "Linear probe on cached features (extracting first when the cache is missing).",
+}
+
+
+def _feature_command(command: str, argv: list[str]) -> None:
+    from vision_transfer.features.run import extract_datamodule, probe_datamodule
+
+    parser = _feature_parser(command)
+    config = parser.parse_args(argv)
+    init = parser.instantiate_classes(config)
+    options = {k: init[k] for k in ("image_size", "cache_dir", "dtype", "precision", "batch_size", "num_workers")}
+    if command == "extract":
+        cache, passes = extract_datamodule(init.data, init.backbone, init.weights, **options)
+        manifest = cache.manifest() or {}
+        rows = ", ".join(f"{s} {v['rows']}" for s, v in manifest.get("splits", {}).items())
+        print(f"features  {cache.folder}  ({rows}; dim {manifest.get('dim')}; {passes} backbone forward passes)")
+        return
+    probe_options = {k: init[k] for k in ("output", "solver", "epochs", "lrs", "wds", "c_grid_size", "seed")}
+    result, checkpoint = probe_datamodule(init.data, init.backbone, init.weights, **options, **probe_options)
+    print(f"solver      {result.solver}   chosen {result.chosen}")
+    print(f"val/acc     {result.val_acc:.4f}")
+    if result.test_acc is not None:
+        print(f"test/acc    {result.test_acc:.4f}   test/acc_top5 {result.test_acc_top5:.4f}")
+    print(f"checkpoint  {checkpoint.resolve()}   (vision-transfer predict --ckpt_path ...)")
+
+
+COMMANDS = {
+    "backbones": _backbones_command,
+    "export": _export_command,
+    "extract": lambda argv: _feature_command("extract", argv),
+    "probe": lambda argv: _feature_command("probe", argv),
+}
 
 
 def main(argv: list[str] | None = None) -> None:

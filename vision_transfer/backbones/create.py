@@ -12,6 +12,7 @@ from timm.data import resolve_model_data_config
 
 from vision_transfer.backbones.weights import (
     PACKAGED_WEIGHTS,
+    RANDOM_INIT_SEED,
     WeightsSource,
     load_file,
     packaged_weights_path,
@@ -136,10 +137,13 @@ def create_model(
                 f"Weights available offline: {_offline_summary()}. Use weights='none' for random init "
                 "or weights='<path>.safetensors' for a local file."
             ) from e
+    elif source.kind == "none":
+        with torch.random.fork_rng(devices=[]):  # leaves the caller's random state untouched
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = timm.create_model(name, pretrained=False, **timm_kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **timm_kwargs)
-        if source.kind != "none":
-            _load_weights(model, name, source)
+        _load_weights(model, name, source)
     if num_classes is not None:
         model.reset_classifier(num_classes)  # type: ignore[operator]
     pretrained_cfg: dict[str, Any] = getattr(model, "pretrained_cfg", {})

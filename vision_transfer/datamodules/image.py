@@ -119,7 +119,7 @@ class ImageDataModule(pl.LightningDataModule):
             self.predict_files = list_predict_files(self.predict_paths or [])
             return
         if not self.splits:
-            self.splits = self._make_splits()
+            self.prepare_splits()
             self._record_splits()
         hp: Any = self.hparams
         eval_tf = create_eval_transform(config)
@@ -147,7 +147,9 @@ class ImageDataModule(pl.LightningDataModule):
         model = self.trainer.lightning_module if self.trainer is not None else None
         return getattr(model, "class_names", None)
 
-    def _make_splits(self) -> dict[str, Samples]:
+    def prepare_splits(self) -> dict[str, Samples]:
+        """Read the source and make the train/val/test splits (no Trainer needed); also sets
+        ``class_names`` (the attached model's, when it has them)."""
         source = self.read_source()
         splits = dict(source.splits)
         model_classes = self._model_class_names()
@@ -186,6 +188,7 @@ class ImageDataModule(pl.LightningDataModule):
                 if not isinstance(samples.items, np.ndarray):
                     for path in samples.items:
                         check_image_header(path)
+        self.splits = splits
         return splits
 
     def _record_splits(self) -> None:

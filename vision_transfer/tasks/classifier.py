@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -269,19 +270,39 @@ class ImageClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # The state dict holds the trained weights: rebuilding needs no weights file or network.
         checkpoint["hyper_parameters"] = {**checkpoint.get("hyper_parameters", {}), "weights": "none"}
-        checkpoint["vision_transfer"] = {
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        checkpoint["vision_transfer"] = self._checkpoint_meta(datamodule)
+
+    def _checkpoint_meta(self, datamodule: Any = None) -> dict[str, Any]:
+        meta: dict[str, Any] = {
             "class_names": self.class_names,
             "data_config": self.data_config.to_dict(),
             "initial_weights": self.weights_source,
             "backbone": self.hparams["backbone"],
         }
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if datamodule is not None and datamodule.hparams:
             cls = type(datamodule)
-            checkpoint["vision_transfer"]["datamodule"] = {
+            meta["datamodule"] = {
                 "class_path": f"{cls.__module__}.{cls.__qualname__}",
                 "init_args": {k: v for k, v in datamodule.hparams.items() if not k.startswith("_")},
             }
+        return meta
+
+    def save_standalone_checkpoint(self, path: str | Path, datamodule: Any = None) -> Path:
+        """Write a checkpoint without a Trainer (e.g. after a probe on cached features) that
+        ``validate``/``test``/``predict`` and :func:`~vision_transfer.export.load_classifier` read."""
+        checkpoint: dict[str, Any] = {
+            "state_dict": self.state_dict(),
+            "hyper_parameters": {**dict(self.hparams), "weights": "none"},
+            "vision_transfer": self._checkpoint_meta(datamodule),
+            "pytorch-lightning_version": pl.__version__,
+            "epoch": 0,
+            "global_step": 0,
+        }
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(checkpoint, path)
+        return path
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get("vision_transfer", {})

@@ -1,0 +1,99 @@
+"""Extract-then-probe on a datamodule: what ``vision-transfer extract`` and ``probe`` run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from vision_transfer.datamodules import ImageDataModule
+from vision_transfer.features.cache import FeatureCache
+from vision_transfer.features.extract import Precision, extract
+from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver, run_probe
+
+
+def extract_datamodule(
+    datamodule: ImageDataModule,
+    backbone: str,
+    weights: str | None = "auto",
+    *,
+    image_size: int | None = None,
+    cache_dir: str | None = None,
+    dtype: Literal["float16", "float32"] = "float16",
+    precision: Precision = "auto",
+    batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[FeatureCache, int]:
+    """Features of every split of ``datamodule``; returns the cache and the backbone forward passes run."""
+    splits = datamodule.prepare_splits()
+    cache, extractor = extract(
+        backbone,
+        weights,
+        splits,
+        list(datamodule.class_names or []),
+        image_size=image_size,
+        cache_root=cache_dir,
+        dtype=dtype,
+        precision=precision,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    return cache, extractor.forward_passes if extractor else 0
+
+
+def probe_datamodule(
+    datamodule: ImageDataModule,
+    backbone: str,
+    weights: str | None = "auto",
+    *,
+    output: str | Path = "runs/probe",
+    solver: Solver = "sgd",
+    epochs: int = 10,
+    lrs: list[float] | None = None,
+    wds: list[float] | None = None,
+    c_grid_size: int = len(KORNBLITH_C_GRID),
+    seed: int = 0,
+    **extract_options: Any,
+) -> tuple[ProbeResult, Path]:
+    """Linear probe on cached features; writes ``probe.json`` and a ``probe.ckpt`` for ``predict``."""
+    cache, forward_passes = extract_datamodule(datamodule, backbone, weights, **extract_options)
+    manifest = cache.manifest() or {}
+    class_names = manifest.get("class_names") or list(datamodule.class_names or [])
+    test = cache.load("test") if "test" in manifest.get("splits", {}) else None
+    options: dict[str, Any]
+    if solver == "sgd":
+        options = {"lrs": tuple(lrs or DEFAULT_LRS), "wds": tuple(wds or DEFAULT_WDS), "epochs": epochs, "seed": seed}
+    else:
+        options = {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
+    torch.manual_seed(seed)
+    result = run_probe(cache.load("train"), cache.load("val"), test, len(class_names), solver, **options)
+
+    from vision_transfer.tasks import ImageClassifier  # Lightning only for the checkpoint
+
+    model = ImageClassifier(
+        backbone, weights=weights, mode="linear_probe", class_names=class_names,
+        image_size=extract_options.get("image_size"),
+    )  # fmt: skip
+    with torch.no_grad():
+        model.head.weight.copy_(result.weight)  # type: ignore[operator]
+        model.head.bias.copy_(result.bias)  # type: ignore[operator]
+    folder = Path(output)
+    checkpoint = model.save_standalone_checkpoint(folder / "probe.ckpt", datamodule)
+    report = {
+        **result.summary(),
+        "backbone": backbone,
+        "weights": model.weights_source,
+        "cache": str(cache.folder),
+        "cache_key": cache.spec.key,
+        "forward_passes": forward_passes,
+        "extraction_seconds": manifest.get("extraction_seconds"),
+        "feature_dim": manifest.get("dim"),
+        "checkpoint": str(checkpoint.resolve()),
+    }
+    (folder / "probe.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    return result, checkpoint
