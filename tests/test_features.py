@@ -95,7 +95,7 @@ def test_killed_extraction_resumes_from_complete_shards(image_folder: Path, tmp_
         min(4, len(samples) - 4 * i) for name, samples in splits.items() for i in range(cache.num_shards(len(samples)))
     ][1:]
     assert resumed.forward_passes == sum(-(-rows // 2) for rows in remaining)
-    fresh, _ = extract(TINY_BACKBONE, "none", splits, names, image_size=TINY_SIZE, cache_root=tmp_path / "b", progress=False)
+    fresh, _ = _extract(image_folder, tmp_path / "b")
     for split in splits:
         assert np.allclose(cache.load(split)[0], fresh.load(split)[0], atol=1e-3)
 
@@ -151,7 +151,8 @@ def test_probe_command_writes_a_checkpoint_that_predict_uses(
     ]
     assert run_cli(["extract", *common]) == 0
     datamodule = ImageFolderDataModule(str(image_folder), num_workers=0)
-    _, passes = extract_datamodule(datamodule, TINY_BACKBONE, "none", image_size=TINY_SIZE, cache_dir=str(tmp_path / "cache"))
+    cache_dir = str(tmp_path / "cache")
+    _, passes = extract_datamodule(datamodule, TINY_BACKBONE, "none", image_size=TINY_SIZE, cache_dir=cache_dir)
     assert passes == 0  # the CLI's cache is reused
     assert run_cli(["probe", *common, "--output=probe_run", "--epochs=3", "--lrs=[0.1,1.0]", "--wds=[0.0]"]) == 0
     report = (tmp_path / "probe_run" / "probe.json").read_text()
