@@ -232,8 +232,40 @@ def _feature_command(command: str, argv: list[str]) -> None:
     print(f"checkpoint  {checkpoint.resolve()}   (vision-transfer predict --ckpt_path ...)")
 
 
+def _benchmark_command(argv: list[str]) -> None:
+    from typing import Literal
+
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    from vision_transfer.benchmark import BackboneEntry, DatasetEntry, run_grid, write_summary
+
+    parser = ArgumentParser(prog="vision-transfer benchmark", description="Backbones x datasets x seeds x protocols.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--backbones", type=list[BackboneEntry], required=True)
+    parser.add_argument("--datasets", type=list[DatasetEntry], required=True)
+    parser.add_argument("--seeds", type=list[int], default=[0, 1, 2])
+    parser.add_argument("--protocols", type=list[Literal["linear_probe", "full", "gradual"]], default=["linear_probe"])
+    parser.add_argument("--image_size", type=int | None, default=None)
+    parser.add_argument("--output", type=str, default="runs/benchmark")
+    parser.add_argument("--cache_dir", type=str | None, default=None)
+    parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="lbfgs")
+    parser.add_argument("--c_grid_size", type=int, default=45)
+    parser.add_argument("--probe_epochs", type=int, default=10)
+    parser.add_argument("--finetune_epochs", type=int, default=3)
+    config = parser.parse_args(argv)
+    init = parser.instantiate_classes(config)
+    options = {k: init[k] for k in ("cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs")}
+    results = run_grid(
+        init.backbones, init.datasets, init.seeds, init.output, init.protocols, init.image_size, **options
+    )
+    for path in write_summary(results.parent):
+        print(f"wrote {path.resolve()}")
+    print((results.parent / "summary.md").read_text())
+
+
 COMMANDS = {
     "backbones": _backbones_command,
+    "benchmark": _benchmark_command,
     "export": _export_command,
     "extract": lambda argv: _feature_command("extract", argv),
     "probe": lambda argv: _feature_command("probe", argv),

@@ -161,6 +161,19 @@ def _read_idx(path: Path) -> np.ndarray:
     return array.reshape(shape)
 
 
+def read_sklearn_digits() -> SourceSplits:
+    """scikit-learn's digits: 1,797 real 8x8 handwritten digits (0-16 grey levels), 10 classes."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise DataError("the digits dataset needs scikit-learn: pip install scikit-learn") from e
+    digits = load_digits()
+    images = np.clip(digits.images * 16, 0, 255).astype(np.uint8)  # 0..16 -> 0..255
+    labels = digits.target.astype(np.int64)
+    samples = Samples(images, labels, [f"digits:{i}" for i in range(len(labels))])
+    return SourceSplits([str(d) for d in range(10)], {"train": samples})
+
+
 def _find_idx(root: Path, split: str, kind: str) -> Path | None:
     stem = _FASHION_FILES[split].format(kind, 3 if kind == "images" else 1)
     for folder in (root, root / "raw", root / "FashionMNIST" / "raw"):

@@ -2,9 +2,10 @@
 
 from vision_transfer.datamodules.image import (
     CsvDataModule,
+    DigitsDataModule,
     FashionMNISTDataModule,
     ImageDataModule,
     ImageFolderDataModule,
 )
 
-__all__ = ["CsvDataModule", "FashionMNISTDataModule", "ImageDataModule", "ImageFolderDataModule"]
+__all__ = ["CsvDataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageDataModule", "ImageFolderDataModule"]

@@ -27,6 +27,7 @@ from vision_transfer.data.sources import (
     read_csv,
     read_fashion_mnist,
     read_image_folder,
+    read_sklearn_digits,
     stratified_split,
     stratified_subset,
 )
@@ -306,3 +307,17 @@ class FashionMNISTDataModule(ImageDataModule):
 
     def describe(self) -> str:
         return f"Fashion-MNIST ({self.root or 'Debian package'})"
+
+
+class DigitsDataModule(ImageDataModule):
+    """scikit-learn's 1,797 real 8x8 handwritten digits; split by ``val_fraction``/``test_fraction``.
+
+    Args:
+        kwargs: see :class:`ImageDataModule`.
+    """
+
+    def read_source(self) -> SourceSplits:
+        return read_sklearn_digits()
+
+    def describe(self) -> str:
+        return "digits (scikit-learn)"

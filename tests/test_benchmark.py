@@ -1,0 +1,84 @@
+"""A tiny benchmark grid end to end: CSV, Markdown table, valid PNG plots, resume."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from tests.conftest import TINY_BACKBONE, write_folder
+from tests.test_cli import run_cli
+from vision_transfer import create_model
+from vision_transfer.benchmark.summary import mean_ci
+
+
+def _config(tmp_path: Path, image_folder: Path, csv_dataset: Path) -> Path:
+    # a "pretrained" stand-in: the tiny model's weights after a different random init, as a file
+    torch.manual_seed(123)
+    model, _ = create_model(TINY_BACKBONE, weights="none")
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    weights = tmp_path / "stand_in.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    other = write_folder(tmp_path / "other", per_class=6, seed=5, classes=("a", "b"))
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        f"""
+backbones:
+  - {{name: {TINY_BACKBONE}, weights: {weights}, label: tiny-pretrained}}
+  - {{name: {TINY_BACKBONE}, weights: none}}
+datasets:
+  - name: shapes
+    data:
+      class_path: vision_transfer.datamodules.CsvDataModule
+      init_args: {{csv_path: {csv_dataset}, num_workers: 0}}
+  - name: ab
+    data:
+      class_path: vision_transfer.datamodules.ImageFolderDataModule
+      init_args: {{root: {other}, num_workers: 0}}
+seeds: [0, 1]
+image_size: 32
+solver: sgd
+probe_epochs: 3
+output: {tmp_path / "bench"}
+cache_dir: {tmp_path / "cache"}
+"""
+    )
+    return config
+
+
+def test_tiny_grid_writes_csv_table_and_plots_and_resumes(
+    tmp_path: Path, image_folder: Path, csv_dataset: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, image_folder, csv_dataset)
+    assert run_cli(["benchmark", f"--config={config}"]) == 0
+    out = tmp_path / "bench"
+    with (out / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8  # 2 backbones x 2 datasets x 2 seeds
+    assert {r["backbone"] for r in rows} == {"tiny-pretrained", f"{TINY_BACKBONE} (random)"}
+    assert all(0 <= float(r["top1"]) <= 1 and float(r["params_m"]) > 0 and r["chosen"].startswith("lr=") for r in rows)
+    table = (out / "summary.md").read_text()
+    assert table.count("\n") == 2 + 4 and "± " in table and "gain over random init" in table
+    for name in ("accuracy.png", "cost.png", "transfer_gain.png"):
+        png = out / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 200, name
+
+    # an interrupted benchmark resumes: drop the last two runs, rerun, only they are recomputed
+    lines = (out / "results.csv").read_text().splitlines()
+    (out / "results.csv").write_text("\n".join(lines[:-2]) + "\n")
+    kept = {r["run"]: r["extract_s"] for r in rows[:-2]}
+    assert run_cli(["benchmark", f"--config={config}"]) == 0
+    with (out / "results.csv").open() as f:
+        again = list(csv.DictReader(f))
+    assert len(again) == 8 and {r["run"]: r["extract_s"] for r in again[:-2]} == kept
+
+
+def test_confidence_interval_uses_student_t() -> None:
+    mean, half = mean_ci([0.8, 0.9])
+    assert mean == pytest.approx(0.85) and half == pytest.approx(12.706 * 0.05, rel=1e-3)
+    assert mean_ci([0.5]) == (0.5, 0.0)

@@ -1,0 +1,210 @@
+"""Backbones x datasets x seeds x protocols -> one row per run in ``results.csv``, resumable."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from vision_transfer.datamodules import ImageDataModule
+
+Protocol = Literal["linear_probe", "full", "gradual"]
+COLUMNS = [
+    "run", "backbone", "architecture", "weights", "dataset", "protocol", "seed", "top1", "top5", "f1_macro",
+    "chosen", "feature_dim", "params_m", "gmacs", "extract_s", "train_s",
+]  # fmt: skip
+
+
+@dataclass
+class BackboneEntry:
+    """One backbone of the grid.
+
+    Args:
+        name: timm architecture.
+        weights: weight source (``packaged``, ``none`` for random init, ``timm``, a file...).
+        label: name in tables and plots; defaults to ``name`` plus ``(random)`` for ``none``.
+    """
+
+    name: str
+    weights: str = "auto"
+    label: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or (f"{self.name} (random)" if self.weights in ("none", None) else self.name)
+
+
+@dataclass
+class DatasetEntry:
+    """One dataset of the grid: a datamodule configuration and its name in tables."""
+
+    name: str
+    data: ImageDataModule
+
+
+def run_id(backbone: BackboneEntry, dataset: str, protocol: str, seed: int) -> str:
+    return f"{dataset}|{backbone.display}|{backbone.weights}|{protocol}|{seed}"
+
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    new = not path.is_file()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+        f.flush()
+
+
+def backbone_cost(name: str, image_size: int) -> tuple[float, float]:
+    """(million parameters, GMACs per image at ``image_size``) of the headless backbone."""
+    import timm
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, image_size, image_size))
+    return params, counter.get_total_flops() / 2e9
+
+
+def _with_seed(data: ImageDataModule, seed: int) -> ImageDataModule:
+    """A copy of the datamodule whose split and subsets use ``seed``."""
+    clone = copy.deepcopy(data)
+    clone.hparams["split_seed"] = seed
+    clone.splits = {}
+    return clone
+
+
+def _macro_f1(predictions: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    scores = []
+    for c in range(classes):
+        tp = np.sum((predictions == c) & (labels == c))
+        fp, fn = np.sum((predictions == c) & (labels != c)), np.sum((predictions != c) & (labels == c))
+        if tp + fp + fn:
+            scores.append(2 * tp / (2 * tp + fp + fn))
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def _linear_probe(
+    entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
+) -> dict[str, Any]:
+    from vision_transfer.features.probe import run_probe
+    from vision_transfer.features.run import extract_datamodule
+
+    start = time.perf_counter()
+    cache, _ = extract_datamodule(
+        data, entry.name, entry.weights, image_size=image_size, cache_dir=options.get("cache_dir"), progress=False
+    )
+    extract_s = time.perf_counter() - start
+    train, val, test = (cache.load(s) for s in ("train", "val", "test"))
+    classes = len((cache.manifest() or {}).get("class_names") or data.class_names or [])
+    solver = options.get("solver", "lbfgs")
+    probe_options = (
+        {"c_grid": tuple(np.logspace(-6, 5, options.get("c_grid_size", 45)))}
+        if solver == "lbfgs"
+        else {"epochs": options.get("probe_epochs", 10), "seed": seed}
+    )
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    result = run_probe(train, val, test, classes, solver, **probe_options)
+    train_s = time.perf_counter() - start
+    logits = torch.from_numpy(test[0]) @ result.weight.T + result.bias
+    f1 = _macro_f1(logits.argmax(1).numpy(), test[1], classes)
+    chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items())
+    top1, top5 = result.test_acc, result.test_acc_top5
+    return {"top1": top1, "top5": top5, "f1_macro": f1, "chosen": chosen, "feature_dim": train[0].shape[1],
+            "extract_s": extract_s, "train_s": train_s}  # fmt: skip
+
+
+def _fine_tune(
+    entry: BackboneEntry,
+    data: ImageDataModule,
+    seed: int,
+    image_size: int | None,
+    protocol: Protocol,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    import pytorch_lightning as pl
+
+    from vision_transfer.tasks import ImageClassifier
+
+    pl.seed_everything(seed, verbose=False)
+    epochs = options.get("finetune_epochs", 3)
+    model = ImageClassifier(
+        entry.name, weights=entry.weights, mode=protocol, image_size=image_size, lr=options.get("finetune_lr", 2e-3),
+        unfreeze_every=max(1, epochs // 4), warmup_epochs=0.3,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    train_s = time.perf_counter() - start
+    metrics = trainer.test(model, data, verbose=False)[0]
+    return {"top1": metrics["test/acc"], "top5": metrics["test/acc_top5"], "f1_macro": metrics["test/f1_macro"],
+            "chosen": f"epochs={epochs}", "feature_dim": model.backbone.num_features, "train_s": train_s}  # fmt: skip
+
+
+def grid(
+    backbones: list[BackboneEntry], datasets: list[DatasetEntry], seeds: list[int], protocols: list[Protocol]
+) -> Iterator[tuple[BackboneEntry, DatasetEntry, Protocol, int]]:
+    for dataset in datasets:
+        for seed in seeds:
+            for protocol in protocols:
+                for backbone in backbones:
+                    yield backbone, dataset, protocol, seed
+
+
+def run_grid(
+    backbones: list[BackboneEntry],
+    datasets: list[DatasetEntry],
+    seeds: list[int],
+    output: str | Path,
+    protocols: list[Protocol] | None = None,
+    image_size: int | None = None,
+    **options: Any,
+) -> Path:
+    """Run every missing cell of the grid; finished runs (rows in ``results.csv``) are skipped."""
+    protocols = protocols or ["linear_probe"]
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = folder / "results.csv"
+    done = {row["run"] for row in read_results(results)}
+    cells = list(grid(backbones, datasets, seeds, protocols))
+    costs: dict[str, tuple[float, float]] = {}
+    bar = tqdm(cells, desc="benchmark", unit="run", disable=not options.get("progress", True))
+    for backbone, dataset, protocol, seed in bar:
+        rid = run_id(backbone, dataset.name, protocol, seed)
+        bar.set_postfix_str(rid[:60])
+        if rid in done:
+            continue
+        data = _with_seed(dataset.data, seed)
+        if protocol == "linear_probe":
+            row = _linear_probe(backbone, data, seed, image_size, options)
+        else:
+            row = _fine_tune(backbone, data, seed, image_size, protocol, options)
+        if backbone.name not in costs:
+            costs[backbone.name] = backbone_cost(backbone.name, image_size or 224)
+        params, gmacs = costs[backbone.name]
+        row |= {"run": rid, "backbone": backbone.display, "architecture": backbone.name}
+        row |= {"weights": backbone.weights, "dataset": dataset.name, "protocol": protocol, "seed": seed}
+        row |= {"params_m": f"{params:.2f}", "gmacs": f"{gmacs:.3f}"}
+        _append(results, row)
+    return results
