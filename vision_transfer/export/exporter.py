@@ -111,7 +111,7 @@ class _Plain(nn.Module):
 def _export_onnx(classifier: Classifier, example: torch.Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
-        _Plain(classifier),
+        _Plain(classifier).eval(),
         (example,),
         str(path),
         input_names=["images"],
