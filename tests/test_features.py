@@ -169,3 +169,43 @@ def test_probe_command_writes_a_checkpoint_that_predict_uses(
     with output.open() as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 8 and all(r["label_1"] in {"circle", "square", "stripes"} for r in rows)
+
+
+def _ddp_extract(rank: int, world: int, folder: str, root: str, port: int) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from vision_transfer.backbones import create_backbone
+    from vision_transfer.features.extract import FeatureExtractor
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    splits, names = _splits(Path(folder))
+    model, config = create_backbone(TINY_BACKBONE, "none", image_size=TINY_SIZE)
+    cache = FeatureCache(build_spec(TINY_BACKBONE, model.pretrained_cfg["weights"], config, splits), root, shard_size=4)
+    extractor = FeatureExtractor(model, config, torch.device("cpu"), "32")
+    extract_splits(extractor, cache, splits, config, names, batch_size=2, progress=False)
+    torch.save(extractor.forward_passes, Path(root) / f"passes{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_extract_one_cache(image_folder: Path, tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:  # a free loopback port for the gloo rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_extract, args=(2, str(image_folder), str(tmp_path / "ddp"), port), nprocs=2, join=True)
+    single, _ = _extract(image_folder, tmp_path / "single", batch_size=2)
+    (ddp_folder,) = [p for p in (tmp_path / "ddp").iterdir() if p.is_dir()]
+    assert ddp_folder.name == single.folder.name  # the same key: one cache
+    passes = [torch.load(tmp_path / "ddp" / f"passes{r}.pt") for r in (0, 1)]
+    assert all(p > 0 for p in passes)  # both ranks did part of the work
+    ddp = FeatureCache(single.spec, tmp_path / "ddp", shard_size=4)
+    assert ddp.is_complete()
+    for split in ("train", "val", "test"):
+        assert np.allclose(ddp.load(split)[0], single.load(split)[0], atol=1e-3)
+        assert np.array_equal(ddp.load(split)[1], single.load(split)[1])
