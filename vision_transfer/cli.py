@@ -263,8 +263,27 @@ def _benchmark_command(argv: list[str]) -> None:
     print((results.parent / "summary.md").read_text())
 
 
+def _check_data_command(argv: list[str]) -> None:
+    import argparse
+
+    from vision_transfer.data.check import check_source, read_any
+
+    parser = argparse.ArgumentParser(
+        prog="vision-transfer check-data",
+        description="Scan a dataset before training: counts per class, sizes and modes, unreadable files, duplicates.",
+    )
+    parser.add_argument("source", help="an image folder, a path,label CSV, or fashion-mnist[:folder]")
+    parser.add_argument("--headers-only", action="store_true", help="open headers only (faster, misses truncation)")
+    args = parser.parse_args(argv)
+    report = check_source(read_any(args.source), decode=not args.headers_only)
+    print(report.format())
+    if report.unreadable or report.cross_split_duplicates:
+        sys.exit(1)
+
+
 COMMANDS = {
     "backbones": _backbones_command,
+    "check-data": _check_data_command,
     "benchmark": _benchmark_command,
     "export": _export_command,
     "extract": lambda argv: _feature_command("extract", argv),

@@ -65,7 +65,9 @@ def _open(path: Path) -> Iterator[Image.Image]:
     except UnidentifiedImageError as e:
         reason = "empty file (0 bytes)" if path.stat().st_size == 0 else "not an image PIL can decode"
         raise ImageLoadError(f"{path}: {reason}.") from e
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageLoadError(f"{path}: too many pixels; refused by the decompression-bomb guard ({e}).") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise ImageLoadError(f"{path}: corrupt or truncated image ({e}).") from e
 
 

@@ -11,7 +11,7 @@ import os
 from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_transfer.backbones import DataConfig
 from vision_transfer.data.dataset import ImageDataset, list_predict_files
-from vision_transfer.data.images import check_image_header
+from vision_transfer.data.images import check_image_header, load_image
 from vision_transfer.data.sources import (
     Samples,
     SourceSplits,
@@ -32,7 +32,7 @@ from vision_transfer.data.sources import (
     stratified_subset,
 )
 from vision_transfer.data.transforms import create_eval_transform, create_train_transform
-from vision_transfer.errors import DataError
+from vision_transfer.errors import DataError, ImageLoadError
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -75,6 +75,9 @@ class ImageDataModule(pl.LightningDataModule):
         color_jitter: brightness/contrast/saturation jitter strength (0 disables it).
         augment: False trains on the eval transform (deterministic batches).
         verify_images: open every image header at setup, so bad files fail before training.
+        on_bad_image: ``error`` stops at the first unreadable image, naming it; ``skip`` fully
+            decodes every image at setup, leaves out the bad ones and lists them, with the reason,
+            in ``skipped_images.csv`` in the run folder.
         predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
     """
 
@@ -93,6 +96,7 @@ class ImageDataModule(pl.LightningDataModule):
         color_jitter: float = 0.0,
         augment: bool = True,
         verify_images: bool = True,
+        on_bad_image: Literal["error", "skip"] = "error",
         predict_paths: str | list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -107,6 +111,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.class_names: list[str] | None = None
         self.splits: dict[str, Samples] = {}
         self.predict_files: list[str] = []
+        self.skipped: list[tuple[str, str]] = []
 
     @abstractmethod
     def read_source(self) -> SourceSplits:
@@ -184,13 +189,27 @@ class ImageDataModule(pl.LightningDataModule):
             if limit is not None and split in splits:
                 splits[split] = splits[split].take(stratified_subset(splits[split].labels, limit, hp.split_seed))
         splits = {k: v for k, v in splits.items() if len(v)}
-        if hp.verify_images:
+        if hp.on_bad_image == "skip":
+            splits = {name: self._without_bad_images(samples) for name, samples in splits.items()}
+        elif hp.verify_images:
             for samples in splits.values():
                 if not isinstance(samples.items, np.ndarray):
                     for path in samples.items:
                         check_image_header(path)
         self.splits = splits
         return splits
+
+    def _without_bad_images(self, samples: Samples) -> Samples:
+        if isinstance(samples.items, np.ndarray):
+            return samples
+        keep = []
+        for i, path in enumerate(samples.items):
+            try:
+                load_image(path)
+                keep.append(i)
+            except ImageLoadError as e:
+                self.skipped.append((path, str(e).removeprefix(f"{path}: ")))
+        return samples.take(np.asarray(keep, dtype=np.int64))
 
     def _record_splits(self) -> None:
         """Write which sample went to which split, so the split can be audited and reproduced."""
@@ -201,6 +220,10 @@ class ImageDataModule(pl.LightningDataModule):
             return
         path = Path(log_dir) / "splits.csv"
         path.parent.mkdir(parents=True, exist_ok=True)
+        if self.skipped:
+            with (path.parent / "skipped_images.csv").open("w", newline="") as f:
+                csv.writer(f).writerows([("path", "reason"), *self.skipped])
+            print(f"skipped {len(self.skipped)} unreadable image(s): see {path.parent / 'skipped_images.csv'}")
         names = self.class_names or []
         with path.open("w", newline="") as f:
             writer = csv.writer(f)

@@ -1,0 +1,91 @@
+"""Scan a dataset before training: counts, sizes, modes, unreadable files, duplicates."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vision_transfer.data.images import load_image
+from vision_transfer.data.sources import SourceSplits, read_csv, read_fashion_mnist, read_image_folder
+from vision_transfer.errors import DataError, ImageLoadError
+
+
+@dataclass
+class DataReport:
+    """What :func:`check_source` found."""
+
+    counts: dict[str, Counter[str]] = field(default_factory=dict)
+    modes: Counter[str] = field(default_factory=Counter)
+    widths: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (first seen, duplicate), "split:path"
+
+    @property
+    def cross_split_duplicates(self) -> list[tuple[str, str]]:
+        return [(a, b) for a, b in self.duplicates if a.split(":", 1)[0] != b.split(":", 1)[0]]
+
+    def format(self) -> str:
+        classes = sorted({c for counter in self.counts.values() for c in counter})
+        splits = list(self.counts)
+        lines = ["| class | " + " | ".join(splits) + " |", "|" + " --- |" * (len(splits) + 1)]
+        lines += [f"| {c} | " + " | ".join(str(self.counts[s][c]) for s in splits) + " |" for c in classes]
+        lines.append("| total | " + " | ".join(str(sum(self.counts[s].values())) for s in splits) + " |")
+        if self.widths:
+            w, h = np.array(self.widths), np.array(self.heights)
+            lines.append(
+                f"\nimage sizes (w x h): min {w.min()}x{h.min()}, median {int(np.median(w))}x{int(np.median(h))}, "
+                f"max {w.max()}x{h.max()}; modes: {', '.join(f'{m} {n}' for m, n in self.modes.most_common())}"
+            )
+        lines.append(f"unreadable files: {len(self.unreadable)}")
+        lines += [f"  {path}: {reason}" for path, reason in self.unreadable[:20]]
+        cross = self.cross_split_duplicates
+        lines.append(f"duplicate files: {len(self.duplicates)} ({len(cross)} across splits, which leaks test data)")
+        lines += [f"  {b} duplicates {a}" for a, b in (cross or self.duplicates)[:20]]
+        return "\n".join(lines)
+
+
+def check_source(source: SourceSplits, decode: bool = True) -> DataReport:
+    """Open every image (fully when ``decode``), count classes per split, find byte-identical files."""
+    report = DataReport()
+    seen: dict[str, str] = {}
+    for split, samples in source.splits.items():
+        report.counts[split] = Counter(source.class_names[label] for label in samples.labels)
+        if isinstance(samples.items, np.ndarray):
+            report.modes["L" if samples.items.ndim == 3 else "RGB"] += len(samples.items)
+            report.heights += [samples.items.shape[1]] * len(samples.items)
+            report.widths += [samples.items.shape[2]] * len(samples.items)
+            continue
+        for path in samples.items:
+            digest = hashlib.md5(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
+            if digest in seen:
+                report.duplicates.append((seen[digest], f"{split}:{path}"))
+            else:
+                seen[digest] = f"{split}:{path}"
+            try:
+                with Image.open(path) as image:
+                    report.modes[image.mode] += 1
+                    report.widths.append(image.width)
+                    report.heights.append(image.height)
+                if decode:
+                    load_image(path)
+            except (ImageLoadError, OSError, SyntaxError, ValueError) as e:
+                report.unreadable.append((path, str(e).removeprefix(f"{path}: ")))
+    return report
+
+
+def read_any(source: str) -> SourceSplits:
+    """A folder, a ``.csv`` file, or ``fashion-mnist`` (Debian package or a folder after a colon)."""
+    if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
+        return read_fashion_mnist(source.partition(":")[2] or None)
+    path = Path(source)
+    if path.suffix == ".csv":
+        return read_csv(path)
+    if path.is_dir():
+        return read_image_folder(path)
+    raise DataError(f"{source}: not a folder, a .csv file or 'fashion-mnist'.")
