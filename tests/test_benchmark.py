@@ -82,3 +82,18 @@ def test_confidence_interval_uses_student_t() -> None:
     mean, half = mean_ci([0.8, 0.9])
     assert mean == pytest.approx(0.85) and half == pytest.approx(12.706 * 0.05, rel=1e-3)
     assert mean_ci([0.5]) == (0.5, 0.0)
+
+
+def test_fine_tune_protocols_in_the_grid(tmp_path: Path, image_folder: Path) -> None:
+    from vision_transfer.benchmark import BackboneEntry, DatasetEntry, run_grid
+    from vision_transfer.datamodules import ImageFolderDataModule
+
+    data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
+    results = run_grid(
+        [BackboneEntry(TINY_BACKBONE, "none")], [DatasetEntry("shapes", data)], [0], tmp_path / "ft",
+        protocols=["full", "gradual"], image_size=32, finetune_epochs=1, progress=False,
+    )  # fmt: skip
+    with results.open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["protocol"] for r in rows] == ["full", "gradual"]
+    assert all(0 <= float(r["top1"]) <= 1 and float(r["train_s"]) > 0 for r in rows)

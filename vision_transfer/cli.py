@@ -192,7 +192,7 @@ def _feature_parser(command: str) -> Any:
     parser.add_argument("--dtype", type=Literal["float16", "float32"], default="float16")
     parser.add_argument("--precision", type=Literal["auto", "32", "bf16", "16"], default="auto")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--num_workers", type=int, default=0)
+    parser.add_argument("--num_workers", type=int | None, default=None, help="default: the datamodule's")
     if command == "probe":
         parser.add_argument("--output", type=str, default="runs/probe")
         parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="sgd")

@@ -25,10 +25,13 @@ def extract_datamodule(
     dtype: Literal["float16", "float32"] = "float16",
     precision: Precision = "auto",
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     progress: bool = True,
 ) -> tuple[FeatureCache, int]:
-    """Features of every split of ``datamodule``; returns the cache and the backbone forward passes run."""
+    """Features of every split of ``datamodule``; returns the cache and the backbone forward passes run.
+
+    ``num_workers`` None uses the datamodule's DataLoader workers.
+    """
     splits = datamodule.prepare_splits()
     cache, extractor = extract(
         backbone,
@@ -40,7 +43,7 @@ def extract_datamodule(
         dtype=dtype,
         precision=precision,
         batch_size=batch_size,
-        num_workers=num_workers,
+        num_workers=datamodule.num_workers if num_workers is None else num_workers,
         progress=progress,
     )
     return cache, extractor.forward_passes if extractor else 0
