@@ -209,3 +209,32 @@ def test_two_ranks_extract_one_cache(image_folder: Path, tmp_path: Path) -> None
     for split in ("train", "val", "test"):
         assert np.allclose(ddp.load(split)[0], single.load(split)[0], atol=1e-3)
         assert np.array_equal(ddp.load(split)[1], single.load(split)[1])
+
+
+def test_linear_probe_classifier_trains_on_the_feature_cache(image_folder: Path, tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    from vision_transfer.tasks import ImageClassifier
+
+    def fit() -> tuple[ImageClassifier, int]:
+        model = ImageClassifier(
+            TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe",
+            cache_features=True, cache_dir=str(tmp_path / "cache"), lr=0.05, warmup_epochs=0,
+        )  # fmt: skip
+        calls = []
+        model.backbone.register_forward_hook(lambda *args: calls.append(1))
+        trainer = pl.Trainer(
+            max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=tmp_path,
+        )  # fmt: skip
+        trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+        assert torch.isfinite(trainer.callback_metrics["train/loss"]) and "val/acc" in trainer.callback_metrics
+        return model, len(calls)
+
+    _, first = fit()
+    model, second = fit()
+    assert first > 0 and second == 0  # 3 epochs, no backbone forward pass on a warm cache
+    x = torch.randn(2, 3, TINY_SIZE, TINY_SIZE)
+    assert model(x).shape == (2, 3)  # images still work end to end (test, predict, export)
+    with pytest.raises(Exception, match="needs mode='linear_probe'"):
+        ImageClassifier(TINY_BACKBONE, weights="none", mode="full", cache_features=True)

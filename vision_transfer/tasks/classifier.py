@@ -54,6 +54,10 @@ class ImageClassifier(pl.LightningModule):
             ``plateau`` (ReduceLROnPlateau on ``val/acc``, per epoch) or ``constant``.
         plateau_factor: ``plateau``: factor applied to every group's learning rate.
         plateau_patience: ``plateau``: epochs without improvement before a reduction.
+        cache_features: ``linear_probe`` only: train and validate on features from the feature
+            cache (extracted once, reused by later runs and by ``vision-transfer probe``) instead of
+            running the frozen backbone every epoch. Batches are then features, not images.
+        cache_dir: feature cache folder; None uses ``$VISION_TRANSFER_CACHE``.
     """
 
     mean: torch.Tensor
@@ -87,8 +91,12 @@ class ImageClassifier(pl.LightningModule):
         scheduler: Literal["cosine", "plateau", "constant"] = "cosine",
         plateau_factor: float = 0.3,
         plateau_patience: int = 2,
+        cache_features: bool = False,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
+        if cache_features and mode != "linear_probe":
+            raise VisionTransferError(f"cache_features=True needs mode='linear_probe' (got mode={mode!r}).")
         self.save_hyperparameters()
         self.label_smoothing = label_smoothing
         kwargs: dict[str, Any] = {"drop_rate": drop_rate}
@@ -138,6 +146,26 @@ class ImageClassifier(pl.LightningModule):
             self._build_head(list(names))
         if stage == "fit":
             self._check_ddp()
+        if self.hparams.get("cache_features") and stage in ("fit", "validate") and datamodule is not None:
+            self._use_cached_features(datamodule)
+
+    def _use_cached_features(self, datamodule: Any) -> None:
+        """Swap the datamodule's train/val datasets for cached features of the same samples."""
+        from torch.utils.data import TensorDataset
+
+        from vision_transfer.features.cache import FeatureCache
+        from vision_transfer.features.extract import FeatureExtractor, build_spec, extract_splits
+
+        splits = {k: v for k, v in datamodule.splits.items() if k in ("train", "val")}
+        spec = build_spec(self.hparams["backbone"], self.weights_source, self.data_config, splits)
+        cache = FeatureCache(spec, self.hparams.get("cache_dir"))
+        if not cache.is_complete():
+            extractor = FeatureExtractor(self.backbone, self.data_config, self.device, "32")
+            extract_splits(extractor, cache, splits, self.data_config, list(self.class_names or []))
+            self.backbone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        for split in splits:
+            features, labels = cache.load(split)
+            datamodule.datasets[split] = TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
 
     def _check_ddp(self) -> None:
         # DDP must skip frozen parameters: they get no gradient while they are frozen.
@@ -153,7 +181,7 @@ class ImageClassifier(pl.LightningModule):
     # -- forward -----------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch (as the datamodules yield it) -> normalised float batch."""
-        if images.dtype == torch.uint8:
+        if images.dtype == torch.uint8 and images.ndim == 4:
             images = (images.float() - self.mean) / self.std
         return images
 
@@ -166,6 +194,8 @@ class ImageClassifier(pl.LightningModule):
         return self.policy.forward(images, self.training)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim == 2:  # cached features (cache_features=True): the backbone already ran
+            return self.head(images)
         return self.head(self.forward_features(images))
 
     def train(self, mode: bool = True) -> ImageClassifier:
