@@ -35,14 +35,16 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
 class FeatureExtractor:
     """A frozen backbone in inference mode: uint8 batches in, pooled float features out.
 
-    Normalisation runs on the device, inputs are channels_last, and ``precision`` picks autocast.
+    Normalisation runs on the device, inputs are channels_last on a GPU (on the CPU it measured
+    slower: benchmarks/RESULTS.md), and ``precision`` picks autocast.
     ``forward_passes`` counts backbone calls (a warm cache makes none).
     """
 
     def __init__(self, backbone: nn.Module, data_config: DataConfig, device: torch.device, precision: str) -> None:
         self.device = device
         self.precision = precision
-        self.backbone = backbone.eval().to(device).to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.backbone = backbone.eval().to(device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.mean = torch.tensor(data_config.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data_config.std, device=device).view(1, 3, 1, 1) * 255
         self.forward_passes = 0
@@ -50,7 +52,7 @@ class FeatureExtractor:
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
-        images = ((images.float() - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
+        images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:
