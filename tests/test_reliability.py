@@ -8,13 +8,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 from PIL import Image
+from pytorch_lightning.callbacks import ModelCheckpoint
 
-from tests.conftest import tiny_fit_args, write_folder
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
 from tests.test_cli import run_cli
 from vision_transfer.data import load_image
 from vision_transfer.data.check import check_source, read_any
-from vision_transfer.errors import ImageLoadError
+from vision_transfer.datamodules import ImageFolderDataModule
+from vision_transfer.errors import ImageLoadError, VisionTransferError
+from vision_transfer.tasks import ImageClassifier
 
 
 def _corrupt(folder: Path) -> None:
@@ -73,3 +77,28 @@ def test_dataset_with_one_class_is_refused(tmp_path: Path, capsys: pytest.Captur
     data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={folder}"]
     assert run_cli(tiny_fit_args(data, tmp_path)) == 2
     assert "found 1 class; a classifier needs at least 2" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    class PoisonAt(pl.Callback):  # a parameter turns NaN at global step 5 (epoch 2): the loss follows
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if trainer.global_step == 5:
+                with torch.no_grad():
+                    pl_module.head.weight.fill_(float("nan"))
+
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, warmup_epochs=0)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = pl.Trainer(
+        max_epochs=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[checkpoint, PoisonAt()], default_root_dir=tmp_path,
+    )  # fmt: skip
+    with pytest.raises(
+        VisionTransferError, match=r"loss is nan at step 5 \(epoch 2\).*last good checkpoint is .*last\.ckpt"
+    ):
+        trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    good = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert good["global_step"] == 4 and all(torch.isfinite(v).all() for v in good["state_dict"].values())

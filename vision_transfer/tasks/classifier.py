@@ -58,6 +58,8 @@ class ImageClassifier(pl.LightningModule):
             cache (extracted once, reused by later runs and by ``vision-transfer probe``) instead of
             running the frozen backbone every epoch. Batches are then features, not images.
         cache_dir: feature cache folder; None uses ``$VISION_TRANSFER_CACHE``.
+        stop_on_nan: stop with a message (step, last good checkpoint) when the loss is NaN or inf;
+            costs one device sync per step.
     """
 
     mean: torch.Tensor
@@ -93,6 +95,7 @@ class ImageClassifier(pl.LightningModule):
         plateau_patience: int = 2,
         cache_features: bool = False,
         cache_dir: str | None = None,
+        stop_on_nan: bool = True,
     ) -> None:
         super().__init__()
         if cache_features and mode != "linear_probe":
@@ -231,10 +234,20 @@ class ImageClassifier(pl.LightningModule):
         images, labels = batch
         logits = self(images)
         loss = self._loss(logits, labels)
+        if self.hparams.get("stop_on_nan", True) and not torch.isfinite(loss):
+            self._stop_on_nan(loss)
         acc = (logits.argmax(1) == labels).float().mean()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", acc, prog_bar=True)
         return loss
+
+    def _stop_on_nan(self, loss: torch.Tensor) -> None:
+        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        raise VisionTransferError(
+            f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopped, and "
+            f"{kept}. Try a lower lr/head_lr, a longer warmup, or precision 32-true / bf16-mixed instead of 16-mixed."
+        )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, labels = batch
