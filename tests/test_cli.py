@@ -16,7 +16,8 @@ from tests.conftest import CLASSES, tiny_fit_args
 from vision_transfer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted(c for c in (REPO / "configs").glob("*.yaml") if not c.stem.startswith("benchmark"))
+BENCHMARK_CONFIGS = sorted((REPO / "configs").glob("benchmark*.yaml"))
 
 
 def run_cli(args: list[str]) -> int:
@@ -53,6 +54,22 @@ def test_every_shipped_config_runs(
         ]
     )
     assert code == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", BENCHMARK_CONFIGS, ids=[c.stem for c in BENCHMARK_CONFIGS])
+def test_every_shipped_benchmark_config_runs(config: Path, tmp_path: Path, image_folder: Path) -> None:
+    """The config's real backbones and protocols, on one seed of a tiny dataset and a short C grid."""
+    tiny = (
+        f"[{{name: shapes, data: {{class_path: vision_transfer.datamodules.ImageFolderDataModule, "
+        f"init_args: {{root: {image_folder}, num_workers: 0}}}}}}]"
+    )
+    args = [f"--config={config}", f"--datasets={tiny}", "--seeds=[0]", "--c_grid_size=3"]
+    args += [f"--output={tmp_path / 'bench'}", f"--cache_dir={tmp_path / 'cache'}"]
+    assert run_cli(["benchmark", *args]) == 0
+    with (tmp_path / "bench" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"shapes"}
 
 
 def test_fit_test_predict_end_to_end(
