@@ -129,3 +129,12 @@ def test_lp_ft_schedule_has_two_phases_and_a_lower_head_rate() -> None:
     head, stage = lambdas
     assert stage(19) == 0 and stage(20) < stage(24) == pytest.approx(1.0)
     assert head(1) < head(4) == pytest.approx(1.0) and head(24) == pytest.approx(0.1)
+
+
+def test_model_without_group_matcher_falls_back_to_its_children_with_a_warning() -> None:
+    from vision_transfer.tuning import stage_groups
+
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3))
+    with pytest.warns(UserWarning, match="no timm group_matcher"):
+        groups = stage_groups(plain)
+    assert groups == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]

@@ -24,7 +24,8 @@ Precision = Literal["auto", "32", "bf16", "16"]
 
 
 def resolve_precision(precision: Precision, device: torch.device) -> str:
-    """``auto``: bf16 (or fp16) autocast on a GPU, fp32 on the CPU (bf16 is only fast there with AMX)."""
+    """``auto``: bf16 (or fp16) autocast on a GPU, fp32 on the CPU (bf16 is only fast there with AMX;
+    on this project's CPU it measured 6x slower than fp32: benchmarks/RESULTS.md)."""
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -35,15 +36,15 @@ def resolve_precision(precision: Precision, device: torch.device) -> str:
 class FeatureExtractor:
     """A frozen backbone in inference mode: uint8 batches in, pooled float features out.
 
-    Normalisation runs on the device, inputs are channels_last on a GPU (on the CPU it measured
-    slower: benchmarks/RESULTS.md), and ``precision`` picks autocast.
+    Normalisation runs on the device, inputs are channels_last (faster on this project's CPU too:
+    benchmarks/RESULTS.md), and ``precision`` picks autocast.
     ``forward_passes`` counts backbone calls (a warm cache makes none).
     """
 
     def __init__(self, backbone: nn.Module, data_config: DataConfig, device: torch.device, precision: str) -> None:
         self.device = device
         self.precision = precision
-        self.memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+        self.memory_format = torch.channels_last
         self.backbone = backbone.eval().to(device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
         self.mean = torch.tensor(data_config.mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(data_config.std, device=device).view(1, 3, 1, 1) * 255
