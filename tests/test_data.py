@@ -174,3 +174,20 @@ def test_eval_transform_is_resize_then_center_crop() -> None:
     image[32:96, 96:160] = 255  # exactly the central crop
     out = create_eval_transform(config)(image=image)["image"]
     assert out.float().mean() == 255
+
+
+def test_augmentation_is_reproducible_from_the_torch_seed(image_folder: Path) -> None:
+    import torch
+
+    from vision_transfer.data import ImageDataset, read_image_folder
+
+    samples = read_image_folder(image_folder).splits["train"]
+
+    def first_views(seed: int) -> list:
+        torch.manual_seed(seed)
+        dataset = ImageDataset(samples, create_train_transform(CONFIG))
+        return [dataset[i][0] for i in range(4)]
+
+    same = zip(first_views(0), first_views(0), strict=True)
+    assert all(torch.equal(a, b) for a, b in same)
+    assert not all(torch.equal(a, b) for a, b in zip(first_views(0), first_views(1), strict=True))

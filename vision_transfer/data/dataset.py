@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,21 @@ class ImageDataset(Dataset):
     def __init__(self, samples: Samples, transform: Any) -> None:
         self.samples = samples
         self.transform = transform
+        self._seeded_in: int | None = None
+
+    def _seed_transform(self) -> None:
+        """albumentations draws from its own generator, which global seeds do not reach: seed it
+        from torch's per-process seed (set by ``seed_everything``, distinct in each DataLoader
+        worker), so augmentations are reproducible and workers do not repeat each other."""
+        if self._seeded_in != os.getpid() and hasattr(self.transform, "set_random_seed"):
+            self.transform.set_random_seed(torch.initial_seed() % 2**32)
+            self._seeded_in = os.getpid()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        self._seed_transform()
         item = self.samples.items[index]
         if isinstance(item, str):
             image = load_image(item)

@@ -95,13 +95,16 @@ def train_heads(
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
             logits = (x[index] @ weight + bias).view(len(index), heads, num_classes)
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), y[index].repeat_interleave(heads), reduction="sum")
-            loss = loss / len(index) + 0.5 * (wd * weight.pow(2).sum(0)).sum()
+            # (N, C, H) logits against (N, H) targets: one cross-entropy over every head, summed
+            targets = y[index, None].expand(-1, heads)
+            loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum") / len(index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             cosine = 0.5 * (1 + math.cos(math.pi * step / total))  # per-step cosine decay to 0
-            weight.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
-            bias.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
+            with torch.no_grad():
+                weight.grad.add_(weight * wd)  # type: ignore[union-attr]  # d/dW of 0.5 * wd_h * ||W_h||^2
+                weight.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
+                bias.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
             optimizer.step()
             step += 1
     with torch.no_grad():
