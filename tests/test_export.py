@@ -137,6 +137,15 @@ def test_features_only_from_packaged_and_exported_weights(trained_checkpoint: Pa
     assert torch.equal(tiny_maps.state_dict()["conv_stem.weight"], backbone.state_dict()["conv_stem.weight"])
 
 
+def test_loaders_are_top_level_and_do_not_import_lightning() -> None:
+    code = (
+        "import sys, vision_transfer as vt; "
+        "assert vt.load_backbone and vt.load_classifier; "
+        "assert 'pytorch_lightning' not in sys.modules, 'Lightning imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
     class Evil:
         def __reduce__(self):
