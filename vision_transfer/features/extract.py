@@ -106,11 +106,13 @@ def extract_splits(
             for i in range(cache.num_shards(len(samples)))
             if i % world == rank and not cache.has_shard(name, i)
         ]
-        bar = tqdm(total=sum(_shard_rows(cache, len(splits[n]), i) for n, i in todo), unit="img", disable=not progress)
+        bar = tqdm(
+            total=sum(len(_shard_rows(cache, len(splits[n]), i)) for n, i in todo), unit="img", disable=not progress
+        )
         bar.set_description(f"extracting {cache.spec.backbone}")
         for name, index in todo:
             samples = splits[name]
-            rows = range(index * cache.shard_size, min(len(samples), (index + 1) * cache.shard_size))
+            rows = _shard_rows(cache, len(samples), index)
             loader = DataLoader(
                 Subset(ImageDataset(samples, transform), list(rows)),
                 batch_size=batch_size,
@@ -139,8 +141,8 @@ def extract_splits(
     return cache
 
 
-def _shard_rows(cache: FeatureCache, total: int, index: int) -> int:
-    return max(0, min(total, (index + 1) * cache.shard_size) - index * cache.shard_size)
+def _shard_rows(cache: FeatureCache, total: int, index: int) -> range:
+    return range(index * cache.shard_size, min(total, (index + 1) * cache.shard_size))
 
 
 def extract(

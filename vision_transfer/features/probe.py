@@ -137,10 +137,9 @@ def sgd_probe(
     for h, (lr, wd) in enumerate(grid):
         sweep.append({"lr": lr, "wd": wd, "val_acc": _accuracy(val_x @ w[h].T + b[h], val[1])})
     best = max(sweep, key=lambda r: (r["val_acc"], -r["wd"]))
-    both_x, both_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
-    scaler = Standardizer(both_x)
+    scaler, both_x, both_y = _train_val(train, val)
     w, b = train_heads(
-        scaler(both_x), both_y, num_classes, [best["lr"]], [best["wd"]], epochs=epochs, batch_size=batch_size, seed=seed
+        both_x, both_y, num_classes, [best["lr"]], [best["wd"]], epochs=epochs, batch_size=batch_size, seed=seed
     )
     weight, bias = scaler.fold(w[0], b[0])
     return _finish("sgd", weight, bias, best, sweep, test, start)
@@ -184,19 +183,27 @@ def lbfgs_probe(
     start = time.perf_counter()
     scaler = Standardizer(train[0])
     x, val_x = scaler(train[0]), scaler(val[0])
-    sweep, init, best_params = [], None, None
-    for c in sorted(c_grid):
+    sweep: list[dict[str, float]] = []
+    init = best_params = None
+    best: dict[str, float] = {}
+    for c in sorted(c_grid):  # ascending C: on a tie the first (most regularised) value stays best
         init = lbfgs_logistic_regression(x, train[1], num_classes, c, init, max_iter)
-        acc = _accuracy(val_x @ init[0].T + init[1], val[1])
-        sweep.append({"C": c, "val_acc": acc})
-        if best_params is None or acc > max(r["val_acc"] for r in sweep[:-1]):
-            best_params = init
-    best = max(sweep, key=lambda r: (r["val_acc"], -r["C"]))
-    both_x, both_y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
-    scaler = Standardizer(both_x)
-    w, b = lbfgs_logistic_regression(scaler(both_x), both_y, num_classes, best["C"], best_params, max_iter)
+        sweep.append({"C": c, "val_acc": _accuracy(val_x @ init[0].T + init[1], val[1])})
+        if not best or sweep[-1]["val_acc"] > best["val_acc"]:
+            best, best_params = sweep[-1], init
+    scaler, both_x, both_y = _train_val(train, val)
+    w, b = lbfgs_logistic_regression(both_x, both_y, num_classes, best["C"], best_params, max_iter)
     weight, bias = scaler.fold(w, b)
     return _finish("lbfgs", weight, bias, best, sweep, test, start)
+
+
+def _train_val(
+    train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[Standardizer, torch.Tensor, torch.Tensor]:
+    """The refit data: train+val, standardised with its own statistics (folded into the head later)."""
+    x, y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
+    scaler = Standardizer(x)
+    return scaler, scaler(x), y
 
 
 def _finish(

@@ -84,7 +84,8 @@ class TuningPolicy:
         self._hook: Any = None
         self._hooked_group = -1
         self._grad_on_entry = False
-        self._frozen_modules: tuple[int, list[nn.Module]] | None = None
+        self._params = dict(backbone.named_parameters())
+        self._frozen: dict[int, tuple[list[tuple[str, nn.Parameter]], list[nn.Module]]] = {}
         self._warned_leak = False
 
     # -- schedule ----------------------------------------------------------------------------
@@ -151,12 +152,9 @@ class TuningPolicy:
 
     def drop_frozen_grads(self) -> None:
         """Safety net after backward: a frozen parameter used after the switch keeps no gradient."""
-        if not self.num_frozen:
-            return
-        params = dict(self.backbone.named_parameters())
-        leaked = [n for n in self.frozen_parameter_names if params[n].grad is not None]
+        leaked = [name for name, param in self._frozen_state()[0] if param.grad is not None]
         for name in leaked:
-            params[name].grad = None
+            self._params[name].grad = None
         if leaked and not self._warned_leak:
             self._warned_leak = True
             warnings.warn(
@@ -168,12 +166,18 @@ class TuningPolicy:
     # -- modes -------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:
         """Largest modules whose parameters all belong to frozen groups."""
-        if self._frozen_modules is None or self._frozen_modules[0] != self.num_frozen:
-            self._frozen_modules = (self.num_frozen, self._find_frozen_modules())
-        return self._frozen_modules[1]
+        return self._frozen_state()[1]
 
-    def _find_frozen_modules(self) -> list[nn.Module]:
-        frozen = self.frozen_parameter_names
+    def _frozen_state(self) -> tuple[list[tuple[str, nn.Parameter]], list[nn.Module]]:
+        """Frozen parameters and modules for the current ``num_frozen``, computed once per value
+        (both are used on every training step)."""
+        if self.num_frozen not in self._frozen:
+            names = self.frozen_parameter_names
+            params = [(n, p) for n, p in self._params.items() if n in names]
+            self._frozen[self.num_frozen] = (params, self._find_frozen_modules(names))
+        return self._frozen[self.num_frozen]
+
+    def _find_frozen_modules(self, frozen: set[str]) -> list[nn.Module]:
         if not frozen:
             return []
         if self.num_frozen == len(self.groups):
