@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jsonargparse import lazy_instance
-from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from jsonargparse import Namespace, lazy_instance
+from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 
 from vision_transfer.backbones.weights import safe_torch_load
 from vision_transfer.datamodules import ImageDataModule
-from vision_transfer.errors import VisionTransferError
+from vision_transfer.errors import GpuMemoryError, VisionTransferError, out_of_memory_message
 from vision_transfer.report.callback import RunReport
+from vision_transfer.report.logger import RunLogger
 from vision_transfer.tasks import ImageClassifier
+from vision_transfer.tasks.checkpointing import AtomicCheckpointIO, RunCheckpoint, newest_last_checkpoint
 from vision_transfer.tasks.prediction import PredictionWriter
 
 
@@ -25,8 +30,13 @@ class VisionTransferCLI(LightningCLI):
     """LightningCLI with run defaults (checkpoints, logs, plots) and checkpoint-driven configs.
 
     Given ``--ckpt_path``, the model and datamodule settings stored in that checkpoint become
-    defaults that the command line and ``--config`` files still override.
+    defaults that the command line and ``--config`` files still override. ``--ckpt_path last``
+    is the newest ``last.ckpt`` of the run folder the logger settings name; ``fit`` then logs
+    into that same folder, or starts a fresh run when there is none, so one command both starts
+    and resumes a run.
     """
+
+    _resumed_step: int | None = None
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -36,7 +46,7 @@ class VisionTransferCLI(LightningCLI):
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
             trainer_defaults={
-                "logger": lazy_instance(CSVLogger, save_dir="runs"),
+                "logger": lazy_instance(RunLogger, save_dir="runs"),
                 "callbacks": [lazy_instance(LearningRateMonitor)],
                 "max_epochs": 10,
                 "log_every_n_steps": 10,
@@ -49,7 +59,7 @@ class VisionTransferCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=True, help="fit: test the best checkpoint after training"
         )
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(RunCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",
@@ -63,13 +73,67 @@ class VisionTransferCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         argv = list(args) if isinstance(args, list) else sys.argv[1:]  # args=None: the command line
+        subcommand = argv[0] if argv and argv[0] in getattr(self, "_subcommand_parsers", {}) else None
         ckpt = _flag_value(argv, "--ckpt_path")
-        if argv and argv[0] in self._subcommand_parsers and ckpt:
-            self._subcommand_parsers[argv[0]].set_defaults(checkpoint_defaults(ckpt))
+        last = None
+        if subcommand and ckpt == "last":
+            super().parse_arguments(parser, args)  # a first pass, for the run folder the settings name
+            last = last_checkpoint(self.config[subcommand])
+            ckpt = str(last[0]) if last[0] else None
+        checkpoint = safe_torch_load(ckpt) if subcommand and ckpt else None
+        if subcommand and checkpoint is not None:
+            self._subcommand_parsers[subcommand].set_defaults(checkpoint_defaults(checkpoint))
         super().parse_arguments(parser, args)
+        if subcommand and last:
+            self._use_last_checkpoint(subcommand, *last, checkpoint)
+
+    def _use_last_checkpoint(
+        self, subcommand: str, path: Path | None, version: int | None, searched: str, checkpoint: Any
+    ) -> None:
+        config = self.config[subcommand]
+        config.ckpt_path = str(path) if path else None
+        if path is None and subcommand != "fit":
+            raise VisionTransferError(f"--ckpt_path last: no last.ckpt in {searched}.")
+        if subcommand == "fit" and path is not None:
+            logger = config.trainer.logger
+            logger = logger[0] if isinstance(logger, list) and logger else logger
+            if version is not None and isinstance(logger, Namespace):
+                logger.init_args.version = version  # log into the resumed run's folder
+            self._resumed_step = int(checkpoint.get("global_step", 0))
+            # expected in the run's own folder, whose earlier metrics.csv rows before_fit keeps
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        _print_once(f"resuming from {path}" if path else f"no last.ckpt in {searched}: starting a new run")
 
     def _parse_ckpt_path(self) -> None:
         """Done in :meth:`parse_arguments`, where explicit arguments keep precedence."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # keep any other plugin given
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO("free some space, then add --ckpt_path last to resume")
+        return trainer
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except torch.cuda.OutOfMemoryError as e:
+            trainer, datamodule = self.trainer, self.datamodule
+            last = getattr(trainer.checkpoint_callback, "last_model_path", "") if subcommand == "fit" else ""
+            message = out_of_memory_message(
+                getattr(datamodule, "batch_size", None),
+                "--data.init_args.batch_size",
+                accumulate=trainer.accumulate_grad_batches if subcommand == "fit" else None,
+                precision_flag="--trainer.precision bf16-mixed" if "16" not in str(trainer.precision) else None,
+                last_checkpoint=last or None,
+            )
+            raise GpuMemoryError(message) from e
+
+    def before_fit(self) -> None:
+        if self._resumed_step is not None and self.trainer.global_rank == 0:
+            logger = self.trainer.logger
+            if isinstance(logger, RunLogger):
+                logger.keep_history_before(self._resumed_step)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
@@ -87,6 +151,11 @@ class VisionTransferCLI(LightningCLI):
             print(f"predictions: {writer.path.resolve()}")
 
 
+@rank_zero_only
+def _print_once(text: str) -> None:
+    print(text, flush=True)
+
+
 def _flag_value(argv: list[str], flag: str) -> str | None:
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
@@ -96,18 +165,49 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
     return None
 
 
-def checkpoint_defaults(path: str) -> dict[str, Any]:
-    """Model and datamodule settings stored in one of our checkpoints, as parser defaults."""
-    checkpoint = safe_torch_load(path)
+def checkpoint_defaults(checkpoint: str | Mapping[str, Any]) -> dict[str, Any]:
+    """Model and datamodule settings stored in one of our checkpoints (a path or its content), as parser defaults."""
+    content = safe_torch_load(checkpoint) if isinstance(checkpoint, str) else checkpoint
     defaults: dict[str, Any] = {}
-    for key, value in checkpoint.get("hyper_parameters", {}).items():
+    for key, value in content.get("hyper_parameters", {}).items():
         if not key.startswith("_"):
             defaults[f"model.{key}"] = value
-    datamodule = checkpoint.get("vision_transfer", {}).get("datamodule")
+    datamodule = content.get("vision_transfer", {}).get("datamodule")
     if datamodule:  # older checkpoints may carry LightningCLI's private keys
         init_args = {k: v for k, v in datamodule.get("init_args", {}).items() if not k.startswith("_")}
         defaults["data"] = {"class_path": datamodule["class_path"], "init_args": init_args}
     return defaults
+
+
+def last_checkpoint(config: Namespace) -> tuple[Path | None, int | None, str]:
+    """The newest ``last.ckpt`` of the run a subcommand's config writes to.
+
+    Returns it (None when there is none), the logger version of its run folder when the config
+    leaves the version to the logger, and the folders searched (for messages). The run folder is
+    ``--checkpoint.dirpath``, or ``save_dir/name/version_N/checkpoints`` of a CSVLogger-like
+    logger (every ``version_N`` when no version is set), or ``default_root_dir/checkpoints``.
+    """
+    logger = config.trainer.logger
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    root_dir = config.trainer.default_root_dir or "."
+    init = (logger.get("init_args") if isinstance(logger, Namespace) else None) or Namespace()
+    version = init.get("version")
+    numbered = False  # the run folder is version_N with N left to the logger
+    if config.checkpoint.dirpath:
+        folders = [Path(config.checkpoint.dirpath)]
+    elif not logger:
+        folders = [Path(root_dir, "checkpoints")]
+    elif version is None:  # the logger would pick the next version_N: look in every one
+        runs = Path(init.get("save_dir") or root_dir, init.get("name", "lightning_logs") or "")
+        numbered = isinstance(logger, Namespace)
+        folders = [run / "checkpoints" for run in runs.glob("version_*") if re.fullmatch(r"version_\d+", run.name)]
+        searched = str(runs / "version_*" / "checkpoints")
+    else:
+        runs = Path(init.get("save_dir") or root_dir, init.get("name", "lightning_logs") or "")
+        folders = [runs / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
+    found = newest_last_checkpoint(folders)
+    run_version = int(found.parent.parent.name.removeprefix("version_")) if found and numbered else None
+    return found, run_version, searched if logger and version is None else str(folders[0])
 
 
 def print_summary(trainer: Any, log_dir: str | None, metrics: Mapping[str, float], best: str | None) -> None:
@@ -211,12 +311,20 @@ FEATURE_HELP = {
 
 
 def _feature_command(command: str, argv: list[str]) -> None:
-    from vision_transfer.features.run import extract_datamodule, probe_datamodule
-
     parser = _feature_parser(command)
     config = parser.parse_args(argv)
     init = parser.instantiate_classes(config)
     options = {k: init[k] for k in ("image_size", "cache_dir", "dtype", "precision", "batch_size", "num_workers")}
+    try:
+        _run_feature_command(command, init, options)
+    except torch.cuda.OutOfMemoryError as e:
+        bf16 = "--precision bf16" if init.precision == "32" else None  # auto is bf16 (or fp16) on a GPU
+        raise GpuMemoryError(out_of_memory_message(init.batch_size, "--batch_size", precision_flag=bf16)) from e
+
+
+def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> None:
+    from vision_transfer.features.run import extract_datamodule, probe_datamodule
+
     if command == "extract":
         cache, passes = extract_datamodule(init.data, init.backbone, init.weights, **options)
         manifest = cache.manifest() or {}
@@ -281,8 +389,48 @@ def _check_data_command(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def _report_command(argv: list[str]) -> None:
+    import argparse
+
+    from vision_transfer.report.run import report
+
+    parser = argparse.ArgumentParser(
+        prog="vision-transfer report", description="Print a run's summary table and redraw its plots."
+    )
+    parser.add_argument("run_dir", help="a run folder, e.g. runs/quickstart/version_0")
+    args = parser.parse_args(argv)
+    text, plots = report(args.run_dir)
+    print(text)
+    for path in plots:
+        print(f"drew {path.resolve()}")
+
+
+def _lr_find_command(argv: list[str]) -> None:
+    import argparse
+
+    from vision_transfer.tasks.lr_finder import find_lr, summary_lines
+
+    parser = argparse.ArgumentParser(
+        prog="vision-transfer lr-find",
+        description="LR range test: train a few steps with a growing LR, plot loss vs LR and suggest one. "
+        "Takes the same --config/--model/--data/--trainer options as fit.",
+    )
+    parser.add_argument("--min_lr", type=float, default=1e-7)
+    parser.add_argument("--max_lr", type=float, default=1.0)
+    parser.add_argument("--num_training", type=int, default=100, help="training steps in the sweep")
+    parser.add_argument("--output", default="runs/lr_find", help="folder for the plot, config and splits")
+    args, rest = parser.parse_known_args(argv)
+    flags = ["--trainer.logger=false", f"--trainer.default_root_dir={args.output}", "--test_after_fit=false"]
+    cli = VisionTransferCLI(args=[*rest, *flags], run=False)
+    out = Path(args.output) / "lr_find.png"
+    result = find_lr(cli.trainer, cli.model, cli.datamodule, args.min_lr, args.max_lr, args.num_training, out=out)
+    print("\n".join(summary_lines(result)))
+
+
 COMMANDS = {
     "backbones": _backbones_command,
+    "lr-find": _lr_find_command,
+    "report": _report_command,
     "check-data": _check_data_command,
     "benchmark": _benchmark_command,
     "export": _export_command,
@@ -293,8 +441,6 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point; user errors end with one clear line and exit status 2."""
-    # Expected here: the model normalises batches after transfer, and the datamodule does not.
-    warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     args = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -25,3 +25,43 @@ class ImageLoadError(DataError):
 
 class UnsafeCheckpointError(WeightsError):
     """A pickle that needs more than tensors and plain containers to load."""
+
+
+class DiskFullError(VisionTransferError):
+    """A write that ran out of disk space (or quota); the file it was replacing is intact."""
+
+
+class GpuMemoryError(VisionTransferError):
+    """The accelerator ran out of memory; the message says which settings to lower."""
+
+
+def out_of_memory_message(
+    batch_size: int | None,
+    batch_flag: str,
+    accumulate: int | None = None,
+    precision_flag: str | None = None,
+    last_checkpoint: str | None = None,
+) -> str:
+    """One line for a GPU out-of-memory error: the batch size it happened at and what to change.
+
+    Args:
+        batch_size: the batch size that did not fit.
+        batch_flag: the option that sets it.
+        accumulate: training: the current gradient accumulation, doubled in the advice.
+        precision_flag: an option that halves activation memory, when not already in use.
+        last_checkpoint: training: the checkpoint to resume from.
+    """
+    tips = []
+    if batch_size and batch_size > 1:
+        tip = f"`{batch_flag} {batch_size // 2}`"
+        if accumulate is not None:
+            tip += f" (with `--trainer.accumulate_grad_batches {2 * accumulate}` to keep the effective batch size)"
+        tips.append(tip)
+    if precision_flag:
+        tips.append(f"`{precision_flag}`")
+    message = f"out of GPU memory at batch size {batch_size}" if batch_size else "out of GPU memory"
+    if tips:
+        message += f"; try {' or '.join(tips)}"
+    if last_checkpoint:
+        message += f"; the last checkpoint {last_checkpoint} is intact (add `--ckpt_path last` to resume)"
+    return message + "."

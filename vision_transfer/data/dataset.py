@@ -4,23 +4,46 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from vision_transfer.data.images import IMAGE_SUFFIXES, load_image
 from vision_transfer.data.sources import Samples
-from vision_transfer.errors import DataError
+from vision_transfer.errors import DataError, ImageLoadError
+
+
+class UnreadableImage(NamedTuple):
+    """What a skipping :class:`ImageDataset` yields for a file it cannot decode."""
+
+    path: str
+    reason: str
+
+
+class SkippingBatch(NamedTuple):
+    """A batch that left out unreadable images (made by :func:`collate_readable`)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    skipped: list[UnreadableImage]
 
 
 class ImageDataset(Dataset):
-    """Samples decoded to RGB and transformed to uint8 CHW tensors; yields ``(image, label)``."""
+    """Samples decoded to RGB and transformed to uint8 CHW tensors; yields ``(image, label)``.
 
-    def __init__(self, samples: Samples, transform: Any) -> None:
+    Args:
+        samples: the images and labels.
+        transform: an albumentations transform.
+        skip_unreadable: yield an :class:`UnreadableImage` for a file that does not decode
+            (batch with :func:`collate_readable`) instead of raising :class:`ImageLoadError`.
+    """
+
+    def __init__(self, samples: Samples, transform: Any, skip_unreadable: bool = False) -> None:
         self.samples = samples
         self.transform = transform
+        self.skip_unreadable = skip_unreadable
         self._seeded_in: int | None = None
 
     def _seed_transform(self) -> None:
@@ -34,14 +57,30 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | UnreadableImage:
         self._seed_transform()
         item = self.samples.items[index]
         if isinstance(item, str):
-            image = load_image(item)
+            try:
+                image = load_image(item)
+            except ImageLoadError as e:
+                if not self.skip_unreadable:
+                    raise
+                return UnreadableImage(item, str(e).removeprefix(f"{item}: "))
         else:  # an in-memory uint8 array, gray or colour
             image = np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else item
         return self.transform(image=image)["image"], int(self.samples.labels[index])
+
+
+def collate_readable(samples: list[Any]) -> Any:
+    """``default_collate`` of the samples that decoded; a :class:`SkippingBatch` names the others."""
+    skipped = [s for s in samples if isinstance(s, UnreadableImage)]
+    if not skipped:
+        return default_collate(samples)
+    if len(skipped) == len(samples):
+        raise ImageLoadError(f"every image of a batch is unreadable, e.g. {skipped[0].path}: {skipped[0].reason}")
+    images, labels = default_collate([s for s in samples if not isinstance(s, UnreadableImage)])
+    return SkippingBatch(images, labels, skipped)
 
 
 def list_predict_files(paths: str | list[str]) -> list[str]:

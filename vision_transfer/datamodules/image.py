@@ -19,7 +19,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vision_transfer.backbones import DataConfig
-from vision_transfer.data.dataset import ImageDataset, list_predict_files
+from vision_transfer.data.dataset import (
+    ImageDataset,
+    SkippingBatch,
+    UnreadableImage,
+    collate_readable,
+    list_predict_files,
+)
 from vision_transfer.data.images import check_image_header, load_image
 from vision_transfer.data.sources import (
     Samples,
@@ -77,7 +83,8 @@ class ImageDataModule(pl.LightningDataModule):
         verify_images: open every image header at setup, so bad files fail before training.
         on_bad_image: ``error`` stops at the first unreadable image, naming it; ``skip`` fully
             decodes every image at setup, leaves out the bad ones and lists them, with the reason,
-            in ``skipped_images.csv`` in the run folder.
+            in ``skipped_images.csv`` in the run folder; an image that becomes unreadable later
+            is left out of its batch and added to that list.
         predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
     """
 
@@ -112,6 +119,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.splits: dict[str, Samples] = {}
         self.predict_files: list[str] = []
         self.skipped: list[tuple[str, str]] = []
+        self.run_dir: Path | None = None
 
     @abstractmethod
     def read_source(self) -> SourceSplits:
@@ -134,8 +142,9 @@ class ImageDataModule(pl.LightningDataModule):
             if hp.augment
             else eval_tf
         )
+        skip = hp.on_bad_image == "skip"
         self.datasets = {
-            split: ImageDataset(samples, train_tf if split == "train" else eval_tf)
+            split: ImageDataset(samples, train_tf if split == "train" else eval_tf, skip_unreadable=skip)
             for split, samples in self.splits.items()
         }
 
@@ -213,9 +222,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _record_splits(self) -> None:
         """Write which sample went to which split, so the split can be audited and reproduced."""
-        if self.trainer is None:
+        if self.trainer is None or self.trainer.logger is None:  # no run folder (logger=False): no files
             return
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
+        self.run_dir = Path(log_dir) if log_dir else None
         if self.trainer.global_rank != 0 or not log_dir:
             return
         path = Path(log_dir) / "splits.csv"
@@ -231,6 +241,28 @@ class ImageDataModule(pl.LightningDataModule):
             for split, samples in self.splits.items():
                 writer.writerows((split, i, names[label]) for i, label in zip(samples.ids, samples.labels, strict=True))
 
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, SkippingBatch):
+            self._record_skipped(batch.skipped)
+            return batch.images, batch.labels
+        return batch
+
+    def _record_skipped(self, images: list[UnreadableImage]) -> None:
+        """List images that failed in a DataLoader (once each, from every rank) in skipped_images.csv."""
+        known = {path for path, _ in self.skipped}
+        new = [(image.path, image.reason) for image in images if image.path not in known]
+        if not new:
+            return
+        self.skipped.extend(new)
+        if self.run_dir is None:
+            return
+        listing = self.run_dir / "skipped_images.csv"
+        rows = new if listing.is_file() else [("path", "reason"), *new]
+        with listing.open("a", newline="") as f:
+            csv.writer(f).writerows(rows)
+        for path, reason in new:
+            print(f"skipped unreadable image {path}: {reason.rstrip('.')} (listed in {listing})")
+
     def describe(self) -> str:
         """Short name of the source, used in messages."""
         return type(self).__name__
@@ -239,9 +271,11 @@ class ImageDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         workers = self.num_workers
         pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        skipping = isinstance(dataset, ImageDataset) and dataset.skip_unreadable
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
+            collate_fn=collate_readable if skipping else None,
             sampler=EpochShuffleSampler(len(dataset), self.hparams["split_seed"]) if shuffle else None,  # type: ignore[arg-type]
             num_workers=workers,
             pin_memory=pin,

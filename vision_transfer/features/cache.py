@@ -7,14 +7,15 @@ Layout of ``<root>/<key>/``::
     <split>/shard_00000.npy  float16/float32 rows [i * shard_size, (i + 1) * shard_size)
 
 Each shard is written to a temporary name and renamed, so a half-written shard is never read and
-a killed extraction resumes from its last complete shard. An advisory file lock keeps two
-processes from extracting the same key at once.
+a killed extraction (or one that filled the disk) resumes from its last complete shard. An
+advisory file lock keeps two processes from extracting the same key at once.
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -26,9 +27,11 @@ from typing import Any
 import numpy as np
 
 from vision_transfer.data.sources import Samples
+from vision_transfer.files import write_atomic
 
 CACHE_VERSION = 1
 DEFAULT_ROOT = Path(os.environ.get("VISION_TRANSFER_CACHE", Path.home() / ".cache" / "vision_transfer" / "features"))
+_KEPT_WHEN_FULL = "the complete shards are intact and a rerun resumes from them"
 
 
 def canonical_json(obj: Any) -> str:
@@ -142,12 +145,12 @@ class FeatureCache:
     def write_shard(self, split: str, index: int, rows: np.ndarray) -> None:
         path = self.shard_path(split, index)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(path, rows.astype(self.spec.dtype, copy=False))
+        _save_npy(path, rows.astype(self.spec.dtype, copy=False), "feature shard")
 
     def write_labels(self, split: str, labels: np.ndarray) -> None:
         path = self.folder / split / "labels.npy"
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save(path, labels.astype(np.int64))
+        _save_npy(path, labels.astype(np.int64), "feature labels")
 
     def finalize(self, rows: dict[str, int], dim: int, class_names: list[str], seconds: float) -> None:
         manifest = {
@@ -161,9 +164,8 @@ class FeatureCache:
             },
             "extraction_seconds": round(seconds, 3),
         }
-        tmp = self.manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, self.manifest_path)
+        text = json.dumps(manifest, indent=2) + "\n"
+        write_atomic(self.manifest_path, text.encode(), "feature manifest", kept=_KEPT_WHEN_FULL)
 
     # -- reading -----------------------------------------------------------------------------
     def shards(self, split: str) -> list[np.ndarray]:
@@ -180,10 +182,7 @@ class FeatureCache:
         return features, labels
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        np.save(f, array)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_npy(path: Path, array: np.ndarray, what: str) -> None:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    write_atomic(path, buffer.getbuffer(), what, kept=_KEPT_WHEN_FULL)

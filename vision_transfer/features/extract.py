@@ -106,27 +106,26 @@ def extract_splits(
             for i in range(cache.num_shards(len(samples)))
             if i % world == rank and not cache.has_shard(name, i)
         ]
-        bar = tqdm(
-            total=sum(len(_shard_rows(cache, len(splits[n]), i)) for n, i in todo), unit="img", disable=not progress
-        )
-        bar.set_description(f"extracting {cache.spec.backbone}")
-        for name, index in todo:
-            samples = splits[name]
-            rows = _shard_rows(cache, len(samples), index)
-            loader = DataLoader(
-                Subset(ImageDataset(samples, transform), list(rows)),
-                batch_size=batch_size,
-                num_workers=num_workers,
-                pin_memory=extractor.device.type == "cuda",
-            )
-            chunks = []
-            for images, _ in loader:
-                chunks.append(extractor(images).cpu().numpy())
-                bar.update(len(images))
-            shard = np.concatenate(chunks)
-            dim = shard.shape[1]
-            cache.write_shard(name, index, shard)
-        bar.close()
+        total = sum(len(_shard_rows(cache, len(splits[n]), i)) for n, i in todo)
+        # closed also on an error, so the bar does not redraw after the error message
+        with tqdm(total=total, unit="img", disable=not progress) as bar:
+            bar.set_description(f"extracting {cache.spec.backbone}")
+            for name, index in todo:
+                samples = splits[name]
+                rows = _shard_rows(cache, len(samples), index)
+                loader = DataLoader(
+                    Subset(ImageDataset(samples, transform), list(rows)),
+                    batch_size=batch_size,
+                    num_workers=num_workers,
+                    pin_memory=extractor.device.type == "cuda",
+                )
+                chunks = []
+                for images, _ in loader:
+                    chunks.append(extractor(images).cpu().numpy())
+                    bar.update(len(images))
+                shard = np.concatenate(chunks)
+                dim = shard.shape[1]
+                cache.write_shard(name, index, shard)
         if world > 1:
             dims = [0] * world
             dist.all_gather_object(dims, dim)

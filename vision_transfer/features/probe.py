@@ -14,6 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.nn import functional as F
+from tqdm.auto import tqdm
 
 DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_WDS = (0.0, 1e-5, 1e-4, 1e-3)
@@ -90,7 +91,7 @@ def train_heads(
     steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
     total = epochs * steps_per_epoch
     step = 0
-    for _ in range(epochs):
+    for _ in tqdm(range(epochs), desc=f"probe: {heads} heads", unit="epoch", leave=False, disable=None):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
@@ -186,7 +187,8 @@ def lbfgs_probe(
     sweep: list[dict[str, float]] = []
     init = best_params = None
     best: dict[str, float] = {}
-    for c in sorted(c_grid):  # ascending C: on a tie the first (most regularised) value stays best
+    # ascending C: on a tie the first (most regularised) value stays best
+    for c in tqdm(sorted(c_grid), desc="probe: C sweep", unit="C", leave=False, disable=None):
         init = lbfgs_logistic_regression(x, train[1], num_classes, c, init, max_iter)
         sweep.append({"C": c, "val_acc": _accuracy(val_x @ init[0].T + init[1], val[1])})
         if not best or sweep[-1]["val_acc"] > best["val_acc"]:

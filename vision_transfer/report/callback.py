@@ -1,20 +1,39 @@
-"""RunReport: writes a run's plots and per-class results into its log folder."""
+"""RunReport: writes a run's plots, facts and ``summary.md`` into its log folder."""
 
 from __future__ import annotations
 
-import csv
+import heapq
+import json
+import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
+import torch
 
-from vision_transfer.report.plots import per_class_accuracy, plot_confusion_matrix, plot_training_curves
+from vision_transfer.report.run import draw_plots, write_confusion, write_summary
 
 
 class RunReport(pl.Callback):
-    """After fit: ``curves.png``. After test: ``confusion_matrix.png`` and ``per_class.csv``."""
+    """Keeps the run folder readable without any tool but a browser.
 
-    def __init__(self) -> None:
+    After fit: ``curves.png`` (loss, accuracy, learning rates), ``run.json`` (settings, sizes,
+    timing) and ``summary.md``. After test: ``confusion_matrix.png``/``.csv``,
+    ``per_class.csv``/``per_class_accuracy.png``, ``worst_test_images.png`` and the test metrics
+    in ``run.json`` and ``summary.md``. ``vision-transfer report <run-dir>`` redraws them.
+
+    Args:
+        worst_images: how many of the test images with the highest loss to draw (0: none). Under
+            DDP each rank sees its own shard; rank zero draws from its own.
+    """
+
+    def __init__(self, worst_images: int = 24) -> None:
+        self.worst_images = worst_images
         self.files: list[Path] = []
+        self._fit_start = 0.0
+        self._train_images = 0
+        self._worst: list[tuple[float, int, np.ndarray, int, int]] = []
 
     def _folder(self, trainer: pl.Trainer) -> Path | None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -24,15 +43,78 @@ class RunReport(pl.Callback):
         folder.mkdir(parents=True, exist_ok=True)
         return folder
 
+    def _update_facts(self, folder: Path, **facts: Any) -> None:
+        path = folder / "run.json"
+        data = json.loads(path.read_text()) if path.is_file() else {}
+        data.update(facts)
+        path.write_text(json.dumps(data, indent=2, default=str))
+
+    # -- fit -------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._fit_start = time.perf_counter()
+        self._train_images = 0
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._train_images += len(batch[1])
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         folder = self._folder(trainer)
         if folder is None:
             return
         for logger in trainer.loggers:
             logger.save()
-        metrics = folder / "metrics.csv"
-        if metrics.is_file() and (path := plot_training_curves(metrics, folder / "curves.png")):
-            self.files.append(path)
+        seconds = time.perf_counter() - self._fit_start
+        datamodule: Any = getattr(trainer, "datamodule", None)
+        splits = getattr(datamodule, "splits", {}) or {}
+        self._update_facts(
+            folder,
+            model=_model_facts(pl_module),
+            data={
+                "source": datamodule.describe() if hasattr(datamodule, "describe") else type(datamodule).__name__,
+                "classes": len(getattr(pl_module, "class_names", None) or []),
+                "samples": {split: len(samples) for split, samples in splits.items()},
+                "batch_size": getattr(datamodule, "batch_size", None),
+            },
+            fit={
+                "seconds": round(seconds, 1),
+                "epochs": trainer.current_epoch,
+                "steps": trainer.global_step,
+                "precision": str(trainer.precision),
+                "devices": trainer.num_devices,
+                "train_images_per_s": round(self._train_images * trainer.world_size / max(seconds, 1e-9), 1),
+                "best_checkpoint": getattr(trainer.checkpoint_callback, "best_model_path", None) or None,
+            },
+        )
+        self.files.extend(draw_plots(folder, only=("curves",)))
+        self.files.append(write_summary(folder))
+
+    # -- test ------------------------------------------------------------------------------
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._worst = []
+
+    def on_test_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        images, labels = batch[0], batch[1]
+        if self.worst_images <= 0 or not isinstance(outputs, torch.Tensor) or images.ndim != 4:
+            return
+        losses = torch.nn.functional.cross_entropy(outputs.float(), labels, reduction="none")
+        predicted = outputs.argmax(1)
+        top = torch.topk(losses, min(self.worst_images, len(losses))).indices
+        for i, pixels in zip(top.tolist(), _to_uint8(images[top], pl_module), strict=True):
+            item = (float(losses[i]), batch_idx * len(labels) + i, pixels, int(labels[i]), int(predicted[i]))
+            if len(self._worst) < self.worst_images:
+                heapq.heappush(self._worst, item)
+            elif item[0] > self._worst[0][0]:
+                heapq.heapreplace(self._worst, item)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         confusion = getattr(pl_module, "test_confusion", None)
@@ -43,11 +125,38 @@ class RunReport(pl.Callback):
         folder = self._folder(trainer)
         if folder is None:
             return
-        names = list(getattr(pl_module, "class_names", None) or range(len(matrix)))
-        self.files.append(plot_confusion_matrix(matrix, [str(n) for n in names], folder / "confusion_matrix.png"))
-        with (folder / "per_class.csv").open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["class", "support", "accuracy"])
-            for name, support, acc in zip(names, matrix.sum(axis=1), per_class_accuracy(matrix), strict=True):
-                writer.writerow([name, int(support), f"{acc:.4f}"])
-        self.files.append(folder / "per_class.csv")
+        names = [str(n) for n in (getattr(pl_module, "class_names", None) or range(len(matrix)))]
+        write_confusion(folder, matrix, names)
+        self.files.extend(draw_plots(folder, only=("confusion", "per_class")))
+        if self._worst:
+            from vision_transfer.report.plots import plot_image_grid
+
+            worst = sorted(self._worst, reverse=True)
+            titles = [f"true {names[t]}\npred {names[p]} ({loss:.1f})" for loss, _, _, t, p in worst]
+            out = plot_image_grid([w[2] for w in worst], titles, folder / "worst_test_images.png")
+            self.files.append(out)
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
+        folder = self._folder(trainer)
+        if folder is None or not metrics:
+            return
+        self._update_facts(folder, test=metrics)
+        if (folder / "run.json").is_file():
+            self.files.append(write_summary(folder))
+
+
+def _model_facts(pl_module: pl.LightningModule) -> dict[str, Any]:
+    hp = dict(pl_module.hparams)
+    facts = {k: hp.get(k) for k in ("backbone", "mode", "image_size", "optimizer", "lr", "head_lr", "layer_decay")}
+    facts["initial_weights"] = getattr(pl_module, "weights_source", {}).get("kind")
+    facts["parameters"] = sum(p.numel() for p in pl_module.parameters())
+    return facts
+
+
+def _to_uint8(images: torch.Tensor, pl_module: pl.LightningModule) -> np.ndarray:
+    """Normalised NCHW batch -> NHWC uint8, undoing the module's normalisation."""
+    mean, std = getattr(pl_module, "mean", None), getattr(pl_module, "std", None)
+    if images.dtype != torch.uint8 and mean is not None and std is not None:
+        images = (images.float() * std + mean).clamp(0, 255).to(torch.uint8)
+    return images.permute(0, 2, 3, 1).cpu().numpy()

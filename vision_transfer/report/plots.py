@@ -93,3 +93,44 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
     matrix = np.asarray(matrix, dtype=float)
     totals = matrix.sum(axis=1)
     return np.array([matrix[i, i] / totals[i] if totals[i] else math.nan for i in range(len(matrix))])
+
+
+def plot_per_class_accuracy(class_names: list[str], accuracy: np.ndarray, out: str | Path) -> Path:
+    """Horizontal bars of each class's accuracy (recall), worst class at the top."""
+    order = np.argsort(np.nan_to_num(np.asarray(accuracy, dtype=float), nan=-1.0))
+    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(class_names) + 1)))
+    values = [float(accuracy[i]) if not math.isnan(accuracy[i]) else 0.0 for i in order]
+    ax.barh(range(len(order)), values, color="tab:blue")
+    ax.set_yticks(range(len(order)), [class_names[i] for i in order], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (recall)")
+    for y, value in enumerate(values):
+        ax.text(min(value + 0.01, 0.9), y, f"{value:.1%}", va="center", fontsize=7)
+    ax.set_title("per-class accuracy on the test split")
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_image_grid(
+    images: list[np.ndarray], titles: list[str], out: str | Path | None = None, columns: int = 8
+) -> Any:
+    """HWC uint8 images in a grid with a title each; saved to ``out`` (then closed) or returned."""
+    rows = max(1, math.ceil(len(images) / columns))
+    columns = min(columns, max(1, len(images)))
+    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image.squeeze(), cmap="gray" if image.ndim == 2 or image.shape[-1] == 1 else None)
+        ax.set_title(title, fontsize=7)
+    fig.tight_layout()
+    if out is None:
+        return fig
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return Path(out)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,9 +16,17 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.errors import DataError, VisionTransferError
+from vision_transfer.files import write_atomic
 from vision_transfer.tuning import TuningPolicy, build_param_groups
 from vision_transfer.tuning.policy import BnPolicy, Mode, Unit
 from vision_transfer.tuning.schedule import group_lr_lambdas
+
+# Expected, not a problem: the model normalises batches after the transfer (on the device), and
+# configure_model only builds the linear head (nothing that weight averaging cannot copy).
+warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+warnings.filterwarnings(
+    "ignore", message=".*WeightAveraging callback with a model that overrides the configure_model.*"
+)
 
 
 class ImageClassifier(pl.LightningModule):
@@ -58,6 +68,11 @@ class ImageClassifier(pl.LightningModule):
             cache (extracted once, reused by later runs and by ``vision-transfer probe``) instead of
             running the frozen backbone every epoch. Batches are then features, not images.
         cache_dir: feature cache folder; None uses ``$VISION_TRANSFER_CACHE``.
+        channels_last: keep weights and batches in NHWC memory format (faster convolutions with
+            mixed precision on recent GPUs).
+        compile: ``torch.compile`` the backbone when training starts (the first steps are slow).
+        grad_checkpointing: recompute activations in the backward pass instead of storing them
+            (timm's ``set_grad_checkpointing``): less memory for about a third more compute.
         stop_on_nan: stop with a message (step, last good checkpoint) when the loss is NaN or inf;
             costs one device sync per step.
     """
@@ -96,6 +111,9 @@ class ImageClassifier(pl.LightningModule):
         cache_features: bool = False,
         cache_dir: str | None = None,
         stop_on_nan: bool = True,
+        channels_last: bool = False,
+        compile: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if cache_features and mode != "linear_probe":
@@ -107,6 +125,12 @@ class ImageClassifier(pl.LightningModule):
             kwargs["drop_path_rate"] = drop_path_rate
         self.backbone, self.data_config = create_backbone(backbone, weights, image_size=image_size, **kwargs)
         self.weights_source: dict[str, Any] = dict(self.backbone.pretrained_cfg["weights"])  # type: ignore[index]
+        if grad_checkpointing:
+            try:
+                self.backbone.set_grad_checkpointing(True)  # type: ignore[operator]
+            except (AssertionError, NotImplementedError) as e:
+                raise VisionTransferError(f"grad_checkpointing: {backbone} does not support it ({e}).") from e
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.policy = TuningPolicy(
             self.backbone,
             mode=mode,
@@ -140,15 +164,26 @@ class ImageClassifier(pl.LightningModule):
         self.test_metrics = self.val_metrics.clone(prefix="test/")
         self.test_confusion = MulticlassConfusionMatrix(n)
 
+    def configure_model(self) -> None:
+        """Build the head from the datamodule's classes. Lightning calls this after the datamodule's
+        setup and before callbacks copy the model (EMAWeightAveraging), so they see the head."""
+        if self.class_names is not None:
+            return
+        names = getattr(getattr(self._trainer, "datamodule", None), "class_names", None)
+        if names is None:
+            raise DataError("ImageClassifier: class_names not given and the datamodule has none.")
+        self._build_head(list(names))
+
     def setup(self, stage: str) -> None:
         datamodule = getattr(self._trainer, "datamodule", None)
-        names = getattr(datamodule, "class_names", None)
-        if self.class_names is None:
-            if names is None:
-                raise DataError("ImageClassifier: class_names not given and the datamodule has none.")
-            self._build_head(list(names))
+        self.configure_model()
         if stage == "fit":
             self._check_ddp()
+        if self.memory_format == torch.channels_last:
+            self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        if self.hparams.get("compile") and stage == "fit" and not getattr(self, "_compiled", False):
+            self.backbone.compile()  # in place: parameter names and checkpoints stay the same
+            self._compiled = True
         if self.hparams.get("cache_features") and stage in ("fit", "validate") and datamodule is not None:
             self._use_cached_features(datamodule)
 
@@ -186,6 +221,8 @@ class ImageClassifier(pl.LightningModule):
         """uint8 NCHW batch (as the datamodules yield it) -> normalised float batch."""
         if images.dtype == torch.uint8 and images.ndim == 4:
             images = (images.float() - self.mean) / self.std
+        if images.ndim == 4:
+            images = images.contiguous(memory_format=self.memory_format)
         return images
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -230,8 +267,10 @@ class ImageClassifier(pl.LightningModule):
     def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         images, labels = batch
+        if len(labels) < 2 and self.training and self.policy.num_frozen < len(self.policy.groups):
+            return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
         logits = self(images)
         loss = self._loss(logits, labels)
         if self.hparams.get("stop_on_nan", True) and not torch.isfinite(loss):
@@ -256,13 +295,15 @@ class ImageClassifier(pl.LightningModule):
         self.val_metrics.update(logits, labels)
         self.log_dict(self.val_metrics, prog_bar=True)
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """Returns the logits, so callbacks (RunReport's worst images) can use them."""
         images, labels = batch
         logits = self(images)
         self.log("test/loss", self._loss(logits, labels), sync_dist=True)
         self.test_metrics.update(logits, labels)
         self.test_confusion.update(logits, labels)
         self.log_dict(self.test_metrics)
+        return logits
 
     def predict_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         """Class probabilities of each image."""
@@ -344,7 +385,9 @@ class ImageClassifier(pl.LightningModule):
         }
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(checkpoint, path)
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        write_atomic(path, buffer.getbuffer(), "checkpoint")
         return path
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

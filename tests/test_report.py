@@ -1,0 +1,104 @@
+"""A run folder holds everything a user looks at; ``report`` and ``lr-find`` work from the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import tiny_fit_args, write_folder
+from tests.test_cli import _png_ok, run_cli
+from vision_transfer.tasks.lr_finder import LrFinderResult
+
+PLOTS = ("curves.png", "confusion_matrix.png", "per_class_accuracy.png", "worst_test_images.png")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("report")
+    root = write_folder(tmp / "images", per_class=10)
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={root}"]
+    data += ["--data.init_args.val_fraction=0.2", "--data.init_args.test_fraction=0.3"]
+    assert run_cli(tiny_fit_args(data, tmp, "--trainer.max_epochs=2", "--trainer.log_every_n_steps=1")) == 0
+    return next((tmp / "runs" / "lightning_logs").glob("version_*"))
+
+
+def _csv_values(run: Path, key: str) -> list[float]:
+    with (run / "metrics.csv").open() as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def test_run_folder_has_config_checkpoints_logs_plots_and_summary(run_dir: Path) -> None:
+    for name in ("config.yaml", "metrics.csv", "splits.csv", "per_class.csv", "confusion_matrix.csv", "run.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "checkpoints" / "best.ckpt").is_file()
+    for name in PLOTS:
+        assert _png_ok(run_dir / name), name
+    facts = json.loads((run_dir / "run.json").read_text())
+    assert facts["model"]["backbone"] == "test_efficientnet" and facts["data"]["classes"] == 3
+    assert facts["fit"]["epochs"] == 2 and facts["fit"]["steps"] > 0
+    summary = (run_dir / "summary.md").read_text()
+    # the summary's numbers are the logged ones
+    test_acc = _csv_values(run_dir, "test/acc")[-1]
+    assert f"| test/acc | {test_acc:.4f} |" in summary
+    assert f"| best val/acc | {max(_csv_values(run_dir, 'val/acc')):.4f}" in summary
+    assert "test_efficientnet" in summary and "Weakest classes" in summary
+    for name in PLOTS:
+        assert f"({name})" in summary
+
+
+def test_tensorboard_events_hold_the_same_scalars_as_the_csv(run_dir: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "val/acc", "test/acc"} <= tags
+    logged = [e.value for e in events.Scalars("val/acc")]
+    assert logged == pytest.approx(_csv_values(run_dir, "val/acc"), abs=1e-6)
+    assert any(tag.startswith("lr") for tag in tags)
+
+
+def test_report_redraws_plots_and_prints_the_summary(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for name in (*PLOTS[:3], "summary.md"):
+        (run_dir / name).unlink()
+    capsys.readouterr()
+    assert run_cli(["report", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    for name in PLOTS[:3]:
+        assert _png_ok(run_dir / name), name
+    assert (run_dir / "summary.md").read_text() in out
+    assert "| test/acc |" in out
+
+
+def test_report_on_a_folder_that_is_no_run_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["report", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    assert run_cli(["report", str(tmp_path / "missing")]) == 2
+    assert "no such run folder" in capsys.readouterr().err
+
+
+def test_lr_find_plots_loss_against_lr_and_suggests_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_folder(tmp_path / "images", per_class=12)
+    args = tiny_fit_args(
+        ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={root}"], tmp_path
+    )[1:]  # lr-find takes fit's options, without the subcommand
+    out = tmp_path / "lr"
+    assert run_cli(["lr-find", "--num_training=40", "--min_lr=1e-6", "--max_lr=1", f"--output={out}", *args]) == 0
+    printed = capsys.readouterr().out
+    assert _png_ok(out / "lr_find.png")
+    match = re.search(r"suggested lr\s+([0-9.e+-]+)", printed)
+    assert match, printed
+    assert 1e-7 <= float(match.group(1)) <= 1.0
+    assert not list(out.glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone
+
+
+def test_lr_suggestion_falls_back_when_the_steepest_point_is_past_the_minimum() -> None:
+    lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
+    inside = LrFinderResult(lrs, [2.0, 1.5, 1.0, 0.5, 3.0], steepest=1e-3, min_over_10=1e-3, plot=None)
+    assert inside.suggested == 1e-3
+    past = LrFinderResult(lrs, [2.0, 1.5, 1.0, 0.5, 3.0], steepest=1e-1, min_over_10=1e-3, plot=None)
+    assert past.suggested == 1e-3

@@ -1,0 +1,148 @@
+"""A run folder's derived files: plots from its CSVs and ``summary.md`` from ``run.json``.
+
+Everything here reads only files in the run folder, so ``vision-transfer report <run-dir>``
+can redraw a run on another machine, without the model or the data.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision_transfer.errors import VisionTransferError
+from vision_transfer.report.plots import (
+    per_class_accuracy,
+    plot_confusion_matrix,
+    plot_per_class_accuracy,
+    plot_training_curves,
+    read_metrics,
+)
+
+PLOTS = ("curves", "confusion", "per_class")
+
+
+def write_confusion(folder: Path, matrix: np.ndarray, class_names: list[str]) -> None:
+    """``confusion_matrix.csv`` (true class per row) and ``per_class.csv``."""
+    with (folder / "confusion_matrix.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["true \\ predicted", *class_names])
+        writer.writerows([name, *map(int, row)] for name, row in zip(class_names, matrix, strict=True))
+    with (folder / "per_class.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "support", "accuracy"])
+        for name, support, acc in zip(class_names, matrix.sum(axis=1), per_class_accuracy(matrix), strict=True):
+            writer.writerow([name, int(support), f"{acc:.4f}"])
+
+
+def read_confusion(folder: Path) -> tuple[np.ndarray, list[str]] | None:
+    path = folder / "confusion_matrix.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    names = rows[0][1:]
+    return np.array([[int(v) for v in row[1:]] for row in rows[1:]]), names
+
+
+def draw_plots(folder: Path, only: Iterable[str] = PLOTS) -> list[Path]:
+    """(Re)draw the PNGs whose source files exist in ``folder``."""
+    drawn: list[Path] = []
+    only = set(only)
+    if "curves" in only and (folder / "metrics.csv").is_file():
+        path = plot_training_curves(folder / "metrics.csv", folder / "curves.png")
+        drawn += [path] if path else []
+    confusion = read_confusion(folder)
+    if confusion is not None:
+        matrix, names = confusion
+        if "confusion" in only:
+            drawn.append(plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png"))
+        if "per_class" in only:
+            drawn.append(plot_per_class_accuracy(names, per_class_accuracy(matrix), folder / "per_class_accuracy.png"))
+    return drawn
+
+
+def _best_val(folder: Path) -> tuple[float, int] | None:
+    """Best val/acc and the epoch it was reached, from ``metrics.csv``."""
+    path = folder / "metrics.csv"
+    if not path.is_file():
+        return None
+    best: tuple[float, int] | None = None
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            value = row.get("val/acc")
+            if value and (best is None or float(value) > best[0]):
+                best = (float(value), int(float(row.get("epoch") or 0)))
+    return best
+
+
+def summary_text(folder: str | Path) -> str:
+    """The Markdown summary of one run folder."""
+    folder = Path(folder)
+    facts: dict[str, Any] = json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {}
+    if not facts and not (folder / "metrics.csv").is_file():
+        raise VisionTransferError(f"{folder}: not a run folder (no run.json or metrics.csv in it).")
+    model, data, fit, test = (facts.get(k, {}) for k in ("model", "data", "fit", "test"))
+    lines = [f"# Run {folder.name} ({folder.parent.name})", "", "| setting | value |", "| --- | --- |"]
+    if model:
+        lines.append(f"| backbone | {model.get('backbone')} (initial weights: {model.get('initial_weights')}) |")
+        lines.append(f"| mode | {model.get('mode')} |")
+        lr = f"lr {model.get('lr')}" + (f", head_lr {model['head_lr']}" if model.get("head_lr") else "")
+        lines.append(f"| optimizer | {model.get('optimizer')}, {lr}, layer_decay {model.get('layer_decay')} |")
+        lines.append(f"| parameters | {model.get('parameters', 0) / 1e6:.2f} M |")
+    if data:
+        sizes = ", ".join(f"{k} {v}" for k, v in data.get("samples", {}).items())
+        lines.append(f"| data | {data.get('source')}: {data.get('classes')} classes; {sizes} |")
+        lines.append(f"| batch size | {data.get('batch_size')} |")
+    if fit:
+        lines.append(f"| training | {fit.get('epochs')} epochs, {fit.get('steps')} steps, {fit.get('precision')} |")
+        minutes, seconds = divmod(float(fit.get("seconds", 0)), 60)
+        lines.append(
+            f"| time | {int(minutes)} min {seconds:.0f} s on {fit.get('devices')} device(s), "
+            f"{fit.get('train_images_per_s')} train img/s (validation included) |"
+        )
+    lines += ["", "| result | value |", "| --- | --- |"]
+    best = _best_val(folder)
+    if best:
+        lines.append(f"| best val/acc | {best[0]:.4f} (epoch {best[1]}) |")
+    for key in sorted(test):
+        lines.append(f"| {key} | {test[key]:.4f} |")
+    confusion = read_confusion(folder)
+    if confusion is not None:
+        matrix, names = confusion
+        accuracy = per_class_accuracy(matrix)
+        order = [i for i in np.argsort(np.nan_to_num(accuracy, nan=2.0)) if not math.isnan(accuracy[i])][:5]
+        lines += ["", "Weakest classes on test: " + ", ".join(f"{names[i]} {accuracy[i]:.1%}" for i in order)]
+    if fit.get("best_checkpoint"):
+        lines += ["", f"Best checkpoint: `{fit['best_checkpoint']}`"]
+    files = [p.name for p in sorted(folder.glob("*.png"))]
+    if files:
+        lines += ["", "Plots: " + ", ".join(f"[{name}]({name})" for name in files)]
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(folder: str | Path) -> Path:
+    path = Path(folder) / "summary.md"
+    path.write_text(summary_text(folder))
+    return path
+
+
+def report(folder: str | Path) -> tuple[str, list[Path]]:
+    """Redraw every plot of a run folder and rewrite its ``summary.md``; returns (summary, plots)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise VisionTransferError(f"{folder}: no such run folder.")
+    plots = draw_plots(folder)
+    text = summary_text(folder)
+    (folder / "summary.md").write_text(text)
+    return text, plots
+
+
+def read_series(folder: str | Path, key: str) -> list[tuple[float, float]]:
+    """One metric's (step, value) pairs from a run's ``metrics.csv``."""
+    return read_metrics(Path(folder) / "metrics.csv").get(key, [])

@@ -1,0 +1,108 @@
+"""Learning-rate range test (Smith 2017; fastai's ``lr_find``) on Lightning's Tuner."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+from pytorch_lightning.tuner import Tuner
+
+from vision_transfer.errors import VisionTransferError
+
+
+@dataclass
+class LrFinderResult:
+    """The sweep, its suggestions and the plot.
+
+    ``steepest`` is where the smoothed loss falls fastest (Lightning's suggestion);
+    ``min_over_10`` is a tenth of the LR at the lowest loss (fastai's classic rule).
+    """
+
+    lrs: list[float]
+    losses: list[float]
+    steepest: float | None
+    min_over_10: float | None
+    plot: Path | None
+
+    @property
+    def suggested(self) -> float | None:
+        """The steepest-descent LR, unless it lies past the loss minimum (a noisy curve), then
+        a tenth of the minimum's LR."""
+        if self.steepest is not None and (self.min_over_10 is None or self.steepest <= 10 * self.min_over_10):
+            return self.steepest
+        return self.min_over_10
+
+
+def find_lr(
+    trainer: pl.Trainer,
+    model: pl.LightningModule,
+    datamodule: pl.LightningDataModule,
+    min_lr: float = 1e-7,
+    max_lr: float = 1.0,
+    num_training: int = 100,
+    out: str | Path | None = None,
+) -> LrFinderResult:
+    """Train ``num_training`` steps with an exponentially growing LR and record the loss.
+
+    Every trainable parameter group gets the same LR during the sweep (head_lr and layer_decay
+    are ignored), and the model's weights are restored afterwards. In ``gradual`` or ``lp_ft``
+    mode the sweep runs the first stage (the head), the one a first LR matters for.
+    """
+    finder = Tuner(trainer).lr_find(
+        model, datamodule=datamodule, min_lr=min_lr, max_lr=max_lr, num_training=num_training, update_attr=False
+    )
+    if finder is None or not finder.results.get("lr"):
+        raise VisionTransferError("the LR finder recorded no steps; is the training set empty?")
+    lrs = [float(v) for v in finder.results["lr"]]
+    losses = [float(v) for v in finder.results["loss"]]
+    skip = min(10, len(lrs) // 5)  # the smoothed loss is biased over the first steps
+    finite = [(loss, lr) for lr, loss in zip(lrs[skip:], losses[skip:], strict=True) if math.isfinite(loss)]
+    min_over_10 = min(finite)[1] / 10 if finite else None
+    steepest = finder.suggestion(skip_begin=skip, skip_end=1)
+    result = LrFinderResult(lrs, losses, float(steepest) if steepest else None, min_over_10, None)
+    if out is not None:
+        result.plot = _plot(result, Path(out))
+    return result
+
+
+def _plot(result: LrFinderResult, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    import vision_transfer.report.plots  # noqa: F401  (selects the Agg backend)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result.lrs, result.losses)
+    for value, label, color in (
+        (result.steepest, "steepest descent", "tab:red"),
+        (result.min_over_10, "minimum / 10", "tab:green"),
+    ):
+        if value is not None:
+            ax.axvline(value, color=color, linestyle="--", label=f"{label}: {value:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss (smoothed)")
+    ax.set_title(f"LR range test, suggested lr {result.suggested:.2e}" if result.suggested else "LR range test")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _fmt(value: float | None) -> str:
+    return f"{value:.2e}" if value is not None else "none"
+
+
+def summary_lines(result: LrFinderResult) -> list[str]:
+    """What ``vision-transfer lr-find`` prints."""
+    fmt = _fmt
+    return [
+        f"steepest descent  {fmt(result.steepest)}",
+        f"minimum / 10      {fmt(result.min_over_10)}",
+        f"suggested lr      {fmt(result.suggested)}   (--model.lr {fmt(result.suggested)})",
+        *([f"plot              {result.plot.resolve()}"] if result.plot else []),
+    ]
