@@ -64,7 +64,7 @@ def test_grad_checkpointing_stores_less_and_gives_the_same_gradients(mode: str) 
 def test_channels_last_changes_the_layout_not_the_result() -> None:
     images = torch.randint(0, 256, (4, 3, TINY_SIZE, TINY_SIZE), dtype=torch.uint8)
     plain, nhwc = _model(), _model(channels_last=True)
-    nhwc.to(memory_format=torch.channels_last)  # what setup() does
+    nhwc.setup("test")  # where the layout changes
     batch = nhwc.preprocess(images)
     assert batch.is_contiguous(memory_format=torch.channels_last)
     assert nhwc.backbone.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ import math
 
 import albumentations as A
 import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from vision_transfer.backbones import DataConfig
@@ -60,3 +61,30 @@ def create_eval_transform(config: DataConfig) -> A.Compose:
     else:
         resize = A.SmallestMaxSize(max_size=scale_h, interpolation=interpolation, area_for_downscale="image")
     return A.Compose([resize, A.CenterCrop(height, width), ToTensorV2()])
+
+
+class Normalize(torch.nn.Module):
+    """The device-side half of the pipeline: uint8 NCHW batch -> normalised float batch.
+
+    Float batches pass through (already normalised). ``mean``/``std`` are non-persistent
+    buffers, so they follow the module to the device and never enter a checkpoint.
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def __init__(self, data_config: DataConfig, memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        super().__init__()
+        self.memory_format = memory_format
+        self.register_buffer("mean", torch.tensor(data_config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(data_config.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.mean.device, non_blocking=True)
+        if images.dtype == torch.uint8:
+            images = (images.float() - self.mean) / self.std
+        return images.contiguous(memory_format=self.memory_format) if images.ndim == 4 else images
+
+    def to_uint8(self, images: torch.Tensor) -> torch.Tensor:
+        """The inverse, for showing normalised images: NCHW float -> NCHW uint8."""
+        return (images.float() * self.std + self.mean).round().clamp(0, 255).to(torch.uint8)

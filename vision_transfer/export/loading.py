@@ -16,7 +16,7 @@ from torch import nn
 from vision_transfer.backbones import DataConfig
 from vision_transfer.backbones.weights import safe_torch_load
 from vision_transfer.data.images import load_image, to_rgb
-from vision_transfer.data.transforms import create_eval_transform
+from vision_transfer.data.transforms import Normalize, create_eval_transform
 from vision_transfer.errors import WeightsError
 from vision_transfer.export.timm_format import (
     CONFIG_NAME,
@@ -42,14 +42,11 @@ class Classifier(nn.Module):
         self.architecture = architecture
         self.backbone = backbone
         self.head = head
-        self.mean: torch.Tensor
-        self.std: torch.Tensor
         self.data_config = data_config
         self.class_names = class_names
         self.provenance: dict[str, Any] = {}
         self.transform = create_eval_transform(data_config)
-        self.register_buffer("mean", torch.tensor(data_config.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(data_config.std).view(1, 3, 1, 1), persistent=False)
+        self.normalize = Normalize(data_config)
         self.eval()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -68,9 +65,7 @@ class Classifier(nn.Module):
                 array = np.asarray(item)
                 array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
             arrays.append(self.transform(image=np.ascontiguousarray(array, dtype=np.uint8))["image"])
-        batch = torch.stack(arrays).float().div_(255)
-        device = next(self.parameters()).device
-        return ((batch.to(device) - self.mean) / self.std).contiguous()
+        return self.normalize(torch.stack(arrays))
 
     @torch.inference_mode()
     def predict(self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5) -> list[list[tuple[str, float]]]:

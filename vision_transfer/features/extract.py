@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.data.dataset import ImageDataset
 from vision_transfer.data.sources import Samples
-from vision_transfer.data.transforms import create_eval_transform
+from vision_transfer.data.transforms import Normalize, create_eval_transform
 from vision_transfer.features.cache import CacheSpec, FeatureCache, samples_fingerprint
 
 Precision = Literal["auto", "32", "bf16", "16"]
@@ -46,14 +46,12 @@ class FeatureExtractor:
         self.precision = precision
         self.memory_format = torch.channels_last
         self.backbone = backbone.eval().to(device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
-        self.mean = torch.tensor(data_config.mean, device=device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(data_config.std, device=device).view(1, 3, 1, 1) * 255
+        self.normalize = Normalize(data_config, self.memory_format).to(device)
         self.forward_passes = 0
 
     @torch.inference_mode()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        images = images.to(self.device, non_blocking=True)
-        images = ((images.float() - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+        images = self.normalize(images)
         dtype = {"bf16": torch.bfloat16, "16": torch.float16}.get(self.precision)
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
         with autocast:

@@ -156,7 +156,7 @@ def _model_facts(pl_module: pl.LightningModule) -> dict[str, Any]:
 
 def _to_uint8(images: torch.Tensor, pl_module: pl.LightningModule) -> np.ndarray:
     """Normalised NCHW batch -> NHWC uint8, undoing the module's normalisation."""
-    mean, std = getattr(pl_module, "mean", None), getattr(pl_module, "std", None)
-    if images.dtype != torch.uint8 and mean is not None and std is not None:
-        images = (images.float() * std + mean).clamp(0, 255).to(torch.uint8)
+    normalize = getattr(pl_module, "normalize", None)
+    if images.dtype != torch.uint8 and normalize is not None:
+        images = normalize.to_uint8(images)
     return images.permute(0, 2, 3, 1).cpu().numpy()

@@ -15,6 +15,7 @@ from torchmetrics import Metric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from vision_transfer.backbones import DataConfig, create_backbone
+from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import DataError, VisionTransferError
 from vision_transfer.files import write_atomic
 from vision_transfer.tuning import TuningPolicy, build_param_groups
@@ -77,9 +78,6 @@ class ImageClassifier(pl.LightningModule):
             costs one device sync per step.
     """
 
-    mean: torch.Tensor
-    std: torch.Tensor
-
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -130,7 +128,6 @@ class ImageClassifier(pl.LightningModule):
                 self.backbone.set_grad_checkpointing(True)  # type: ignore[operator]
             except (AssertionError, NotImplementedError) as e:
                 raise VisionTransferError(f"grad_checkpointing: {backbone} does not support it ({e}).") from e
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.policy = TuningPolicy(
             self.backbone,
             mode=mode,
@@ -141,8 +138,7 @@ class ImageClassifier(pl.LightningModule):
             milestone_unit=milestone_unit,
             lp_epochs=lp_epochs,
         )
-        self.register_buffer("mean", torch.tensor(self.data_config.mean).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("std", torch.tensor(self.data_config.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.normalize = Normalize(self.data_config)
         self._announced = False
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
@@ -179,7 +175,8 @@ class ImageClassifier(pl.LightningModule):
         self.configure_model()
         if stage == "fit":
             self._check_ddp()
-        if self.memory_format == torch.channels_last:
+        if self.hparams.get("channels_last"):
+            self.normalize.memory_format = torch.channels_last
             self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         if self.hparams.get("compile") and stage == "fit" and not getattr(self, "_compiled", False):
             self.backbone.compile()  # in place: parameter names and checkpoints stay the same
@@ -219,11 +216,7 @@ class ImageClassifier(pl.LightningModule):
     # -- forward -----------------------------------------------------------------------------
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 NCHW batch (as the datamodules yield it) -> normalised float batch."""
-        if images.dtype == torch.uint8 and images.ndim == 4:
-            images = (images.float() - self.mean) / self.std
-        if images.ndim == 4:
-            images = images.contiguous(memory_format=self.memory_format)
-        return images
+        return self.normalize(images)
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, *rest = batch
