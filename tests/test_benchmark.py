@@ -97,3 +97,19 @@ def test_fine_tune_protocols_in_the_grid(tmp_path: Path, image_folder: Path) -> 
         rows = list(csv.DictReader(f))
     assert [r["protocol"] for r in rows] == ["full", "gradual"]
     assert all(0 <= float(r["top1"]) <= 1 and float(r["train_s"]) > 0 for r in rows)
+
+
+def test_transfer_gain_is_called_negative_only_when_its_interval_is_below_zero() -> None:
+    from vision_transfer.benchmark.summary import gain_verdict
+
+    assert gain_verdict(0.13, 0.02) == "positive"
+    assert gain_verdict(-0.0015, 0.023) == "no clear gain"  # the digits case: -0.15 ± 2.30 points
+    assert gain_verdict(-0.05, 0.01) == "**negative transfer**"
+
+
+def test_run_grid_refuses_a_misspelt_option(tmp_path: Path) -> None:
+    from vision_transfer.benchmark import run_grid
+    from vision_transfer.errors import VisionTransferError
+
+    with pytest.raises(VisionTransferError, match="solvr"):
+        run_grid([], [], [0], tmp_path, solvr="sgd")

@@ -12,11 +12,13 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 from vision_transfer.datamodules import ImageDataModule
+from vision_transfer.errors import VisionTransferError
 
 Protocol = Literal["linear_probe", "full", "gradual"]
+GRID_OPTIONS = {"cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs", "finetune_lr", "progress"}
 COLUMNS = [
     "run", "backbone", "architecture", "weights", "dataset", "protocol", "seed", "top1", "top5", "f1_macro",
     "chosen", "feature_dim", "params_m", "gmacs", "extract_s", "train_s",
@@ -182,6 +184,11 @@ def run_grid(
     **options: Any,
 ) -> Path:
     """Run every missing cell of the grid; finished runs (rows in ``results.csv``) are skipped."""
+    unknown = set(options) - GRID_OPTIONS
+    if unknown:
+        raise VisionTransferError(
+            f"run_grid: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(GRID_OPTIONS))}."
+        )
     protocols = protocols or ["linear_probe"]
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,16 @@ def transfer_gains(rows: list[dict[str, str]]) -> dict[tuple[str, str, str], tup
     return {key: mean_ci(values) for key, values in gains.items()}
 
 
+def gain_verdict(mean: float, ci: float) -> str:
+    """``positive`` or ``negative transfer`` when the 95% CI excludes zero, else ``no clear gain``
+    (with one seed there is no interval: the sign decides)."""
+    if mean - ci > 0:
+        return "positive"
+    if mean + ci < 0:
+        return "**negative transfer**"
+    return "no clear gain"
+
+
 def markdown_table(rows: list[dict[str, str]]) -> str:
     stats_top1 = aggregate(rows, "top1")
     stats_f1 = aggregate(rows, "f1_macro")
@@ -61,8 +71,8 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         f1 = stats_f1[(dataset, backbone, protocol)][0]
         gain = gains.get((dataset, backbone, protocol))
         gain_text = "" if gain is None else f"{100 * gain[0]:+.2f} ± {100 * gain[1]:.2f}"
-        if gain is not None and gain[0] <= 0:
-            gain_text += " **negative transfer**"
+        if gain is not None and gain_verdict(*gain) != "positive":
+            gain_text += f" ({gain_verdict(*gain)})"
         params, gmacs, _ = costs[backbone]
         lines.append(
             f"| {dataset} | {backbone} | {protocol} | {n} | {100 * mean:.2f} ± {100 * ci:.2f} | {100 * f1:.2f} "
@@ -84,8 +94,8 @@ def plot_accuracy(rows: list[dict[str, str]], out: Path) -> Path:
         ax.bar(np.arange(len(datasets)) + i * width, means, width, yerr=cis, capsize=3, label=name)
     ax.set_xticks(np.arange(len(datasets)) + width * (len(labels) - 1) / 2, datasets)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("accuracy per backbone and dataset (error bars: 95% CI over seeds)")
-    ax.legend(fontsize=7)
+    ax.set_title("accuracy per backbone and dataset\n(error bars: 95% CI over seeds)", fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -100,12 +110,13 @@ def plot_gain(rows: list[dict[str, str]], out: Path) -> Path | None:
     keys = sorted(gains)
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(keys)), 4))
     values = [100 * gains[k][0] for k in keys]
-    colors = ["tab:green" if v > 0 else "tab:red" for v in values]
+    palette = {"positive": "tab:green", "no clear gain": "tab:gray", "**negative transfer**": "tab:red"}
+    colors = [palette[gain_verdict(*gains[k])] for k in keys]
     ax.bar(range(len(keys)), values, yerr=[100 * gains[k][1] for k in keys], color=colors, capsize=3)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(keys)), [f"{d}\n{b}" for d, b, _ in keys], fontsize=7)
     ax.set_ylabel("top-1 gain over random init (points)")
-    ax.set_title("transfer gain (red: not positive, negative transfer)")
+    ax.set_title("transfer gain, 95% CI (green: positive, grey: no clear gain, red: negative)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -118,9 +129,9 @@ def plot_cost(rows: list[dict[str, str]], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     for dataset in sorted({k[0] for k in stats_top1}):
         points = sorted((costs[b], 100 * m, b) for (d, b, _), (m, _, _) in stats_top1.items() if d == dataset)
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=dataset)
-        for x, y, name in points:
-            ax.annotate(name, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.scatter([p[0] for p in points], [p[1] for p in points], label=dataset)
+        for i, (x, y, name) in enumerate(points):  # alternate sides: equal-cost backbones stay readable
+            ax.annotate(name, (x, y), fontsize=6, xytext=(4, -8 if i % 2 else 4), textcoords="offset points")
     ax.set_xlabel("backbone GMACs per image")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("accuracy vs backbone cost")

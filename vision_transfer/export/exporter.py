@@ -119,6 +119,7 @@ def _export_onnx(classifier: Classifier, example: torch.Tensor, path: Path) -> N
         dynamic_shapes={"images": {0: batch}},
         dynamo=True,
         external_data=False,
+        verbose=False,
     )
 
 

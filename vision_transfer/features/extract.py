@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.data.dataset import ImageDataset

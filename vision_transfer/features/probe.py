@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_WDS = (0.0, 1e-5, 1e-4, 1e-3)
@@ -221,7 +221,7 @@ def _finish(
     if test is not None:
         logits = test[0] @ weight.T + bias
         test_acc, test_top5 = _accuracy(logits, test[1]), _accuracy(logits, test[1], 5)
-    chosen = {k: v for k, v in best.items() if k != "val_acc"}
+    chosen = {k: float(v) for k, v in best.items() if k != "val_acc"}
     return ProbeResult(
         solver, best["val_acc"], test_acc, test_top5, chosen, sweep, time.perf_counter() - start, weight, bias
     )

@@ -28,7 +28,7 @@ class RunReport(pl.Callback):
             DDP each rank sees its own shard; rank zero draws from its own.
     """
 
-    def __init__(self, worst_images: int = 24) -> None:
+    def __init__(self, worst_images: int = 16) -> None:
         self.worst_images = worst_images
         self.files: list[Path] = []
         self._fit_start = 0.0

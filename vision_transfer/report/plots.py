@@ -105,8 +105,10 @@ def plot_per_class_accuracy(class_names: list[str], accuracy: np.ndarray, out: s
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy (recall)")
-    for y, value in enumerate(values):
-        ax.text(min(value + 0.01, 0.9), y, f"{value:.1%}", va="center", fontsize=7)
+    for y, value in enumerate(values):  # inside long bars, after short ones
+        inside = value > 0.8
+        x, align, color = (value - 0.01, "right", "white") if inside else (value + 0.01, "left", "black")
+        ax.text(x, y, f"{value:.1%}", va="center", ha=align, fontsize=7, color=color)
     ax.set_title("per-class accuracy on the test split")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
@@ -122,7 +124,7 @@ def plot_image_grid(
     """HWC uint8 images in a grid with a title each; saved to ``out`` (then closed) or returned."""
     rows = max(1, math.ceil(len(images) / columns))
     columns = min(columns, max(1, len(images)))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.7 * columns, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
@@ -131,6 +133,6 @@ def plot_image_grid(
     fig.tight_layout()
     if out is None:
         return fig
-    fig.savefig(out, dpi=100)
+    fig.savefig(out, dpi=80)
     plt.close(fig)
     return Path(out)

@@ -325,7 +325,15 @@ class ImageClassifier(pl.LightningModule):
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/acc"}}
         if hp.scheduler == "constant":
             return optimizer
-        total = max(1, int(self.trainer.estimated_stepping_batches))
+        estimated = self.trainer.estimated_stepping_batches  # inf with max_epochs=-1
+        if not math.isfinite(estimated):
+            if self.trainer.max_steps <= 0:
+                raise VisionTransferError(
+                    "scheduler='cosine' needs a known length: set --trainer.max_epochs or --trainer.max_steps "
+                    "(or use --model.scheduler constant / plateau)."
+                )
+            estimated = self.trainer.max_steps
+        total = max(1, int(estimated))
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else None
         batches = self.trainer.num_training_batches  # inf until the fit loop has its data
         per_epoch = total / epochs if epochs else (batches if math.isfinite(batches) and batches > 0 else total)

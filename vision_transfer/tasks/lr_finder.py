@@ -55,10 +55,12 @@ def find_lr(
     )
     if finder is None or not finder.results.get("lr"):
         raise VisionTransferError("the LR finder recorded no steps; is the training set empty?")
-    lrs = [float(v) for v in finder.results["lr"]]
-    losses = [float(v) for v in finder.results["loss"]]
-    skip = min(10, len(lrs) // 5)  # the smoothed loss is biased over the first steps
-    finite = [(loss, lr) for lr, loss in zip(lrs[skip:], losses[skip:], strict=True) if math.isfinite(loss)]
+    # Lightning's bias correction of the smoothed loss is one step off, which pulls the first
+    # points far below the true loss: they are left out of the curve and of both rules.
+    skip = min(10, len(finder.results["lr"]) // 5)
+    lrs = [float(v) for v in finder.results["lr"][skip:]]
+    losses = [float(v) for v in finder.results["loss"][skip:]]
+    finite = [(loss, lr) for lr, loss in zip(lrs, losses, strict=True) if math.isfinite(loss)]
     min_over_10 = min(finite)[1] / 10 if finite else None
     steepest = finder.suggestion(skip_begin=skip, skip_end=1)
     result = LrFinderResult(lrs, losses, float(steepest) if steepest else None, min_over_10, None)
