@@ -79,7 +79,7 @@ def test_fit_test_predict_end_to_end(
     data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={split_folder}"]
     assert run_cli(tiny_fit_args(data, tmp_path, "--trainer.max_epochs=2")) == 0
     out = capsys.readouterr().out
-    assert "test/acc" in out and "checkpoint" in out and "plots" in out
+    assert "test/acc" in out and "checkpoint" in out and "plots" in out and "summary.md" in out
     run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
     for name in ("curves.png", "confusion_matrix.png"):
         assert _png_ok(run / name), name

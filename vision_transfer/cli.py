@@ -220,9 +220,10 @@ def print_summary(trainer: Any, log_dir: str | None, metrics: Mapping[str, float
     lines.append(f"{'checkpoint':<16} {Path(best).resolve() if best else 'none saved'}")
     lines.append(f"{'logs':<16} {Path(log_dir or '.').resolve()}")
     if report is not None and report.files:
-        lines.append(
-            f"{'plots':<16} " + ", ".join(str(Path(f).resolve()) for f in report.files if str(f).endswith(".png"))
-        )
+        pngs = sorted({Path(f).name for f in report.files if str(f).endswith(".png")})
+        lines.append(f"{'plots':<16} {', '.join(pngs)}")
+        summary = Path(log_dir or ".").resolve() / "summary.md"
+        lines.append(f"{'summary':<16} {summary}   (vision-transfer report <logs>)")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
 
