@@ -21,7 +21,6 @@ from vision_transfer.report.plots import (
     plot_confusion_matrix,
     plot_per_class_accuracy,
     plot_training_curves,
-    read_metrics,
 )
 
 PLOTS = ("curves", "confusion", "per_class")
@@ -141,8 +140,3 @@ def report(folder: str | Path) -> tuple[str, list[Path]]:
     text = summary_text(folder)
     (folder / "summary.md").write_text(text)
     return text, plots
-
-
-def read_series(folder: str | Path, key: str) -> list[tuple[float, float]]:
-    """One metric's (step, value) pairs from a run's ``metrics.csv``."""
-    return read_metrics(Path(folder) / "metrics.csv").get(key, [])
