@@ -20,7 +20,12 @@ class DataError(VisionTransferError):
 
 
 class ImageLoadError(DataError):
-    """An image file that cannot be decoded."""
+    """An image file that cannot be decoded; ``reason`` is the message without the path."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
 
 
 class UnsafeCheckpointError(WeightsError):

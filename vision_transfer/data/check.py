@@ -74,8 +74,10 @@ def check_source(source: SourceSplits, decode: bool = True) -> DataReport:
                     report.heights.append(image.height)
                 if decode:
                     load_image(path)
-            except (ImageLoadError, OSError, SyntaxError, ValueError) as e:
-                report.unreadable.append((path, str(e).removeprefix(f"{path}: ")))
+            except ImageLoadError as e:
+                report.unreadable.append((path, e.reason))
+            except (OSError, SyntaxError, ValueError) as e:  # the header alone, opened by PIL above
+                report.unreadable.append((path, str(e)))
     return report
 
 

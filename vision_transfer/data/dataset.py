@@ -66,7 +66,7 @@ class ImageDataset(Dataset):
             except ImageLoadError as e:
                 if not self.skip_unreadable:
                     raise
-                return UnreadableImage(item, str(e).removeprefix(f"{item}: "))
+                return UnreadableImage(item, e.reason)
         else:  # an in-memory uint8 array, gray or colour
             image = np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else item
         return self.transform(image=image)["image"], int(self.samples.labels[index])
@@ -78,7 +78,8 @@ def collate_readable(samples: list[Any]) -> Any:
     if not skipped:
         return default_collate(samples)
     if len(skipped) == len(samples):
-        raise ImageLoadError(f"every image of a batch is unreadable, e.g. {skipped[0].path}: {skipped[0].reason}")
+        first = skipped[0]
+        raise ImageLoadError(first.path, f"{first.reason} (and every other image of its batch is unreadable)")
     images, labels = default_collate([s for s in samples if not isinstance(s, UnreadableImage)])
     return SkippingBatch(images, labels, skipped)
 

@@ -61,19 +61,19 @@ def _open(path: Path) -> Iterator[Image.Image]:
     except ImageLoadError:
         raise
     except FileNotFoundError as e:
-        raise ImageLoadError(f"{path}: file not found.") from e
+        raise ImageLoadError(path, "file not found.") from e
     except UnidentifiedImageError as e:
         reason = "empty file (0 bytes)" if path.stat().st_size == 0 else "not an image PIL can decode"
-        raise ImageLoadError(f"{path}: {reason}.") from e
+        raise ImageLoadError(path, f"{reason}.") from e
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageLoadError(f"{path}: too many pixels; refused by the decompression-bomb guard ({e}).") from e
+        raise ImageLoadError(path, f"too many pixels; refused by the decompression-bomb guard ({e}).") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageLoadError(f"{path}: corrupt or truncated image ({e}).") from e
+        raise ImageLoadError(path, f"corrupt or truncated image ({e}).") from e
 
 
 def _check_size(path: Path, size: tuple[int, int]) -> None:
     width, height = size
     if width * height > MAX_PIXELS:
-        raise ImageLoadError(f"{path}: {width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit.")
+        raise ImageLoadError(path, f"{width}x{height} pixels exceeds the {MAX_PIXELS:,}-pixel limit.")
     if width < 1 or height < 1:
-        raise ImageLoadError(f"{path}: image has no pixels ({width}x{height}).")
+        raise ImageLoadError(path, f"image has no pixels ({width}x{height}).")

@@ -217,7 +217,7 @@ class ImageDataModule(pl.LightningDataModule):
                 load_image(path)
                 keep.append(i)
             except ImageLoadError as e:
-                self.skipped.append((path, str(e).removeprefix(f"{path}: ")))
+                self.skipped.append((path, e.reason))
         return samples.take(np.asarray(keep, dtype=np.int64))
 
     def _record_splits(self) -> None:
