@@ -104,6 +104,17 @@ def test_killed_fit_resumes_into_the_same_run_with_the_same_command(
         assert torch.equal(value, final["state_dict"][key]), key
 
 
+def test_ckpt_path_last_searches_an_explicit_checkpoint_dirpath(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "my_checkpoints"
+    empty.mkdir()
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+    args = ["validate", "--ckpt_path=last", f"--checkpoint.dirpath={empty}", *data]
+    assert run_cli(args) == 2
+    assert f"--ckpt_path last: no last.ckpt in {empty}." in capsys.readouterr().err
+
+
 def test_full_disk_while_saving_a_checkpoint_keeps_the_previous_one(
     tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

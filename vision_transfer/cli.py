@@ -192,22 +192,21 @@ def last_checkpoint(config: Namespace) -> tuple[Path | None, int | None, str]:
     root_dir = config.trainer.default_root_dir or "."
     init = (logger.get("init_args") if isinstance(logger, Namespace) else None) or Namespace()
     version = init.get("version")
-    numbered = False  # the run folder is version_N with N left to the logger
+    runs = Path(init.get("save_dir") or root_dir, init.get("name", "lightning_logs") or "")
     if config.checkpoint.dirpath:
         folders = [Path(config.checkpoint.dirpath)]
     elif not logger:
         folders = [Path(root_dir, "checkpoints")]
     elif version is None:  # the logger would pick the next version_N: look in every one
-        runs = Path(init.get("save_dir") or root_dir, init.get("name", "lightning_logs") or "")
-        numbered = isinstance(logger, Namespace)
         folders = [run / "checkpoints" for run in runs.glob("version_*") if re.fullmatch(r"version_\d+", run.name)]
-        searched = str(runs / "version_*" / "checkpoints")
+        found = newest_last_checkpoint(folders)
+        run_version = None  # the found run's N, which the logger must then use
+        if found is not None and isinstance(logger, Namespace):
+            run_version = int(found.parent.parent.name.removeprefix("version_"))
+        return found, run_version, str(runs / "version_*" / "checkpoints")
     else:
-        runs = Path(init.get("save_dir") or root_dir, init.get("name", "lightning_logs") or "")
         folders = [runs / (version if isinstance(version, str) else f"version_{version}") / "checkpoints"]
-    found = newest_last_checkpoint(folders)
-    run_version = int(found.parent.parent.name.removeprefix("version_")) if found and numbered else None
-    return found, run_version, searched if logger and version is None else str(folders[0])
+    return newest_last_checkpoint(folders), None, str(folders[0])
 
 
 def print_summary(trainer: Any, log_dir: str | None, metrics: Mapping[str, float], best: str | None) -> None:
