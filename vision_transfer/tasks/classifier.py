@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 import warnings
 from pathlib import Path
@@ -17,7 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import DataError, VisionTransferError
-from vision_transfer.files import write_atomic
+from vision_transfer.tasks.checkpointing import AtomicCheckpointIO
 from vision_transfer.tuning import TuningPolicy, build_param_groups
 from vision_transfer.tuning.policy import BnPolicy, Mode, Unit
 from vision_transfer.tuning.schedule import group_lr_lambdas
@@ -197,7 +196,8 @@ class ImageClassifier(pl.LightningModule):
         if not cache.is_complete():
             extractor = FeatureExtractor(self.backbone, self.data_config, self.device, "32")
             extract_splits(extractor, cache, splits, self.data_config, list(self.class_names or []))
-            self.backbone.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+            # the extractor made the backbone NHWC; back to the layout this model trains and tests in
+            self.backbone.to(memory_format=self.normalize.memory_format)  # type: ignore[call-overload]
         for split in splits:
             features, labels = cache.load(split)
             datamodule.datasets[split] = TensorDataset(torch.from_numpy(features), torch.from_numpy(labels))
@@ -385,10 +385,7 @@ class ImageClassifier(pl.LightningModule):
             "global_step": 0,
         }
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)
-        write_atomic(path, buffer.getbuffer(), "checkpoint")
+        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
         return path
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -101,10 +101,9 @@ def _fmt(value: float | None) -> str:
 
 def summary_lines(result: LrFinderResult) -> list[str]:
     """What ``vision-transfer lr-find`` prints."""
-    fmt = _fmt
     return [
-        f"steepest descent  {fmt(result.steepest)}",
-        f"minimum / 10      {fmt(result.min_over_10)}",
-        f"suggested lr      {fmt(result.suggested)}   (--model.lr {fmt(result.suggested)})",
+        f"steepest descent  {_fmt(result.steepest)}",
+        f"minimum / 10      {_fmt(result.min_over_10)}",
+        f"suggested lr      {_fmt(result.suggested)}   (--model.lr {_fmt(result.suggested)})",
         *([f"plot              {result.plot.resolve()}"] if result.plot else []),
     ]
