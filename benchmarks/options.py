@@ -18,7 +18,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from speed import BACKBONE, StepTimer, loader, train_data  # type: ignore[import-not-found]
+from speed import BACKBONE, loader, toolkit_fit, train_data  # type: ignore[import-not-found]
 
 from vision_transfer.tasks import ImageClassifier
 
@@ -60,28 +60,13 @@ def saved_activation_bytes(model: ImageClassifier, images: torch.Tensor, labels:
 
 def measure(name: str, dataset: Any, args: argparse.Namespace) -> dict[str, float]:
     model_options, trainer_options = OPTIONS[name]
-    trainer_options = dict(trainer_options)
-    callbacks: list[pl.Callback] = []
-    if trainer_options.pop("callbacks", None) == "ema":
-        callbacks.append(pl.callbacks.EMAWeightAveraging(decay=0.999))
-    torch.manual_seed(0)
-    model = ImageClassifier(
-        BACKBONE,
-        weights="packaged",
-        image_size=args.image_size,
-        class_names=[str(i) for i in range(10)],
-        **model_options,
-    )
-    timer = StepTimer(args.warmup)
+    trainer_options = {"precision": "32-true", **trainer_options}
+    if trainer_options.get("callbacks") == "ema":
+        trainer_options["callbacks"] = [pl.callbacks.EMAWeightAveraging(decay=0.999)]
     if args.device == "gpu":
         torch.cuda.reset_peak_memory_stats()
-    trainer = pl.Trainer(
-        max_steps=args.steps + args.warmup, accelerator=args.device, devices=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=[timer, *callbacks], **{"precision": "32-true", **trainer_options},
-    )  # fmt: skip
-    trainer.fit(model, train_dataloaders=loader(dataset, args))
-    result = {"images_per_s": timer.rate()[1]}  # the median step: robust to a shared machine's bursts
+    (_, median), model = toolkit_fit(dataset, args, model_options, trainer_options)
+    result = {"images_per_s": median}  # the median step: robust to a shared machine's bursts
     if args.device == "gpu":
         result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     images, labels = next(iter(loader(dataset, args)))

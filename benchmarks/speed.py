@@ -16,6 +16,7 @@ import itertools
 import os
 import statistics
 import time
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -71,19 +72,29 @@ def loader(dataset: ImageDataset, args: argparse.Namespace) -> DataLoader:
     return DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, drop_last=True)
 
 
-def toolkit_fit(dataset: ImageDataset, args: argparse.Namespace) -> tuple[float, float]:
+def toolkit_fit(
+    dataset: ImageDataset,
+    args: argparse.Namespace,
+    model_options: dict[str, Any] | None = None,
+    trainer_options: dict[str, Any] | None = None,
+) -> tuple[tuple[float, float], ImageClassifier]:
+    """``Trainer.fit`` of ``ImageClassifier``: (span, median-step) images/s and the trained model."""
     torch.manual_seed(0)
     model = ImageClassifier(
-        BACKBONE, weights="packaged", image_size=args.image_size, class_names=[str(i) for i in range(10)]
-    )
+        BACKBONE, weights="packaged", image_size=args.image_size, class_names=[str(i) for i in range(10)],
+        **(model_options or {}),
+    )  # fmt: skip
+    options = {"callbacks": [], **(trainer_options or {})}
+    if "precision" not in options:  # options.py passes its own; speed.py's command line has one
+        options["precision"] = args.precision
     timer = StepTimer(args.warmup)
     trainer = pl.Trainer(
-        max_steps=args.steps + args.warmup, accelerator=args.device, devices=1, precision=args.precision,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        limit_val_batches=0, callbacks=[timer],
+        max_steps=args.steps + args.warmup, accelerator=args.device, devices=1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        **{**options, "callbacks": [timer, *options["callbacks"]]},
     )  # fmt: skip
     trainer.fit(model, train_dataloaders=loader(dataset, args))
-    return timer.rate()
+    return timer.rate(), model
 
 
 def hand_written_fit(dataset: ImageDataset, args: argparse.Namespace) -> tuple[float, float]:
@@ -98,9 +109,9 @@ def hand_written_fit(dataset: ImageDataset, args: argparse.Namespace) -> tuple[f
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     stamps: list[float] = []
     for step, (images, labels) in enumerate(loader(dataset, args)):
-        stamps.append(time.perf_counter())
         if step == args.warmup + args.steps:
             break
+        stamps.append(time.perf_counter())
         images, labels = images.to(device), labels.to(device)
         x = (images.float() - mean) / std
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -108,6 +119,7 @@ def hand_written_fit(dataset: ImageDataset, args: argparse.Namespace) -> tuple[f
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    stamps.append(time.perf_counter())  # the end of the last step, as StepTimer's on_train_end
     return rates(stamps[args.warmup :], args.batch_size)
 
 
@@ -174,7 +186,7 @@ def main() -> None:
     loop_runs, ours_runs = [], []
     for _ in range(args.repeats):  # alternate, keep the best of each: the machine is shared and noisy
         loop_runs.append(hand_written_fit(dataset, args))
-        ours_runs.append(toolkit_fit(dataset, args))
+        ours_runs.append(toolkit_fit(dataset, args)[0])
     loop_span, loop_median = (max(r[i] for r in loop_runs) for i in (0, 1))
     ours_span, ours_median = (max(r[i] for r in ours_runs) for i in (0, 1))
     ext_ours, ext_minimal = extraction(args)

@@ -71,8 +71,9 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         f1 = stats_f1[(dataset, backbone, protocol)][0]
         gain = gains.get((dataset, backbone, protocol))
         gain_text = "" if gain is None else f"{100 * gain[0]:+.2f} ± {100 * gain[1]:.2f}"
-        if gain is not None and gain_verdict(*gain) != "positive":
-            gain_text += f" ({gain_verdict(*gain)})"
+        verdict = gain_verdict(*gain) if gain is not None else "positive"
+        if verdict != "positive":
+            gain_text += f" ({verdict})"
         params, gmacs, _ = costs[backbone]
         lines.append(
             f"| {dataset} | {backbone} | {protocol} | {n} | {100 * mean:.2f} ± {100 * ci:.2f} | {100 * f1:.2f} "
