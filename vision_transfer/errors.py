@@ -22,7 +22,11 @@ class DataError(VisionTransferError):
 class ImageLoadError(DataError):
     """An image file that cannot be decoded; ``reason`` is the message without the path."""
 
-    def __init__(self, path: object, reason: str) -> None:
+    def __init__(self, path: object, reason: str | None = None) -> None:
+        if reason is None:  # one message: how torch re-raises an error from a DataLoader worker
+            super().__init__(str(path))
+            self.path, self.reason = "", str(path)
+            return
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
