@@ -15,10 +15,11 @@ import time
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from vision_transfer.features.run import extract_datamodule
 
+from vision_transfer import connect
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.features.probe import KORNBLITH_C_GRID, lbfgs_probe, sgd_probe
-from vision_transfer.features.run import extract_datamodule
 from vision_transfer.tasks import ImageClassifier
 
 EPOCHS = 10
@@ -48,7 +49,7 @@ def probe_without_cache(args: argparse.Namespace) -> tuple[float, float]:
     )  # fmt: skip
     data = datamodule(args)
     start = time.perf_counter()
-    trainer.fit(model, data)
+    trainer.fit(model, connect(model, data))
     acc = trainer.test(model, data, verbose=False)[0]["test/acc"]
     return time.perf_counter() - start, acc
 

@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from vision_transfer import connect
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -55,7 +56,7 @@ def run(options: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[st
         num_sanity_val_steps=0,
     )
     start = time.perf_counter()
-    trainer.fit(model, data)
+    trainer.fit(model, connect(model, data))
     seconds = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
     return {"acc": metrics["test/acc"], "f1": metrics["test/f1_macro"], "seconds": seconds}

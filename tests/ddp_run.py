@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
+from vision_transfer import connect
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -50,7 +51,9 @@ def main() -> None:
         callbacks=[log],
         default_root_dir=out,
     )
-    trainer.fit(model, ImageFolderDataModule(str(data), batch_size=4, num_workers=0, verify_images=False))
+    trainer.fit(
+        model, connect(model, ImageFolderDataModule(str(data), batch_size=4, num_workers=0, verify_images=False))
+    )
     torch.save(
         {"state_dict": model.state_dict(), "frozen": log.frozen, "world": trainer.world_size},
         out / f"rank{trainer.global_rank}.pt",

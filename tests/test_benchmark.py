@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from tests.conftest import TINY_BACKBONE, write_folder
 from tests.test_cli import run_cli
 from vision_transfer import create_model
-from vision_transfer.benchmark.summary import mean_ci
+from vision_transfer.report.grid import mean_ci
 
 
 def _config(tmp_path: Path, image_folder: Path, csv_dataset: Path) -> Path:
@@ -85,7 +85,7 @@ def test_confidence_interval_uses_student_t() -> None:
 
 
 def test_fine_tune_protocols_in_the_grid(tmp_path: Path, image_folder: Path) -> None:
-    from vision_transfer.benchmark import BackboneEntry, DatasetEntry, run_grid
+    from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
     from vision_transfer.datamodules import ImageFolderDataModule
 
     data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
@@ -100,7 +100,7 @@ def test_fine_tune_protocols_in_the_grid(tmp_path: Path, image_folder: Path) -> 
 
 
 def test_transfer_gain_is_called_negative_only_when_its_interval_is_below_zero() -> None:
-    from vision_transfer.benchmark.summary import gain_verdict
+    from vision_transfer.report.grid import gain_verdict
 
     assert gain_verdict(0.13, 0.02) == "positive"
     assert gain_verdict(-0.0015, 0.023) == "no clear gain"  # the digits case: -0.15 ± 2.30 points
@@ -108,7 +108,7 @@ def test_transfer_gain_is_called_negative_only_when_its_interval_is_below_zero()
 
 
 def test_run_grid_refuses_a_misspelt_option(tmp_path: Path) -> None:
-    from vision_transfer.benchmark import run_grid
+    from vision_transfer.app.grid import run_grid
     from vision_transfer.errors import VisionTransferError
 
     with pytest.raises(VisionTransferError, match="solvr"):

@@ -11,6 +11,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE
+from vision_transfer import connect
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import DataError
 from vision_transfer.tasks import ImageClassifier
@@ -38,7 +39,7 @@ def _fit(tmp_path: Path, folder: Path, **model_kwargs) -> tuple[ImageClassifier,
     )
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
     datamodule = ImageFolderDataModule(str(folder), batch_size=8, num_workers=0)
-    _trainer(tmp_path).fit(model, datamodule)
+    _trainer(tmp_path).fit(model, connect(model, datamodule))
     return model, before, model.backbone.state_dict()
 
 
@@ -79,7 +80,7 @@ def test_optimizer_groups_have_absolute_learning_rates(tmp_path: Path, image_fol
         TINY_BACKBONE, weights="none", image_size=TINY_SIZE, lr=0.1, head_lr=1.0, layer_decay=0.5, weight_decay=0.05
     )
     trainer = _trainer(tmp_path, max_steps=1)
-    trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
     groups = trainer.optimizers[0].param_groups
     lrs = {g["name"]: g["initial_lr"] for g in groups}  # before the schedule's multiplier
     top = len(model.policy.groups) - 1
@@ -102,7 +103,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, image_folder: Path) 
     model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, warmup_epochs=0)
     datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
     trainer = _trainer(tmp_path, precision="bf16-mixed", limit_val_batches=1.0)
-    trainer.fit(model, datamodule)
+    trainer.fit(model, connect(model, datamodule))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.callback_metrics["val/acc"] >= 0
     assert next(model.parameters()).dtype == torch.float32  # mixed: master weights stay fp32
@@ -112,7 +113,7 @@ def test_checkpoint_keeps_classes_and_needs_no_weights_file(tmp_path: Path, imag
     model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
     datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
     trainer = _trainer(tmp_path)
-    trainer.fit(model, datamodule)
+    trainer.fit(model, connect(model, datamodule))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=True)
@@ -127,7 +128,7 @@ def test_checkpoint_keeps_classes_and_needs_no_weights_file(tmp_path: Path, imag
 def test_checkpoint_with_other_classes_is_refused(tmp_path: Path, image_folder: Path) -> None:
     model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
     trainer = _trainer(tmp_path)
-    trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
     path = tmp_path / "three.ckpt"
     trainer.save_checkpoint(path)
     other = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["cat", "dog"])

@@ -20,11 +20,11 @@ from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
 from tests.fault_helpers import FillingDisk, lock_waiters
 from tests.test_cli import run_cli
 from vision_transfer import files
+from vision_transfer.app.features import extract_datamodule
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import DiskFullError
 from vision_transfer.features import FeatureCache
 from vision_transfer.features.extract import FeatureExtractor, extract_splits
-from vision_transfer.features.run import extract_datamodule
 from vision_transfer.tasks import ImageClassifier
 
 REPO = Path(__file__).resolve().parents[1]
@@ -145,36 +145,40 @@ def test_full_disk_while_extracting_keeps_the_complete_shards(
     from vision_transfer.features.extract import build_spec
 
     datamodule = ImageFolderDataModule(str(image_folder), num_workers=0)
-    splits, names = datamodule.prepare_splits(), list(datamodule.class_names or [])
+    splits = datamodule.prepare_splits()
     model, config = create_backbone(TINY_BACKBONE, "none", image_size=TINY_SIZE)
-    cache = FeatureCache(build_spec(TINY_BACKBONE, model.pretrained_cfg["weights"], config, splits), tmp_path, 4)
+    spec = build_spec(TINY_BACKBONE, model.pretrained_cfg["weights"], config)
+    caches = {name: FeatureCache(spec, samples, tmp_path, 4) for name, samples in splits.items()}
+    cache = caches["train"]
 
     def run(disk: FillingDisk | None) -> FeatureExtractor:
         if disk is not None:
             monkeypatch.setattr(files, "open", disk.open, raising=False)
         extractor = FeatureExtractor(model, config, torch.device("cpu"), "32")
         try:
-            extract_splits(extractor, cache, splits, config, names, batch_size=4, progress=False)
+            extract_splits(extractor, caches, config, batch_size=4, progress=False)
         finally:
             monkeypatch.undo()
         return extractor
 
     with pytest.raises(DiskFullError) as error:
         run(FillingDisk(name="shard_00001"))
-    shard = cache.shard_path("train", 1)
+    shard = cache.shard_path(1)
     assert re.fullmatch(
         rf"disk full while writing feature shard {re.escape(str(shard))} \([\d.]+ \w+ free there\); "
         r"the complete shards are intact and a rerun resumes from them\.",
         str(error.value),
     )
-    assert sorted(p.name for p in shard.parent.iterdir()) == ["shard_00000.npy"]  # no temporary file left
-    assert np.load(cache.shard_path("train", 0)).shape[0] == 4
+    assert sorted(p.name for p in shard.parent.iterdir() if p.name.endswith(".npy")) == ["shard_00000.npy"]
+    assert not list(shard.parent.glob("*.tmp"))  # no temporary file left
+    assert np.load(cache.shard_path(0)).shape[0] == 4
 
     with pytest.raises(DiskFullError, match=r"writing feature manifest .*manifest\.json"):
-        run(FillingDisk(name="manifest.json"))
+        run(FillingDisk(name="manifest.json", room=100))
     assert not cache.is_complete() and not list(cache.folder.rglob("*.tmp"))
-    assert run(None).forward_passes == 0  # every shard was complete: only the manifest is written
-    assert cache.is_complete() and len(cache.load("train")[0]) == len(splits["train"])
+    resumed = run(None)  # the train shards were complete: only the manifest (and the other splits) are written
+    assert resumed.forward_passes == sum(-(-len(s) // 4) for n, s in splits.items() if n != "train")
+    assert all(c.is_complete() for c in caches.values()) and len(cache.load()) == len(splits["train"])
 
 
 def test_two_processes_extracting_one_cache_share_the_work(tmp_path: Path, image_folder: Path) -> None:
@@ -188,7 +192,7 @@ def test_two_processes_extracting_one_cache_share_the_work(tmp_path: Path, image
     command += [f"--image_size={TINY_SIZE}", "--data=vision_transfer.datamodules.ImageFolderDataModule"]
     command += [f"--data.root={image_folder}", "--data.num_workers=0", "--batch_size=2"]
     command += [f"--cache_dir={tmp_path / 'shared'}"]
-    cache = FeatureCache(reference.spec, tmp_path / "shared")
+    cache = FeatureCache(reference["train"].spec, reference["train"].samples, tmp_path / "shared")
     with cache.lock():  # both start, find no cache, and queue for the lock; then they race for it
         both = [
             subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -198,12 +202,14 @@ def test_two_processes_extracting_one_cache_share_the_work(tmp_path: Path, image
     outputs = [p.communicate(timeout=120) for p in both]
     for process, (_, err) in zip(both, outputs, strict=True):
         assert process.returncode == 0, err[-2000:]
-    reported = sorted(int(re.search(r"(\d+) backbone forward passes", out)[1]) for out, _ in outputs)  # type: ignore[index]
-    assert reported == [0, passes]  # one extracted every shard, the other found them done
-    manifest, expected = cache.manifest() or {}, reference.manifest() or {}
-    assert cache.is_complete() and {**manifest, "extraction_seconds": 0} == {**expected, "extraction_seconds": 0}
-    for split in ("train", "val", "test"):
-        assert np.array_equal(cache.load(split)[0], reference.load(split)[0])
+    reported = [int(re.search(r"(\d+) backbone forward passes", out)[1]) for out, _ in outputs]  # type: ignore[index]
+    assert sum(reported) == passes  # each split extracted once: whoever held its lock; the other found it done
+    for split, expected in reference.items():
+        shared = FeatureCache(expected.spec, expected.samples, tmp_path / "shared")
+        manifest, reference_manifest = shared.manifest() or {}, expected.manifest() or {}
+        assert shared.is_complete()
+        assert {**manifest, "extraction_seconds": 0} == {**reference_manifest, "extraction_seconds": 0}
+        assert np.array_equal(shared.load(), expected.load())
 
 
 def test_out_of_gpu_memory_in_training_says_what_to_lower(
@@ -253,7 +259,9 @@ def test_image_that_breaks_after_setup_is_skipped_by_the_loader_worker(
     assert run_cli(tiny_fit_args(data, tmp_path, *extra)) == 0  # the validation image broke after epoch 1
     run = tmp_path / "runs" / "lightning_logs" / "version_0"
     with (run / "splits.csv").open(newline="") as f:
-        broken = next(r for r in csv.DictReader(f) if r["split"] == "val")["sample"]
+        broken = str(
+            image_folder / next(r for r in csv.DictReader(f) if r["split"] == "val")["sample"]
+        )  # ids are relative
     with (run / "skipped_images.csv").open(newline="") as f:
         assert list(csv.DictReader(f)) == [
             {"path": broken, "reason": "corrupt or truncated image (image file is truncated)."}

@@ -10,6 +10,7 @@ import torch
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args
 from tests.test_cli import run_cli
+from vision_transfer import connect
 from vision_transfer.backbones import create_backbone
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.features.extract import FeatureExtractor
@@ -31,7 +32,7 @@ def test_mixed_precision_training_on_cuda(tmp_path: Path, image_folder: Path, pr
     trainer.callbacks.append(  # type: ignore[attr-defined]
         pl.callbacks.LambdaCallback(on_train_batch_end=lambda t, m, *_: devices.add(m.head.weight.device.type))
     )
-    trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert devices == {"cuda"}  # Lightning moves the model back to the CPU after fit
     after = model.backbone.state_dict()
@@ -73,7 +74,7 @@ def test_cached_linear_probe_extracts_on_the_training_device(
         accelerator="gpu", devices=1, precision=precision, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
     expected = "bf16" if precision == "bf16-mixed" else "32"
     assert seen and set(seen) == {("cuda", expected)}, seen
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
+from vision_transfer import connect
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -28,7 +29,7 @@ def _fine_tune(weights: str, tmp_path: Path) -> float:
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(model, datamodule)
+    trainer.fit(model, connect(model, datamodule))
     return float(trainer.test(model, datamodule, verbose=False)[0]["test/acc"])
 
 

@@ -14,6 +14,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
 from tests.test_cli import run_cli
+from vision_transfer import connect
 from vision_transfer.data import load_image
 from vision_transfer.data.check import check_source, read_any
 from vision_transfer.datamodules import ImageFolderDataModule
@@ -99,6 +100,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(
         VisionTransferError, match=r"loss is nan at step 5 \(epoch 2\).*last good checkpoint is .*last\.ckpt"
     ):
-        trainer.fit(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0))
+        trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
     good = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert good["global_step"] == 4 and all(torch.isfinite(v).all() for v in good["state_dict"].values())

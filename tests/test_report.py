@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import tiny_fit_args, write_folder
 from tests.test_cli import _png_ok, run_cli
-from vision_transfer.tasks.lr_finder import LrFinderResult
+from vision_transfer.app.lr_finder import LrFinderResult
 
 PLOTS = ("curves.png", "confusion_matrix.png", "per_class_accuracy.png", "worst_test_images.png")
 

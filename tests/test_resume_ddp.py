@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
+from vision_transfer import connect
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -41,7 +42,7 @@ def _run(folder: Path, root: Path, callbacks: list[pl.Callback], ckpt_path: str 
         callbacks=callbacks,
         default_root_dir=root,
     )
-    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(model, connect(model, data), ckpt_path=ckpt_path, weights_only=True)
     return model, trainer
 
 

@@ -11,6 +11,7 @@ __all__ = [
     "DataConfig",
     "ImageClassifier",
     "VisionTransferError",
+    "connect",
     "create_backbone",
     "create_model",
     "list_backbones",
@@ -25,4 +26,8 @@ def __getattr__(name: str) -> object:
         from vision_transfer.tasks import ImageClassifier
 
         return ImageClassifier
+    if name == "connect":
+        from vision_transfer.app.connect import connect
+
+        return connect
     raise AttributeError(name)

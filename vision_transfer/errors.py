@@ -7,8 +7,16 @@ class VisionTransferError(Exception):
     """Base class: a problem with the user's input or environment, explained in its message."""
 
 
+class ConfigError(VisionTransferError, ValueError):
+    """A setting out of range or inconsistent with another one."""
+
+
 class UnknownBackboneError(VisionTransferError, ValueError):
     """A backbone name timm does not know."""
+
+
+class UnsupportedBackboneError(VisionTransferError):
+    """A backbone the requested tuning mode cannot train correctly (refused rather than trained wrong)."""
 
 
 class WeightsError(VisionTransferError):
@@ -34,6 +42,18 @@ class ImageLoadError(DataError):
 
 class UnsafeCheckpointError(WeightsError):
     """A pickle that needs more than tensors and plain containers to load."""
+
+
+class CheckpointError(WeightsError):
+    """A file that is not a vision-transfer checkpoint, or one that does not fit the model or data."""
+
+
+class CacheError(VisionTransferError):
+    """A feature cache that is missing, incomplete or does not match what it is used with."""
+
+
+class ExportError(VisionTransferError):
+    """An export that cannot be written or does not reproduce the PyTorch outputs."""
 
 
 class DiskFullError(VisionTransferError):

@@ -6,8 +6,9 @@ from vision_transfer.backbones.create import (
     create_backbone,
     create_model,
     list_backbones,
+    resolve_data_config,
 )
-from vision_transfer.backbones.weights import WeightsSource, load_file, resolve_weights
+from vision_transfer.backbones.weights import WeightsSource, load_file, resolve_weights, state_fingerprint
 
 __all__ = [
     "BackboneInfo",
@@ -17,5 +18,7 @@ __all__ = [
     "create_model",
     "list_backbones",
     "load_file",
+    "resolve_data_config",
     "resolve_weights",
+    "state_fingerprint",
 ]

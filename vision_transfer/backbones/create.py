@@ -167,6 +167,15 @@ def _create_features(
     return features, data_config
 
 
+def resolve_data_config(name: str, source: WeightsSource, image_size: int | None = None) -> DataConfig:
+    """The data config ``create_model(name, weights)`` gives, without building weights: from timm's
+    ``pretrained_cfg`` of the source's tag (``timm:<tag>`` weights bring their tag's preprocessing)."""
+    _check_name(name)
+    with torch.device("meta"):  # no memory, no weights: only the config is wanted
+        model = timm.create_model(source.uri if source.kind == "timm" else name, pretrained=False, num_classes=0)
+    return DataConfig.from_model(model, image_size)
+
+
 def create_backbone(
     name: str,
     weights: str | None = "auto",

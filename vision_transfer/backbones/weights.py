@@ -67,6 +67,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def state_fingerprint(module: torch.nn.Module) -> str:
+    """Content hash of a module's state dict (names, dtypes, shapes and values; layout-independent):
+    what a feature cache records to prove which weights its features came from."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def resolve_weights(name: str, weights: str | None) -> WeightsSource:
     """Turn a user's ``weights`` setting into a concrete source.
 
@@ -129,11 +139,41 @@ def load_file(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+# file signatures of what people pass by mistake where a checkpoint belongs
+_NOT_TORCH = {
+    b"\x89PNG": "a PNG image",
+    b"\xff\xd8\xff": "a JPEG image",
+    b"GIF8": "a GIF image",
+    b"%PDF": "a PDF document",
+    b"II*\x00": "a TIFF image",
+    b"MM\x00*": "a TIFF image",
+    b"\x1f\x8b": "a gzip archive",
+}
+
+
+def describe_non_torch_file(path: Path) -> str | None:
+    """What a file is when it is neither a torch zip archive nor a pickle (None when it may be one)."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip format; a legacy pickle
+        return None
+    if not head:
+        return "an empty file"
+    for magic, kind in _NOT_TORCH.items():
+        if head.startswith(magic):
+            return kind
+    control = sum(b < 9 or 13 < b < 32 for b in head)  # tabs and line breaks are text
+    return "a text file" if control == 0 else "a binary file of another format"
+
+
 def safe_torch_load(path: str | Path) -> Any:
     """``torch.load`` with ``weights_only=True``, turning refusals into errors that say why."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: file not found.")
+    kind = describe_non_torch_file(path)
+    if kind is not None:
+        raise WeightsError(f"{path}: not a PyTorch checkpoint or weights file (it is {kind}).")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -1,6 +1,6 @@
 """Image sources, splits, decoding and albumentations transforms; no Lightning here."""
 
-from vision_transfer.data.dataset import ImageDataset, list_predict_files
+from vision_transfer.data.dataset import FeatureBatch, ImageDataset, list_predict_files
 from vision_transfer.data.images import check_image_header, load_image
 from vision_transfer.data.sources import (
     Samples,
@@ -14,6 +14,7 @@ from vision_transfer.data.sources import (
 from vision_transfer.data.transforms import create_eval_transform, create_train_transform
 
 __all__ = [
+    "FeatureBatch",
     "ImageDataset",
     "Samples",
     "SourceSplits",

@@ -30,6 +30,13 @@ class SkippingBatch(NamedTuple):
     skipped: list[UnreadableImage]
 
 
+class FeatureBatch(NamedTuple):
+    """A batch of cached backbone features (not images) and their labels."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+
+
 class ImageDataset(Dataset):
     """Samples decoded to RGB and transformed to uint8 CHW tensors; yields ``(image, label)``.
 

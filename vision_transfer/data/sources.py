@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from vision_transfer.data.images import IMAGE_SUFFIXES
-from vision_transfer.errors import DataError
+from vision_transfer.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 
@@ -44,8 +44,14 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
     """Split indices into ``len(fractions) + 1`` parts, each class shared out by the fractions.
 
     Every class with at least ``len(fractions) + 1`` samples puts one or more in each part; the
-    remainder (the first part) gets what the fractions leave.
+    remainder (the first part, train) gets what the fractions leave, and always keeps at least one
+    sample of every class.
+
+    Raises:
+        ConfigError: the fractions are negative or add up to 1 or more.
     """
+    if any(f < 0 for f in fractions) or sum(fractions) >= 1:
+        raise ConfigError(f"split fractions {list(fractions)}: each must be >= 0 and together < 1.")
     rng = np.random.default_rng(seed)
     parts: list[list[int]] = [[] for _ in range(len(fractions) + 1)]
     for cls in np.unique(labels):
@@ -55,6 +61,7 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
             n = round(len(idx) * fraction)
             if fraction > 0 and n == 0 and len(idx) > len(fractions):
                 n = 1
+            n = max(0, min(n, start - 1))  # the remainder keeps one sample of the class
             part.extend(idx[start - n : start])
             start -= n
         parts[0].extend(idx[:start])
@@ -66,6 +73,14 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
     if size >= len(labels):
         return np.arange(len(labels))
     return stratified_split(labels, [size / len(labels)], seed)[1]
+
+
+def sample_id(path: Path, root: Path) -> str:
+    """A file's identity in a dataset: its path relative to the dataset's root folder, POSIX-style,
+    however the root or the path was written (``labels.csv`` or ``/abs/labels.csv``, ``a/../b.png``);
+    absolute only for files outside the root. Moving the whole dataset keeps the ids."""
+    resolved, base = path.resolve(), root.resolve()
+    return resolved.relative_to(base).as_posix() if resolved.is_relative_to(base) else resolved.as_posix()
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -98,9 +113,11 @@ def read_image_folder(root: str | Path) -> SourceSplits:
         unknown = sorted(set(per_class) - set(class_names))
         if unknown:
             raise DataError(f"{root / split}: classes not in train/: {', '.join(unknown)}.")
-        files = [(str(f), class_names.index(c)) for c, fs in per_class.items() for f in fs]
+        files = [(f, class_names.index(c)) for c, fs in per_class.items() for f in fs]
         splits[split] = Samples(
-            [f for f, _ in files], np.array([c for _, c in files], dtype=np.int64), [f for f, _ in files]
+            [str(f) for f, _ in files],
+            np.array([c for _, c in files], dtype=np.int64),
+            [sample_id(f, root) for f, _ in files],
         )
     return SourceSplits(class_names, splits)
 
@@ -123,6 +140,7 @@ def read_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     if bad_split:
         raise DataError(f"{path}: unknown split value(s) {', '.join(bad_split)}; use {', '.join(SPLITS)}.")
     files = [path.parent / r[path_column] for r in rows]
+    ids = [sample_id(f, path.parent) for f in files]
     absent = [f"line {i + 2}: {f}" for i, f in enumerate(files) if not f.is_file()]
     if absent:
         more = f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""
@@ -134,7 +152,7 @@ def read_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     for split in SPLITS:
         index = np.flatnonzero(split_of == split)
         if len(index):
-            splits[split] = Samples([str(files[i]) for i in index], labels[index], [str(files[i]) for i in index])
+            splits[split] = Samples([str(files[i]) for i in index], labels[index], [ids[i] for i in index])
     if "train" not in splits:
         raise DataError(f"{path}: no rows in the train split.")
     return SourceSplits(class_names, splits)

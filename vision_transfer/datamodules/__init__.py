@@ -1,5 +1,6 @@
-"""LightningDataModules over the image sources in :mod:`vision_transfer.data`."""
+"""LightningDataModules over the image sources in :mod:`vision_transfer.data`, and over cached features."""
 
+from vision_transfer.datamodules.features import CachedFeatureDataModule
 from vision_transfer.datamodules.image import (
     CsvDataModule,
     DigitsDataModule,
@@ -8,4 +9,11 @@ from vision_transfer.datamodules.image import (
     ImageFolderDataModule,
 )
 
-__all__ = ["CsvDataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageDataModule", "ImageFolderDataModule"]
+__all__ = [
+    "CachedFeatureDataModule",
+    "CsvDataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageDataModule",
+    "ImageFolderDataModule",
+]

@@ -1,12 +1,14 @@
-"""LightningDataModules for image folders, CSVs and Fashion-MNIST.
+"""LightningDataModules for image folders, CSVs, Fashion-MNIST and scikit-learn's digits.
 
-Transforms come from the attached model's :class:`DataConfig` (or one set by hand), so the
-data is always preprocessed the way the backbone was pretrained.
+Transforms come from the model's :class:`DataConfig`, handed over once by
+:func:`vision_transfer.connect` (the CLI calls it), so the data is always preprocessed the way
+the backbone was pretrained; a trained model's classes fix the label indices the same way.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from abc import abstractmethod
 from collections.abc import Iterator
@@ -38,7 +40,9 @@ from vision_transfer.data.sources import (
     stratified_subset,
 )
 from vision_transfer.data.transforms import create_eval_transform, create_train_transform
-from vision_transfer.errors import DataError, ImageLoadError
+from vision_transfer.errors import ConfigError, DataError, ImageLoadError
+
+log = logging.getLogger(__name__)
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -109,12 +113,18 @@ class ImageDataModule(pl.LightningDataModule):
         super().__init__()
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= fraction < 1:
-                raise DataError(f"{name}={fraction}: must be in [0, 1).")
+                raise ConfigError(f"{name}={fraction}: must be in [0, 1).")
+        if val_fraction + test_fraction >= 1:
+            raise ConfigError(
+                f"val_fraction={val_fraction} + test_fraction={test_fraction} = {val_fraction + test_fraction:g}: "
+                "must be < 1, or nothing is left to train on (lower one of them)."
+            )
         self.save_hyperparameters()
         self.batch_size = batch_size
         self.predict_paths = predict_paths
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.data_config: DataConfig | None = None
+        self.data_config: DataConfig | None = None  # set by vision_transfer.connect (or by hand)
+        self.fixed_classes: list[str] | None = None  # a trained model's classes: labels index these
         self.class_names: list[str] | None = None
         self.splits: dict[str, Samples] = {}
         self.predict_files: list[str] = []
@@ -127,13 +137,15 @@ class ImageDataModule(pl.LightningDataModule):
 
     # -- setup ------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        config = self._resolve_data_config()
+        config = self._require_data_config()
         if stage == "predict":
-            self.class_names = self._model_class_names()
+            self.class_names = self.fixed_classes
             self.predict_files = list_predict_files(self.predict_paths or [])
             return
-        if not self.splits:
+        if not self.splits:  # vision_transfer.connect may have made them already
             self.prepare_splits()
+        if self.trainer is not None and getattr(self, "_recorded_for", None) is not self.trainer:
+            self._recorded_for = self.trainer
             self._record_splits()
         hp: Any = self.hparams
         eval_tf = create_eval_transform(config)
@@ -148,26 +160,20 @@ class ImageDataModule(pl.LightningDataModule):
             for split, samples in self.splits.items()
         }
 
-    def _resolve_data_config(self) -> DataConfig:
-        if self.data_config is None:
-            model = self.trainer.lightning_module if self.trainer is not None else None
-            self.data_config = getattr(model, "data_config", None)
+    def _require_data_config(self) -> DataConfig:
         if self.data_config is None:
             raise DataError(
-                f"{type(self).__name__}: set .data_config or attach it to a Trainer with an ImageClassifier."
+                f"{type(self).__name__} has no data_config: call vision_transfer.connect(model, datamodule) before "
+                "Trainer.fit/validate/test/predict (the command line does it), or set .data_config."
             )
         return self.data_config
 
-    def _model_class_names(self) -> list[str] | None:
-        model = self.trainer.lightning_module if self.trainer is not None else None
-        return getattr(model, "class_names", None)
-
     def prepare_splits(self) -> dict[str, Samples]:
         """Read the source and make the train/val/test splits (no Trainer needed); also sets
-        ``class_names`` (the attached model's, when it has them)."""
+        ``class_names`` (``fixed_classes``, a trained model's, when set)."""
         source = self.read_source()
         splits = dict(source.splits)
-        model_classes = self._model_class_names()
+        model_classes = self.fixed_classes
         if model_classes is not None:  # a trained model fixes the label indices
             lookup = {name: i for i, name in enumerate(model_classes)}
             unknown = [c for c in source.class_names if c not in lookup]
@@ -233,7 +239,7 @@ class ImageDataModule(pl.LightningDataModule):
         if self.skipped:
             with (path.parent / "skipped_images.csv").open("w", newline="") as f:
                 csv.writer(f).writerows([("path", "reason"), *self.skipped])
-            print(f"skipped {len(self.skipped)} unreadable image(s): see {path.parent / 'skipped_images.csv'}")
+            log.info("skipped %d unreadable image(s): see %s", len(self.skipped), path.parent / "skipped_images.csv")
         names = self.class_names or []
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
@@ -261,7 +267,7 @@ class ImageDataModule(pl.LightningDataModule):
         with listing.open("a", newline="") as f:
             csv.writer(f).writerows(rows)
         for path, reason in new:
-            print(f"skipped unreadable image {path}: {reason.rstrip('.')} (listed in {listing})")
+            log.info("skipped unreadable image %s: %s (listed in %s)", path, reason.rstrip("."), listing)
 
     def describe(self) -> str:
         """Short name of the source, used in messages."""
@@ -300,7 +306,7 @@ class ImageDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         samples = Samples(self.predict_files, np.full(len(self.predict_files), -1), self.predict_files)
-        return self._loader(ImageDataset(samples, create_eval_transform(self._resolve_data_config())))
+        return self._loader(ImageDataset(samples, create_eval_transform(self._require_data_config())))
 
 
 class ImageFolderDataModule(ImageDataModule):

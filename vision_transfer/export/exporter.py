@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from vision_transfer.backbones import create_model
+from vision_transfer.errors import ExportError
 from vision_transfer.export.loading import Classifier, load_classifier
 from vision_transfer.export.timm_format import timm_state_dict, write_export
 
@@ -24,7 +25,7 @@ def classifier_from_pretrained(name: str, weights: str | None = "auto") -> Class
     model, data_config = create_model(name, weights)
     head = model.get_classifier()  # type: ignore[operator]
     if not isinstance(head, nn.Linear):
-        raise ValueError(f"{name}: its classifier is {type(head).__name__}, not a Linear layer.")
+        raise ExportError(f"{name}: its classifier is {type(head).__name__}, not a Linear layer.")
     head = nn.Linear(head.in_features, head.out_features).requires_grad_(False)
     head.load_state_dict(model.get_classifier().state_dict())  # type: ignore[operator]
     model.reset_classifier(0)  # type: ignore[operator]
@@ -53,7 +54,7 @@ def export_classifier(
     """
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
-        raise ValueError(f"formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
+        raise ExportError(f"formats: unknown {', '.join(unknown)}; choose from {', '.join(FORMATS)}.")
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
     classifier = classifier.eval().cpu()
@@ -133,7 +134,7 @@ def _run_onnx(path: Path, images: torch.Tensor) -> Any:
 def _check(runtime: str, output: torch.Tensor, reference: torch.Tensor) -> float:
     diff = float((output.float() - reference.float()).abs().max())
     if diff > TOLERANCE:
-        raise RuntimeError(f"{runtime} export differs from PyTorch by {diff:.2e} (tolerance {TOLERANCE:.0e}).")
+        raise ExportError(f"{runtime} export differs from PyTorch by {diff:.2e} (tolerance {TOLERANCE:.0e}).")
     return diff
 
 

@@ -91,18 +91,32 @@ class Loaded:
 
 
 def _from_checkpoint(path: Path) -> Loaded:
-    from vision_transfer.tasks import ImageClassifier  # Lightning only when a checkpoint is read
-
+    """A checkpoint's backbone and head, read by state-dict key prefix (no Lightning, no training code)."""
     checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "vision_transfer" not in checkpoint:
         raise WeightsError(f"{path}: not a vision-transfer checkpoint (no state_dict / vision_transfer entries).")
-    hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
-    model = ImageClassifier(**{**hparams, "weights": "none"})
-    model.load_state_dict(checkpoint["state_dict"])
     meta = checkpoint["vision_transfer"]
+    hparams = checkpoint.get("hyper_parameters", {})
+    architecture = meta.get("backbone") or hparams["backbone"]
+    state = checkpoint["state_dict"]
+    body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
+    backbone = timm.create_model(architecture, pretrained=False, num_classes=0)
+    missing, unexpected = backbone.load_state_dict(body, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"{path}: weights do not fit {architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        )
+    head = _linear(head_state) if head_state else None
     provenance = {"checkpoint": str(path.resolve()), "initial_weights": meta.get("initial_weights")}
     data_config = DataConfig.from_dict(meta["data_config"])
-    return Loaded(hparams["backbone"], model.backbone, model.head, data_config, model.class_names, provenance)
+    return Loaded(architecture, backbone, head, data_config, meta.get("class_names"), provenance)
+
+
+def _linear(state: dict[str, torch.Tensor]) -> nn.Linear:
+    head = nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    head.load_state_dict(state)
+    return head
 
 
 def _from_export(folder: Path) -> Loaded:
@@ -117,10 +131,7 @@ def _from_export(folder: Path) -> Loaded:
         raise WeightsError(
             f"{folder}: weights do not fit {architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})."
         )
-    head = None
-    if head_state:
-        head = nn.Linear(head_state["weight"].shape[1], head_state["weight"].shape[0])
-        head.load_state_dict(head_state)
+    head = _linear(head_state) if head_state else None
     provenance = {**config.get("vision_transfer", {}).get("provenance", {}), "export": str(folder.resolve())}
     return Loaded(architecture, backbone, head, data_config_from_export(config), config.get("label_names"), provenance)
 

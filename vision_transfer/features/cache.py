@@ -1,14 +1,21 @@
-"""A feature cache keyed by everything that changes the features, stored as atomic shards.
+"""A feature cache: one folder per split, keyed by everything that changes that split's features.
 
-Layout of ``<root>/<key>/``::
+Layout of ``<root>/<key>/`` (one split of one dataset under one :class:`FeatureSpec`)::
 
-    manifest.json            the key's canonical JSON spec, shard lists, feature dim; written last
-    <split>/labels.npy       int64 labels of the split, in sample order
-    <split>/shard_00000.npy  float16/float32 rows [i * shard_size, (i + 1) * shard_size)
+    manifest.json            the key's canonical JSON, rows, shards, feature dim, weights fingerprint;
+                             written last, so its presence means "complete"
+    ids.json                 the sample ids, in row order
+    shard_00000.npy          float16/float32 rows [i * shard_size, (i + 1) * shard_size)
+
+The key covers the backbone, its weights, the data config, precision, dtype and the split's
+*content* (sample ids and file sizes/mtimes, or the array bytes) but not its labels or class
+names: features depend on images only, so a relabelled dataset reuses them, and whoever reads
+them takes the labels from the current data. A training run's train/val and a probe's
+train/val/test therefore share the shards of the splits they have in common.
 
 Each shard is written to a temporary name and renamed, so a half-written shard is never read and
 a killed extraction (or one that filled the disk) resumes from its last complete shard. An
-advisory file lock keeps two processes from extracting the same key at once.
+advisory file lock keeps two processes from extracting the same split at once.
 """
 
 from __future__ import annotations
@@ -27,21 +34,27 @@ from typing import Any
 import numpy as np
 
 from vision_transfer.data.sources import Samples
+from vision_transfer.errors import CacheError
 from vision_transfer.files import write_atomic
 
-CACHE_VERSION = 1
-DEFAULT_ROOT = Path(os.environ.get("VISION_TRANSFER_CACHE", Path.home() / ".cache" / "vision_transfer" / "features"))
+CACHE_VERSION = 2
 _KEPT_WHEN_FULL = "the complete shards are intact and a rerun resumes from them"
+
+
+def default_root() -> Path:
+    """``$VISION_TRANSFER_CACHE`` (read at call time), else ``~/.cache/vision_transfer/features``."""
+    return Path(os.environ.get("VISION_TRANSFER_CACHE") or Path.home() / ".cache" / "vision_transfer" / "features")
 
 
 def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
 
 
-def samples_fingerprint(samples: Samples) -> str:
-    """Hash of a split's content: ids, labels and, for files, size and mtime; for arrays, the bytes."""
+def content_fingerprint(samples: Samples) -> str:
+    """Hash of what a split's images are: ids and, for files, size and mtime; for arrays, the bytes.
+    Labels are left out: they do not change the features."""
     digest = hashlib.sha256()
-    digest.update(canonical_json([samples.ids, samples.labels.tolist()]).encode())
+    digest.update(canonical_json(list(samples.ids)).encode())
     if isinstance(samples.items, np.ndarray):
         digest.update(np.ascontiguousarray(samples.items).tobytes())
     else:
@@ -51,14 +64,13 @@ def samples_fingerprint(samples: Samples) -> str:
     return digest.hexdigest()
 
 
-@dataclass
-class CacheSpec:
-    """Everything that changes the features. Its canonical JSON's hash is the cache key."""
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Everything that changes features, apart from the images themselves."""
 
     backbone: str
     weights: dict[str, Any]
     data_config: dict[str, Any]
-    splits: dict[str, str]  # split -> content fingerprint
     features: str = "pooled_pre_logits"
     transform: str = "eval"
     views: int = 1
@@ -75,7 +87,6 @@ class CacheSpec:
             "backbone": self.backbone,
             "weights": weights,
             "data_config": self.data_config,
-            "splits": self.splits,
             "features": self.features,
             "transform": self.transform,
             "views": self.views,
@@ -84,23 +95,28 @@ class CacheSpec:
             **({"extra": self.extra} if self.extra else {}),
         }
 
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(canonical_json(self.to_dict()).encode()).hexdigest()[:24]
+    def key(self, content: str) -> str:
+        """The cache key of a split whose :func:`content_fingerprint` is ``content``."""
+        return hashlib.sha256(canonical_json({**self.to_dict(), "content": content}).encode()).hexdigest()[:24]
 
 
 class FeatureCache:
-    """The on-disk features of one :class:`CacheSpec`.
+    """The on-disk features of one split under one :class:`FeatureSpec`.
 
     Args:
         spec: what the features are.
-        root: cache folder; ``$VISION_TRANSFER_CACHE`` or ``~/.cache/vision_transfer/features``.
-        shard_size: rows per shard (the unit of resumption).
+        samples: the split's samples (their ids and content make the key; their order is the row order).
+        root: cache folder; default :func:`default_root`.
+        shard_size: rows per shard (the unit of resumption and of streaming reads).
     """
 
-    def __init__(self, spec: CacheSpec, root: str | Path | None = None, shard_size: int = 4096) -> None:
+    def __init__(self, spec: FeatureSpec, samples: Samples, root: str | Path | None = None, shard_size: int = 4096):
         self.spec = spec
-        self.folder = Path(root or DEFAULT_ROOT) / spec.key
+        self.samples = samples
+        self.rows = len(samples)
+        self.content = content_fingerprint(samples)
+        self.key = spec.key(self.content)
+        self.folder = Path(root or default_root()) / self.key
         self.shard_size = shard_size
 
     # -- state -------------------------------------------------------------------------------
@@ -115,20 +131,20 @@ class FeatureCache:
 
     def is_complete(self) -> bool:
         manifest = self.manifest()
-        return (
-            manifest is not None
-            and manifest.get("complete", False)
-            and set(manifest["splits"]) == set(self.spec.splits)
-        )
+        return manifest is not None and manifest.get("complete", False) and manifest.get("rows") == self.rows
 
-    def shard_path(self, split: str, index: int) -> Path:
-        return self.folder / split / f"shard_{index:05d}.npy"
+    @property
+    def num_shards(self) -> int:
+        return max(1, -(-self.rows // self.shard_size))
 
-    def num_shards(self, rows: int) -> int:
-        return max(1, -(-rows // self.shard_size))
+    def shard_rows(self, index: int) -> range:
+        return range(index * self.shard_size, min(self.rows, (index + 1) * self.shard_size))
 
-    def has_shard(self, split: str, index: int) -> bool:
-        return self.shard_path(split, index).is_file()
+    def shard_path(self, index: int) -> Path:
+        return self.folder / f"shard_{index:05d}.npy"
+
+    def has_shard(self, index: int) -> bool:
+        return self.shard_path(index).is_file()
 
     # -- writing -----------------------------------------------------------------------------
     @contextmanager
@@ -142,44 +158,48 @@ class FeatureCache:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def write_shard(self, split: str, index: int, rows: np.ndarray) -> None:
-        path = self.shard_path(split, index)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save_npy(path, rows.astype(self.spec.dtype, copy=False), "feature shard")
+    def write_shard(self, index: int, rows: np.ndarray) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        _save_npy(self.shard_path(index), rows.astype(self.spec.dtype, copy=False), "feature shard")
 
-    def write_labels(self, split: str, labels: np.ndarray) -> None:
-        path = self.folder / split / "labels.npy"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _save_npy(path, labels.astype(np.int64), "feature labels")
-
-    def finalize(self, rows: dict[str, int], dim: int, class_names: list[str], seconds: float) -> None:
+    def finalize(self, dim: int, seconds: float, weights_fingerprint: str | None = None) -> None:
+        """Write the sample ids and the manifest (last: its presence marks the split complete)."""
+        ids = (json.dumps(list(self.samples.ids)) + "\n").encode()
+        write_atomic(self.folder / "ids.json", ids, "feature ids", kept=_KEPT_WHEN_FULL)
         manifest = {
             "spec": self.spec.to_dict(),
-            "key": self.spec.key,
+            "key": self.key,
+            "content": self.content,
             "complete": True,
+            "rows": self.rows,
             "dim": dim,
-            "class_names": class_names,
-            "splits": {
-                s: {"rows": n, "shards": self.num_shards(n), "shard_size": self.shard_size} for s, n in rows.items()
-            },
+            "shards": self.num_shards,
+            "shard_size": self.shard_size,
+            "weights_fingerprint": weights_fingerprint,
             "extraction_seconds": round(seconds, 3),
         }
         text = json.dumps(manifest, indent=2) + "\n"
         write_atomic(self.manifest_path, text.encode(), "feature manifest", kept=_KEPT_WHEN_FULL)
 
     # -- reading -----------------------------------------------------------------------------
-    def shards(self, split: str) -> list[np.ndarray]:
-        """The split's shards as read-only memory maps (features larger than RAM work)."""
+    def _complete_manifest(self) -> dict[str, Any]:
         manifest = self.manifest()
-        if manifest is None or split not in manifest["splits"]:
-            raise KeyError(f"{self.folder}: no complete {split} split.")
-        return [np.load(self.shard_path(split, i), mmap_mode="r") for i in range(manifest["splits"][split]["shards"])]
+        if manifest is None or not manifest.get("complete"):
+            raise CacheError(f"{self.folder}: no complete features for this split (extract them first).")
+        return manifest
 
-    def load(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Features (float32, in RAM) and labels of a split."""
-        features = np.concatenate([np.asarray(s, dtype=np.float32) for s in self.shards(split)])
-        labels = np.load(self.folder / split / "labels.npy")
-        return features, labels
+    def shards(self) -> list[np.ndarray]:
+        """The shards as read-only memory maps (features larger than RAM work)."""
+        manifest = self._complete_manifest()
+        return [np.load(self.shard_path(i), mmap_mode="r") for i in range(manifest["shards"])]
+
+    def load(self) -> np.ndarray:
+        """All features of the split, float32, in RAM, in sample order."""
+        return np.concatenate([np.asarray(s, dtype=np.float32) for s in self.shards()])
+
+    @property
+    def dim(self) -> int:
+        return int(self._complete_manifest()["dim"])
 
 
 def _save_npy(path: Path, array: np.ndarray, what: str) -> None:

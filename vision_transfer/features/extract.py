@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -14,11 +14,17 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
-from vision_transfer.backbones import DataConfig, create_backbone
+from vision_transfer.backbones import (
+    DataConfig,
+    create_backbone,
+    resolve_data_config,
+    resolve_weights,
+    state_fingerprint,
+)
 from vision_transfer.data.dataset import ImageDataset
 from vision_transfer.data.sources import Samples
 from vision_transfer.data.transforms import Normalize, create_eval_transform
-from vision_transfer.features.cache import CacheSpec, FeatureCache, samples_fingerprint
+from vision_transfer.features.cache import FeatureCache, FeatureSpec
 
 Precision = Literal["auto", "32", "bf16", "16"]
 
@@ -67,91 +73,120 @@ class FeatureExtractor:
 
 def build_spec(
     backbone: str,
-    weights: dict,
+    weights: dict[str, Any],
     data_config: DataConfig,
-    splits: dict[str, Samples],
     dtype: str = "float16",
     precision: str = "32",
-) -> CacheSpec:
-    return CacheSpec(
-        backbone=backbone,
-        weights=weights,
-        data_config=data_config.to_dict(),
-        splits={name: samples_fingerprint(samples) for name, samples in sorted(splits.items())},
-        dtype=dtype,
-        precision=precision,
+) -> FeatureSpec:
+    return FeatureSpec(
+        backbone=backbone, weights=weights, data_config=data_config.to_dict(), dtype=dtype, precision=precision
     )
+
+
+def feature_spec(
+    backbone: str, weights: str | None, *, image_size: int | None = None, dtype: str = "float16", precision: str = "32"
+) -> FeatureSpec:
+    """The spec of ``backbone`` with ``weights``, without building it: the data config comes from
+    timm's ``pretrained_cfg`` of the weights' own tag, as :func:`create_backbone` would give it."""
+    source = resolve_weights(backbone, weights)
+    data_config = resolve_data_config(backbone, source, image_size)
+    return build_spec(backbone, source.to_dict(), data_config, dtype, precision)
+
+
+def feature_caches(
+    spec: FeatureSpec, splits: dict[str, Samples], root: str | Path | None = None
+) -> dict[str, FeatureCache]:
+    """One cache per split (a split's key depends on its own content only)."""
+    return {name: FeatureCache(spec, samples, root) for name, samples in splits.items()}
 
 
 def extract_splits(
     extractor: FeatureExtractor,
-    cache: FeatureCache,
-    splits: dict[str, Samples],
+    caches: dict[str, FeatureCache],
     data_config: DataConfig,
-    class_names: list[str],
     *,
     batch_size: int = 256,
     num_workers: int = 0,
     progress: bool = True,
-) -> FeatureCache:
-    """Fill ``cache`` with every missing shard; under ``torch.distributed`` each rank takes every
-    ``world_size``-th shard and rank 0 writes the manifest once all are done."""
+) -> dict[str, FeatureCache]:
+    """Fill every missing shard of ``caches``, one DataLoader per split; under ``torch.distributed``
+    each rank takes every ``world_size``-th shard and rank 0 writes each manifest once all are done."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     transform = create_eval_transform(data_config)
-    start = time.perf_counter()
-    dim = int(getattr(extractor.backbone, "num_features", 0))
-    with cache.lock() if world == 1 else contextlib.nullcontext():
-        if cache.is_complete():
-            return cache
-        todo = [
-            (name, i)
-            for name, samples in splits.items()
-            for i in range(cache.num_shards(len(samples)))
-            if i % world == rank and not cache.has_shard(name, i)
-        ]
-        total = sum(len(_shard_rows(cache, len(splits[n]), i)) for n, i in todo)
-        # closed also on an error, so the bar does not redraw after the error message
-        with tqdm(total=total, unit="img", disable=not progress) as bar:
-            bar.set_description(f"extracting {cache.spec.backbone}")
-            for name, index in todo:
-                samples = splits[name]
-                rows = _shard_rows(cache, len(samples), index)
-                loader = DataLoader(
-                    Subset(ImageDataset(samples, transform), list(rows)),
-                    batch_size=batch_size,
-                    num_workers=num_workers,
-                    pin_memory=extractor.device.type == "cuda",
-                )
-                chunks = []
-                for images, _ in loader:
-                    chunks.append(extractor(images).cpu().numpy())
-                    bar.update(len(images))
-                shard = np.concatenate(chunks)
-                dim = shard.shape[1]
-                cache.write_shard(name, index, shard)
-        if world > 1:
-            dims = [0] * world
-            dist.all_gather_object(dims, dim)
-            dim = max(dims)
-            dist.barrier()
-        if rank == 0:
-            for name, samples in splits.items():
-                cache.write_labels(name, samples.labels)
-            cache.finalize({n: len(s) for n, s in splits.items()}, dim, class_names, time.perf_counter() - start)
-        if world > 1:
-            dist.barrier()
-    return cache
+    fingerprint: str | None = None
+    for name, cache in caches.items():
+        with cache.lock() if world == 1 else contextlib.nullcontext():
+            if cache.is_complete():
+                continue
+            start = time.perf_counter()
+            todo = [i for i in range(cache.num_shards) if i % world == rank and not cache.has_shard(i)]
+            dim = _extract_shards(extractor, cache, todo, transform, name, batch_size, num_workers, progress)
+            if world > 1:
+                dims = [0] * world
+                dist.all_gather_object(dims, dim)
+                dim = max(dims)
+                dist.barrier()
+            if rank == 0:
+                if fingerprint is None:
+                    fingerprint = state_fingerprint(extractor.backbone)
+                dim = dim or _shard_dim(cache)
+                cache.finalize(dim, time.perf_counter() - start, fingerprint)
+            if world > 1:
+                dist.barrier()
+    return caches
 
 
-def _shard_rows(cache: FeatureCache, total: int, index: int) -> range:
-    return range(index * cache.shard_size, min(total, (index + 1) * cache.shard_size))
+def _extract_shards(
+    extractor: FeatureExtractor,
+    cache: FeatureCache,
+    todo: list[int],
+    transform: Any,
+    split: str,
+    batch_size: int,
+    num_workers: int,
+    progress: bool,
+) -> int:
+    """Run the backbone over the rows of the ``todo`` shards (in order) and write each shard as it fills."""
+    if not todo:
+        return 0
+    rows = [r for index in todo for r in cache.shard_rows(index)]
+    loader = DataLoader(
+        Subset(ImageDataset(cache.samples, transform), rows),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=extractor.device.type == "cuda",
+    )
+    pending = iter(todo)
+    shard: int | None = next(pending)
+    chunks: list[np.ndarray] = []
+    buffered, dim = 0, 0
+    # closed also on an error, so the bar does not redraw after the error message
+    with tqdm(
+        total=len(rows), unit="img", disable=not progress, desc=f"extracting {cache.spec.backbone} ({split})"
+    ) as bar:
+        for images, _ in loader:
+            features = extractor(images).cpu().numpy()
+            dim = features.shape[1]
+            chunks.append(features)
+            buffered += len(features)
+            bar.update(len(images))
+            while shard is not None and buffered >= len(cache.shard_rows(shard)):
+                size = len(cache.shard_rows(shard))
+                block = np.concatenate(chunks)
+                cache.write_shard(shard, block[:size])
+                chunks, buffered = [block[size:]], buffered - size
+                shard = next(pending, None)
+    return dim
+
+
+def _shard_dim(cache: FeatureCache) -> int:
+    return int(np.load(cache.shard_path(0), mmap_mode="r").shape[1])
 
 
 def extract(
     backbone: str,
     weights: str | None,
     splits: dict[str, Samples],
-    class_names: list[str],
     *,
     image_size: int | None = None,
     cache_root: str | Path | None = None,
@@ -160,44 +195,21 @@ def extract(
     batch_size: int = 256,
     num_workers: int = 0,
     device: str | None = None,
+    compile: bool = False,
     progress: bool = True,
-) -> tuple[FeatureCache, FeatureExtractor | None]:
-    """Features of ``splits`` from a frozen ``backbone``, reusing the cache when its key matches.
+) -> tuple[dict[str, FeatureCache], FeatureExtractor | None]:
+    """Features of ``splits`` from a frozen ``backbone``, reusing every split whose cache is complete.
 
-    Returns the cache and the extractor that ran (None when the cache was already complete, so no
-    backbone was built and no forward pass ran).
+    Returns the caches (one per split) and the extractor that ran (None when every split was
+    already complete, so no backbone was built and no forward pass ran).
     """
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    precision = resolve_precision(precision, torch_device)  # type: ignore[assignment]
-    from vision_transfer.backbones.create import _check_name
-    from vision_transfer.backbones.weights import resolve_weights
-
-    _check_name(backbone)
-    source = resolve_weights(backbone, weights)
-    # The data config can be derived without the weights: it comes from timm's pretrained_cfg.
-    data_config = _data_config(backbone, image_size)
-    spec = build_spec(backbone, source.to_dict(), data_config, splits, dtype, precision)
-    cache = FeatureCache(spec, cache_root)
-    if cache.is_complete():
-        return cache, None
+    resolved = resolve_precision(precision, torch_device)
+    spec = feature_spec(backbone, weights, image_size=image_size, dtype=dtype, precision=resolved)
+    caches = feature_caches(spec, splits, cache_root)
+    if all(cache.is_complete() for cache in caches.values()):
+        return caches, None
     model, data_config = create_backbone(backbone, weights, image_size=image_size)
-    extractor = FeatureExtractor(model, data_config, torch_device, precision)
-    extract_splits(
-        extractor,
-        cache,
-        splits,
-        data_config,
-        class_names,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress,
-    )
-    return cache, extractor
-
-
-def _data_config(backbone: str, image_size: int | None) -> DataConfig:
-    import timm
-
-    with torch.device("meta"):  # no memory, no weights: only the config is wanted
-        model = timm.create_model(backbone, pretrained=False, num_classes=0)
-    return DataConfig.from_model(model, image_size)
+    extractor = FeatureExtractor(model, data_config, torch_device, resolved, compile=compile)
+    extract_splits(extractor, caches, data_config, batch_size=batch_size, num_workers=num_workers, progress=progress)
+    return caches, extractor

@@ -1,17 +1,24 @@
-"""Plots, summaries and logs of runs."""
+"""Plots and summaries of runs and of backbone grids, drawn from their files (no Lightning here)."""
 
-from vision_transfer.report.callback import RunReport
-from vision_transfer.report.logger import RunLogger
+from vision_transfer.report.grid import write_grid_summary
 from vision_transfer.report.plots import plot_confusion_matrix, plot_image_grid, plot_training_curves
-from vision_transfer.report.run import report, summary_text, write_summary
+from vision_transfer.report.run import report, summary_text, write_run_summary
 
 __all__ = [
-    "RunLogger",
-    "RunReport",
     "plot_confusion_matrix",
     "plot_image_grid",
     "plot_training_curves",
     "report",
     "summary_text",
-    "write_summary",
+    "write_grid_summary",
+    "write_run_summary",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # configs written before the callbacks/ folder name ``vision_transfer.report.RunLogger`` (and RunReport)
+    if name in ("RunLogger", "RunReport"):
+        import vision_transfer.callbacks as callbacks
+
+        return getattr(callbacks, name)
+    raise AttributeError(name)

@@ -7,11 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only; never needs a display
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure  # the object API: no pyplot state, no backend to select
 
 
 def read_metrics(path: str | Path) -> dict[str, list[tuple[float, float]]]:
@@ -39,7 +36,8 @@ def plot_training_curves(metrics_csv: str | Path, out: str | Path) -> Path | Non
     axes: Any
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * len(panels), 3.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)
     for ax, (title, keys) in zip(axes[0], panels, strict=True):
         drawn: list[list[tuple[float, float]]] = []
         for key in keys:
@@ -55,7 +53,6 @@ def plot_training_curves(metrics_csv: str | Path, out: str | Path) -> Path | Non
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -66,7 +63,8 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out: str |
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=float), where=totals > 0)
     size = max(4.0, 0.45 * n + 2)
-    fig, ax = plt.subplots(figsize=(size + 1, size))
+    fig = Figure(figsize=(size + 1, size))
+    ax = fig.subplots()
     image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(n), class_names, rotation=60, ha="right", fontsize=8)
     ax.set_yticks(range(n), class_names, fontsize=8)
@@ -84,7 +82,6 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out: str |
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -98,7 +95,8 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
 def plot_per_class_accuracy(class_names: list[str], accuracy: np.ndarray, out: str | Path) -> Path:
     """Horizontal bars of each class's accuracy (recall), worst class at the top."""
     order = np.argsort(np.nan_to_num(np.asarray(accuracy, dtype=float), nan=-1.0))
-    fig, ax = plt.subplots(figsize=(6, max(2.5, 0.3 * len(class_names) + 1)))
+    fig = Figure(figsize=(6, max(2.5, 0.3 * len(class_names) + 1)))
+    ax = fig.subplots()
     values = [float(accuracy[i]) if not math.isnan(accuracy[i]) else 0.0 for i in order]
     ax.barh(range(len(order)), values, color="tab:blue")
     ax.set_yticks(range(len(order)), [class_names[i] for i in order], fontsize=8)
@@ -114,7 +112,6 @@ def plot_per_class_accuracy(class_names: list[str], accuracy: np.ndarray, out: s
     fig.tight_layout()
     out = Path(out)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -124,7 +121,8 @@ def plot_image_grid(
     """HWC uint8 images in a grid with a title each; saved to ``out`` (then closed) or returned."""
     rows = max(1, math.ceil(len(images) / columns))
     columns = min(columns, max(1, len(images)))
-    fig, axes = plt.subplots(rows, columns, figsize=(1.5 * columns, 1.7 * rows), squeeze=False)
+    fig = Figure(figsize=(1.5 * columns, 1.7 * rows))
+    axes = fig.subplots(rows, columns, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):
@@ -134,5 +132,4 @@ def plot_image_grid(
     if out is None:
         return fig
     fig.savefig(out, dpi=80)
-    plt.close(fig)
     return Path(out)

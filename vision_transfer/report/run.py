@@ -125,7 +125,7 @@ def summary_text(folder: str | Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_summary(folder: str | Path) -> Path:
+def write_run_summary(folder: str | Path) -> Path:
     path = Path(folder) / "summary.md"
     path.write_text(summary_text(folder))
     return path

@@ -4,89 +4,81 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from vision_transfer.errors import ConfigError, UnsupportedBackboneError
+from vision_transfer.tuning.config import BnPolicy, Mode, TuningConfig, Unit
 from vision_transfer.tuning.groups import stage_groups
 
-Mode = Literal["linear_probe", "full", "gradual", "lp_ft", "partial"]
-BnPolicy = Literal["train", "frozen_stats", "frozen"]
-Unit = Literal["epoch", "step"]
+__all__ = ["NEVER", "BnPolicy", "Mode", "TuningPolicy", "Unit", "build_param_groups"]
+
 NEVER = math.inf
 
 
 class TuningPolicy:
     """Freezes the bottom stage groups of a backbone, on a schedule, without touching ``requires_grad``.
 
-    Frozen groups are always a prefix of the network (unfreezing goes top down), so the backbone
-    runs under ``torch.no_grad()`` and a forward pre-hook on the first module of the first
-    trainable group switches autograd back on: no gradient and no backward compute is spent on
-    frozen groups, while every parameter keeps ``requires_grad=True`` (DDP builds its reducer once,
-    from the parameters that require grad when it wraps the model; with
-    ``find_unused_parameters=True`` it then skips the frozen ones). Frozen modules are put back in
-    eval mode before every training forward pass.
+    Frozen groups are a prefix of the groups (unfreezing goes top down). The backbone runs under
+    ``torch.no_grad()``, and a forward pre-hook on *every* module that owns a parameter of a
+    trainable group switches autograd back on: whichever of them runs first (forward order need
+    not follow registration order: shortcuts, re-parameterised branches), every trainable module
+    runs with autograd, and frozen groups that run before it cost no backward compute. Every
+    parameter keeps ``requires_grad=True`` (DDP builds its reducer once, from the parameters that
+    require grad when it wraps the model; with ``find_unused_parameters=True`` it then skips the
+    frozen ones). Frozen modules are put back in eval mode before every training forward pass.
+
+    After the first backward pass of each frozen level, :meth:`after_backward` checks that every
+    trainable parameter the backbone uses got a gradient: a family that cannot be frozen this way
+    is refused with :class:`~vision_transfer.errors.UnsupportedBackboneError`, never trained wrong.
 
     The trainable set is a pure function of training progress (epoch, step), never stored state,
     so a resumed run trains exactly what an uninterrupted one would.
 
     Args:
         backbone: a headless timm model.
-        mode: ``linear_probe`` (every group frozen), ``full`` (none), ``gradual`` (head only, then
-            one more group, top down, at each milestone), ``lp_ft`` (linear probe for
-            ``lp_epochs``, then everything), ``partial`` (only the top ``trainable_groups``).
-        bn: ``frozen_stats`` keeps BatchNorm in frozen groups in eval mode; ``train`` lets their
-            running statistics update; ``frozen`` keeps every BatchNorm in eval mode.
-        trainable_groups: ``partial``: how many top groups train.
-        unfreeze_every: ``gradual``: milestones every this many epochs (or steps).
-        unfreeze_milestones: ``gradual``: explicit milestones instead; group ``k`` from the top
-            starts training at the k-th one.
-        milestone_unit: whether milestones count epochs or optimizer steps.
-        lp_epochs: ``lp_ft``: epochs of linear probing before the full fine-tune.
+        config: the tuning options (see :class:`~vision_transfer.tuning.config.TuningConfig`);
+            or give them as keyword arguments.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        mode: Mode = "full",
-        bn: BnPolicy = "frozen_stats",
-        *,
-        trainable_groups: int = 1,
-        unfreeze_every: int = 1,
-        unfreeze_milestones: list[int] | None = None,
-        milestone_unit: Unit = "epoch",
-        lp_epochs: int = 1,
-    ) -> None:
+    def __init__(self, backbone: nn.Module, config: TuningConfig | None = None, **options: Any) -> None:
+        self.config = config = config if config is not None else TuningConfig(**options)
         self.backbone = backbone
         self.groups = stage_groups(backbone)
-        self.mode = mode
-        self.bn = bn
-        self.milestone_unit: Unit = "epoch" if mode == "lp_ft" else milestone_unit
-        n = len(self.groups)
-        if mode == "gradual":
-            if unfreeze_milestones is None and unfreeze_every < 1:
-                raise ValueError(f"unfreeze_every={unfreeze_every}: must be at least 1.")
-            milestones = sorted(unfreeze_milestones or [unfreeze_every * (k + 1) for k in range(n)])
-            # group i (0 = stem) starts with the (n - i)-th milestone
-            self.starts = [float(milestones[n - 1 - i]) if n - 1 - i < len(milestones) else NEVER for i in range(n)]
-        elif mode == "lp_ft":
-            self.starts = [float(lp_epochs)] * n
-        elif mode == "partial":
-            if not 0 <= trainable_groups <= n:
-                raise ValueError(f"trainable_groups={trainable_groups}: this backbone has {n} stage groups.")
-            self.starts = [NEVER] * (n - trainable_groups) + [0.0] * trainable_groups
-        else:
-            self.starts = [NEVER if mode == "linear_probe" else 0.0] * n
+        self.mode: Mode = config.mode
+        self.bn: BnPolicy = config.bn
+        self.milestone_unit: Unit = "epoch" if config.mode == "lp_ft" else config.milestone_unit
+        self.starts = self._start_points(config, len(self.groups))
         self.num_frozen = self.frozen_at(0, 0)
-        self._entries = [_owner(backbone, names[0]) for names in self.groups]
-        self._hook: Any = None
-        self._hooked_group = -1
-        self._grad_on_entry = False
         self._params = dict(backbone.named_parameters())
+        # the modules that directly own each group's parameters (a pre-hook fires on a module's own call)
+        self._owners = [list(dict.fromkeys(_owner(backbone, name) for name in names)) for names in self.groups]
+        self._hooks: list[Any] = []
+        self._hooked_level = -1
+        self._grad_on_entry = False
         self._frozen: dict[int, tuple[list[tuple[str, nn.Parameter]], list[nn.Module]]] = {}
+        self._checked: set[int] = set()
+        self._unused: set[str] | None = None
+        self._last_input: torch.Tensor | None = None
         self._warned_leak = False
+
+    @staticmethod
+    def _start_points(config: TuningConfig, n: int) -> list[float]:
+        """Epoch (or step) at which each group, bottom to top, starts training."""
+        if config.mode == "gradual":
+            milestones = sorted(config.unfreeze_milestones or [config.unfreeze_every * (k + 1) for k in range(n)])
+            # group i (0 = stem) starts with the (n - i)-th milestone
+            return [float(milestones[n - 1 - i]) if n - 1 - i < len(milestones) else NEVER for i in range(n)]
+        if config.mode == "lp_ft":
+            return [float(config.lp_epochs)] * n
+        if config.mode == "partial":
+            if not 0 <= config.trainable_groups <= n:
+                raise ConfigError(f"trainable_groups={config.trainable_groups}: this backbone has {n} stage groups.")
+            return [NEVER] * (n - config.trainable_groups) + [0.0] * config.trainable_groups
+        return [NEVER if config.mode == "linear_probe" else 0.0] * n
 
     # -- schedule ----------------------------------------------------------------------------
     def frozen_at(self, epoch: int, step: int) -> int:
@@ -130,7 +122,9 @@ class TuningPolicy:
         if self.num_frozen == len(self.groups):
             with torch.no_grad():
                 return self.backbone(images)
-        self._hook_entry(self.num_frozen)
+        self._hook_trainable(self.num_frozen)
+        if self.num_frozen not in self._checked:
+            self._last_input = images.detach()  # for the check after this level's first backward
         self._grad_on_entry = True
         try:
             with torch.no_grad():
@@ -138,30 +132,76 @@ class TuningPolicy:
         finally:
             self._grad_on_entry = False
 
-    def _hook_entry(self, group: int) -> None:
-        if self._hooked_group == group:
+    def _hook_trainable(self, level: int) -> None:
+        if self._hooked_level == level:
             return
-        if self._hook is not None:
-            self._hook.remove()
-        self._hook = self._entries[group].register_forward_pre_hook(self._enable_grad)
-        self._hooked_group = group
+        for hook in self._hooks:
+            hook.remove()
+        modules = dict.fromkeys(m for owners in self._owners[level:] for m in owners)
+        self._hooks = [m.register_forward_pre_hook(self._enable_grad) for m in modules]
+        self._hooked_level = level
 
     def _enable_grad(self, module: nn.Module, args: Any) -> None:
-        if self._grad_on_entry:
+        if self._grad_on_entry and not torch.is_grad_enabled():
             torch.set_grad_enabled(True)  # restored when the caller's no_grad() block exits
 
+    # -- after backward ----------------------------------------------------------------------
+    def after_backward(self) -> None:
+        """Drop gradients that reached frozen parameters; on a level's first step, check that every
+        trainable parameter in use got one."""
+        self.drop_frozen_grads()
+        level = self.num_frozen
+        if level in self._checked:
+            return
+        self._checked.add(level)
+        if 0 < level < len(self.groups):
+            self._check_trainable_reached(level)
+        self._last_input = None
+
     def drop_frozen_grads(self) -> None:
-        """Safety net after backward: a frozen parameter used after the switch keeps no gradient."""
+        """A frozen parameter used after the first trainable module keeps no gradient."""
         leaked = [name for name, param in self._frozen_state()[0] if param.grad is not None]
         for name in leaked:
             self._params[name].grad = None
         if leaked and not self._warned_leak:
             self._warned_leak = True
             warnings.warn(
-                f"{type(self.backbone).__name__}: frozen parameters {leaked[:3]} were used after the first "
-                "trainable group started; their gradients are dropped, but backward compute was spent.",
+                f"{type(self.backbone).__name__}: frozen parameters {leaked[:3]} run after the first trainable "
+                "module; their gradients are dropped, but backward compute was spent.",
                 stacklevel=2,
             )
+
+    def _check_trainable_reached(self, level: int) -> None:
+        missing = [n for names in self.groups[level:] for n in names if self._params[n].grad is None]
+        if not missing or self._last_input is None:
+            return
+        unused = self._unused_parameters(self._last_input, missing)
+        wrong = [n for n in missing if n not in unused]
+        if wrong:
+            raise UnsupportedBackboneError(
+                f"{type(self.backbone).__name__}: with {level} of {len(self.groups)} stage groups frozen, trainable "
+                f"parameters {wrong[:5]} ({len(wrong)} in all) get no gradient (they are used outside the modules "
+                "that own them, before any trainable module runs), so they would silently not train. "
+                "Use mode='full' or 'linear_probe' for this backbone."
+            )
+
+    def _unused_parameters(self, images: torch.Tensor, candidates: list[str]) -> set[str]:
+        """Of ``candidates``, those that get no gradient even with nothing frozen (unused by the forward pass).
+
+        Runs once per frozen level and only when a trainable parameter lacks a gradient; in eval
+        mode, so no BatchNorm statistic moves and no dropout draws random numbers.
+        """
+        modes = {m: m.training for m in self.backbone.modules()}
+        self.backbone.eval()
+        try:
+            with torch.enable_grad():
+                out = self.backbone(images[:2])
+                params = [self._params[n] for n in candidates]
+                grads = torch.autograd.grad(out.float().sum(), params, allow_unused=True)
+        finally:
+            for module, mode in modes.items():
+                module.training = mode
+        return {n for n, g in zip(candidates, grads, strict=True) if g is None}
 
     # -- modes -------------------------------------------------------------------------------
     def frozen_modules(self) -> list[nn.Module]:

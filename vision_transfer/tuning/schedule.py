@@ -71,3 +71,23 @@ def group_lr_lambdas(
         return gradual
 
     return [make(stage) for stage in stages]
+
+
+def constant_lr_lambdas(
+    stages: Sequence[int],
+    starts: Sequence[float],
+    phase_start: float | None = None,
+    head_scale_after_phase: float = 1.0,
+) -> list[Callable[[int], float]]:
+    """Constant learning rates that still follow the unfreezing schedule: a stage group is at 0
+    before its start; with ``phase_start`` (LP-FT) the head's rate is scaled when the fine-tune begins."""
+
+    def make(stage: int) -> Callable[[int], float]:
+        if stage < 0:
+            if phase_start is None:
+                return lambda step: 1.0
+            return lambda step: 1.0 if step < int(phase_start) else head_scale_after_phase
+        start = starts[stage]
+        return lambda step: 0.0 if step < start else 1.0
+
+    return [make(stage) for stage in stages]

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.cloud_io import _is_local_file_protocol
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
@@ -24,23 +23,38 @@ class RunCheckpoint(ModelCheckpoint):
 
     Since Lightning 2.6, ``save_last`` writes ``last.ckpt`` only at steps where a top-k checkpoint
     was saved too, so with a monitor it trails the best epoch and a resumed run repeats epochs.
-    Here it is also written when the monitored metric did not improve, as before 2.6.
+    Here ``last.ckpt`` is written through public API only: at each validation end (where
+    ``ModelCheckpoint`` saves) and at each training epoch end, once per step, with
+    ``trainer.save_checkpoint``; the parent class keeps the best (top-k) checkpoints.
     """
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_skipped(trainer)
+    _last_step = -1
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if not hasattr(self, "write_last"):  # setup runs again for test after fit
+            self.write_last = bool(self.save_last)
+            self.save_last = False  # the parent's (2.6) rule is replaced by _write_last
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._save_last_if_skipped(trainer)
+        self._write_last(trainer)
 
-    def _save_last_if_skipped(self, trainer: pl.Trainer) -> None:
-        # skipped as well when this step is already saved, i.e. when ModelCheckpoint wrote last.ckpt itself
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        self._write_last(trainer)
+
+    def _write_last(self, trainer: pl.Trainer) -> None:
+        if not getattr(self, "write_last", False) or trainer.state.fn != "fit":
+            return
+        if trainer.sanity_checking or getattr(trainer, "fast_dev_run", False):
+            return
+        if self._last_step == trainer.global_step or self.dirpath is None:
+            return
+        self._last_step = trainer.global_step
+        path = str(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        trainer.save_checkpoint(path, self.save_weights_only)
+        self.last_model_path = path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -62,7 +76,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.advice = advice
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         path = Path(path)
@@ -70,6 +84,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         write_atomic(path, buffer.getbuffer(), "checkpoint", advice=self.advice)
+
+
+def is_local_path(path: Any) -> bool:
+    """A path on this machine's file system (not ``s3://``, ``gs://``, ...)."""
+    text = str(path)
+    return "://" not in text or text.startswith("file://")
 
 
 def newest_last_checkpoint(folders: Iterable[Path]) -> Path | None:

@@ -1,19 +1,23 @@
-"""Turn ``results.csv`` into a Markdown table (mean +- 95% CI over seeds) and PNG plots."""
+"""A backbone grid's ``results.csv`` -> a Markdown table (mean +- 95% CI over seeds) and PNG plots."""
 
 from __future__ import annotations
 
+import csv
 import math
 from collections import defaultdict
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.figure import Figure
 from scipy import stats
 
-from vision_transfer.benchmark.grid import read_results
+
+def read_results(path: Path) -> list[dict[str, str]]:
+    """Rows of a grid's ``results.csv`` (none when it does not exist yet)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
@@ -86,7 +90,8 @@ def plot_accuracy(rows: list[dict[str, str]], out: Path) -> Path:
     stats_top1 = aggregate(rows)
     datasets = sorted({k[0] for k in stats_top1})
     labels = sorted({(k[1], k[2]) for k in stats_top1})
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(datasets) * len(labels) / 2), 4))
+    fig = Figure(figsize=(max(6.0, 1.6 * len(datasets) * len(labels) / 2), 4))
+    ax = fig.subplots()
     width = 0.8 / max(1, len(labels))
     for i, (backbone, protocol) in enumerate(labels):
         means = [100 * stats_top1.get((d, backbone, protocol), (math.nan, 0, 0))[0] for d in datasets]
@@ -100,7 +105,6 @@ def plot_accuracy(rows: list[dict[str, str]], out: Path) -> Path:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
@@ -109,7 +113,8 @@ def plot_gain(rows: list[dict[str, str]], out: Path) -> Path | None:
     if not gains:
         return None
     keys = sorted(gains)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(keys)), 4))
+    fig = Figure(figsize=(max(5.0, 1.2 * len(keys)), 4))
+    ax = fig.subplots()
     values = [100 * gains[k][0] for k in keys]
     palette = {"positive": "tab:green", "no clear gain": "tab:gray", "**negative transfer**": "tab:red"}
     colors = [palette[gain_verdict(*gains[k])] for k in keys]
@@ -120,14 +125,14 @@ def plot_gain(rows: list[dict[str, str]], out: Path) -> Path | None:
     ax.set_title("transfer gain, 95% CI (green: positive, grey: no clear gain, red: negative)", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
 def plot_cost(rows: list[dict[str, str]], out: Path) -> Path:
     stats_top1 = aggregate(rows)
     costs = {r["backbone"]: float(r["gmacs"]) for r in rows}
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for dataset in sorted({k[0] for k in stats_top1}):
         points = sorted((costs[b], 100 * m, b) for (d, b, _), (m, _, _) in stats_top1.items() if d == dataset)
         ax.scatter([p[0] for p in points], [p[1] for p in points], label=dataset)
@@ -140,11 +145,10 @@ def plot_cost(rows: list[dict[str, str]], out: Path) -> Path:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 
-def write_summary(folder: str | Path) -> list[Path]:
+def write_grid_summary(folder: str | Path) -> list[Path]:
     """``summary.md`` and the three plots from ``results.csv`` in ``folder``."""
     folder = Path(folder)
     rows = read_results(folder / "results.csv")

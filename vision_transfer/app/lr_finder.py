@@ -70,11 +70,10 @@ def find_lr(
 
 
 def _plot(result: LrFinderResult, out: Path) -> Path:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    import vision_transfer.report.plots  # noqa: F401  (selects the Agg backend)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     ax.plot(result.lrs, result.losses)
     for value, label, color in (
         (result.steepest, "steepest descent", "tab:red"),
@@ -91,7 +90,6 @@ def _plot(result: LrFinderResult, out: Path) -> Path:
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

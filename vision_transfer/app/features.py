@@ -26,27 +26,33 @@ def extract_datamodule(
     precision: Precision = "auto",
     batch_size: int = 256,
     num_workers: int | None = None,
+    compile: bool = False,
     progress: bool = True,
-) -> tuple[FeatureCache, int]:
-    """Features of every split of ``datamodule``; returns the cache and the backbone forward passes run.
-
-    ``num_workers`` None uses the datamodule's DataLoader workers.
-    """
+) -> tuple[dict[str, FeatureCache], int]:
+    """Features of every split of ``datamodule``; returns the caches (one per split) and the
+    backbone forward passes run. ``num_workers`` None uses the datamodule's DataLoader workers."""
     splits = datamodule.prepare_splits()
-    cache, extractor = extract(
+    caches, extractor = extract(
         backbone,
         weights,
         splits,
-        list(datamodule.class_names or []),
         image_size=image_size,
         cache_root=cache_dir,
         dtype=dtype,
         precision=precision,
         batch_size=batch_size,
         num_workers=datamodule.num_workers if num_workers is None else num_workers,
+        compile=compile,
         progress=progress,
     )
-    return cache, extractor.forward_passes if extractor else 0
+    return caches, extractor.forward_passes if extractor else 0
+
+
+def split_arrays(
+    caches: dict[str, FeatureCache], datamodule: ImageDataModule
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) of each split: features from the cache, labels from the data as it is now."""
+    return {name: (cache.load(), datamodule.splits[name].labels) for name, cache in caches.items()}
 
 
 def probe_datamodule(
@@ -64,17 +70,16 @@ def probe_datamodule(
     **extract_options: Any,
 ) -> tuple[ProbeResult, Path]:
     """Linear probe on cached features; writes ``probe.json`` and a ``probe.ckpt`` for ``predict``."""
-    cache, forward_passes = extract_datamodule(datamodule, backbone, weights, **extract_options)
-    manifest = cache.manifest() or {}
-    class_names = manifest.get("class_names") or list(datamodule.class_names or [])
-    test = cache.load("test") if "test" in manifest.get("splits", {}) else None
+    caches, forward_passes = extract_datamodule(datamodule, backbone, weights, **extract_options)
+    class_names = list(datamodule.class_names or [])
+    data = split_arrays(caches, datamodule)
     options: dict[str, Any]
     if solver == "sgd":
         options = {"lrs": tuple(lrs or DEFAULT_LRS), "wds": tuple(wds or DEFAULT_WDS), "epochs": epochs, "seed": seed}
     else:
         options = {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
     torch.manual_seed(seed)
-    result = run_probe(cache.load("train"), cache.load("val"), test, len(class_names), solver, **options)
+    result = run_probe(data["train"], data["val"], data.get("test"), len(class_names), solver, **options)
 
     from vision_transfer.tasks import ImageClassifier  # Lightning only for the checkpoint
 
@@ -91,11 +96,13 @@ def probe_datamodule(
         **result.summary(),
         "backbone": backbone,
         "weights": model.weights_source,
-        "cache": str(cache.folder),
-        "cache_key": cache.spec.key,
+        "class_names": class_names,
+        "caches": {name: str(cache.folder) for name, cache in caches.items()},
         "forward_passes": forward_passes,
-        "extraction_seconds": manifest.get("extraction_seconds"),
-        "feature_dim": manifest.get("dim"),
+        "extraction_seconds": {
+            name: (cache.manifest() or {}).get("extraction_seconds") for name, cache in caches.items()
+        },
+        "feature_dim": caches["train"].dim,
         "checkpoint": str(checkpoint.resolve()),
     }
     (folder / "probe.json").write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -15,7 +15,8 @@ import torch
 from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 from vision_transfer.datamodules import ImageDataModule
-from vision_transfer.errors import VisionTransferError
+from vision_transfer.errors import ConfigError
+from vision_transfer.report.grid import read_results
 
 Protocol = Literal["linear_probe", "full", "gradual"]
 GRID_OPTIONS = {"cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs", "finetune_lr", "progress"}
@@ -54,13 +55,6 @@ class DatasetEntry:
 
 def run_id(backbone: BackboneEntry, dataset: str, protocol: str, seed: int) -> str:
     return f"{dataset}|{backbone.display}|{backbone.weights}|{protocol}|{seed}"
-
-
-def read_results(path: Path) -> list[dict[str, str]]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def _append(path: Path, row: dict[str, Any]) -> None:
@@ -106,16 +100,17 @@ def _macro_f1(predictions: np.ndarray, labels: np.ndarray, classes: int) -> floa
 def _linear_probe(
     entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
 ) -> dict[str, Any]:
+    from vision_transfer.app.features import extract_datamodule, split_arrays
     from vision_transfer.features.probe import run_probe
-    from vision_transfer.features.run import extract_datamodule
 
     start = time.perf_counter()
-    cache, _ = extract_datamodule(
+    caches, _ = extract_datamodule(
         data, entry.name, entry.weights, image_size=image_size, cache_dir=options.get("cache_dir"), progress=False
     )
     extract_s = time.perf_counter() - start
-    train, val, test = (cache.load(s) for s in ("train", "val", "test"))
-    classes = len((cache.manifest() or {}).get("class_names") or data.class_names or [])
+    arrays = split_arrays(caches, data)
+    train, val, test = arrays["train"], arrays["val"], arrays["test"]
+    classes = len(data.class_names or [])
     solver = options.get("solver", "lbfgs")
     probe_options = (
         {"c_grid": tuple(np.logspace(-6, 5, options.get("c_grid_size", 45)))}
@@ -144,6 +139,7 @@ def _fine_tune(
 ) -> dict[str, Any]:
     import pytorch_lightning as pl
 
+    from vision_transfer.app.connect import connect
     from vision_transfer.tasks import ImageClassifier
 
     pl.seed_everything(seed, verbose=False)
@@ -157,6 +153,7 @@ def _fine_tune(
         enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
     start = time.perf_counter()
+    data = connect(model, data)  # type: ignore[assignment]
     trainer.fit(model, data)
     train_s = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
@@ -186,7 +183,7 @@ def run_grid(
     """Run every missing cell of the grid; finished runs (rows in ``results.csv``) are skipped."""
     unknown = set(options) - GRID_OPTIONS
     if unknown:
-        raise VisionTransferError(
+        raise ConfigError(
             f"run_grid: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(GRID_OPTIONS))}."
         )
     protocols = protocols or ["linear_probe"]

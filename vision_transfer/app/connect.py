@@ -1,0 +1,39 @@
+"""connect: the one place where a model and a datamodule learn about each other, before a Trainer runs."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
+from vision_transfer.tasks import ImageClassifier
+
+DataModule = TypeVar("DataModule", ImageDataModule, CachedFeatureDataModule)
+
+
+def connect(
+    model: ImageClassifier, datamodule: ImageDataModule | CachedFeatureDataModule
+) -> ImageDataModule | CachedFeatureDataModule:
+    """Hand the model's preprocessing to the datamodule and agree on the classes, once.
+
+    A trained model (classes known, e.g. from a checkpoint) fixes the label indices: the
+    datamodule maps its labels onto them and refuses labels the model does not know. A new model
+    takes the datamodule's classes and builds its head. A model built with
+    ``cache_features=True`` gets its datamodule wrapped in a
+    :class:`~vision_transfer.datamodules.CachedFeatureDataModule` that extracts with the model's
+    own backbone.
+
+    Returns:
+        The datamodule to give the Trainer (``datamodule``, or the cached-feature wrapper around it).
+    """
+    if model.hparams.get("cache_features") and not isinstance(datamodule, CachedFeatureDataModule):
+        datamodule = CachedFeatureDataModule(datamodule, cache_dir=model.hparams.get("cache_dir"))
+    datamodule.data_config = model.data_config
+    model._handed_out = True
+    if model.class_names is not None:
+        datamodule.fixed_classes = list(model.class_names)
+    else:
+        datamodule.prepare_splits()
+        model.set_class_names(list(datamodule.class_names or []))
+    if isinstance(datamodule, CachedFeatureDataModule):
+        datamodule.use_features_of(model)
+    return datamodule

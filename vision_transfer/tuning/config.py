@@ -1,0 +1,101 @@
+"""TuningConfig: every option of how a backbone is fine-tuned, with its one default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Literal
+
+from vision_transfer.errors import ConfigError
+
+Mode = Literal["linear_probe", "full", "gradual", "lp_ft", "partial"]
+BnPolicy = Literal["train", "frozen_stats", "frozen"]
+Unit = Literal["epoch", "step"]
+Optimizer = Literal["adamw", "sgd"]
+Scheduler = Literal["cosine", "plateau", "constant"]
+
+
+@dataclass(frozen=True)
+class TuningConfig:
+    """Which stage groups train when, how fast, and how BatchNorm behaves.
+
+    ``ImageClassifier`` takes these as flat arguments (what LightningCLI reads from YAML) and
+    its defaults are these fields' defaults; a new mode or option is added here once.
+
+    Attributes:
+        mode: ``linear_probe`` (backbone frozen), ``full`` (everything trains), ``gradual``
+            (ULMFiT: head only, then one more stage group, top down, at each milestone), ``lp_ft``
+            (linear probe for ``lp_epochs``, then a full fine-tune from that head at ``lr``),
+            ``partial`` (top ``trainable_groups`` only).
+        bn: ``frozen_stats`` (BatchNorm of frozen groups in eval mode), ``train`` (their running
+            statistics keep updating) or ``frozen`` (every BatchNorm in eval mode).
+        trainable_groups: ``partial``: how many top stage groups train.
+        unfreeze_every: ``gradual``: one more group every this many epochs (or steps).
+        unfreeze_milestones: ``gradual``: explicit epochs (or steps) instead.
+        milestone_unit: ``epoch`` or ``step``, for the two options above.
+        lp_epochs: ``lp_ft``: epochs of linear probing (at ``head_lr``) before the fine-tune.
+        rewarm: restart the warmup for each group when it is unfrozen.
+        optimizer: ``adamw`` or ``sgd`` (with Nesterov momentum).
+        lr: learning rate of the backbone's top stage group (and of the head after LP-FT's probe).
+        head_lr: learning rate of the head; None uses ``lr``.
+        layer_decay: each stage group below the top gets ``lr`` times this, once more per step down.
+        weight_decay: decoupled weight decay, not applied to biases and norm parameters.
+        momentum: SGD momentum.
+        warmup_epochs: linear warmup length, in (fractional) epochs, before the cosine decay.
+        min_lr_ratio: the cosine schedule ends at this fraction of each group's learning rate.
+        scheduler: ``cosine`` (per step, with warmup, following the unfreezing schedule),
+            ``plateau`` (ReduceLROnPlateau on ``val/acc``, per epoch) or ``constant``.
+        plateau_factor: ``plateau``: factor applied to every group's learning rate.
+        plateau_patience: ``plateau``: epochs without improvement before a reduction.
+    """
+
+    mode: Mode = "full"
+    bn: BnPolicy = "frozen_stats"
+    trainable_groups: int = 1
+    unfreeze_every: int = 1
+    unfreeze_milestones: list[int] | None = None
+    milestone_unit: Unit = "epoch"
+    lp_epochs: int = 1
+    rewarm: bool = False
+    optimizer: Optimizer = "adamw"
+    lr: float = 1e-3
+    head_lr: float | None = None
+    layer_decay: float = 1.0
+    weight_decay: float = 0.01
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    min_lr_ratio: float = 0.01
+    scheduler: Scheduler = "cosine"
+    plateau_factor: float = 0.3
+    plateau_patience: int = 2
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("lr", self.lr > 0, "must be > 0"),
+            ("head_lr", self.head_lr is None or self.head_lr > 0, "must be > 0"),
+            ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]"),
+            ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
+            ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("lp_epochs", self.lp_epochs >= 0, "must be >= 0"),
+            ("unfreeze_every", self.unfreeze_every >= 1, "must be at least 1"),
+            ("trainable_groups", self.trainable_groups >= 0, "must be >= 0"),
+            ("plateau_factor", 0 < self.plateau_factor < 1, "must be in (0, 1)"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"{name}={getattr(self, name)!r}: {rule}.")
+        if self.unfreeze_milestones is not None and any(m < 0 for m in self.unfreeze_milestones):
+            raise ConfigError(f"unfreeze_milestones={self.unfreeze_milestones}: milestones must be >= 0.")
+
+    @property
+    def effective_head_lr(self) -> float:
+        return self.lr if self.head_lr is None else self.head_lr
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any]) -> TuningConfig:
+        """The config from a mapping that may hold other keys too (a model's hyperparameters)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names})
+
+
+DEFAULTS = TuningConfig()
