@@ -12,11 +12,104 @@ from PIL import Image
 from skimage import data as skdata
 
 from vision_transfer.backbones import DataConfig
-from vision_transfer.data import load_image
+from vision_transfer.data import create_eval_transform, load_image
+from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import DataError
 from vision_transfer.export.loading import Classifier
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _photos() -> dict[str, np.ndarray]:
+    """Real photos of many sizes and aspect ratios, all as HxWx3 uint8 (as ImageDataset passes them)."""
+    chelsea, coffee, astronaut, rocket = skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket()
+    photos = {
+        "chelsea 300x451": chelsea,
+        "coffee 400x600": coffee,
+        "astronaut 512x512": astronaut,
+        "rocket 427x640": rocket,
+        "camera 512x512 gray": np.repeat(skdata.camera()[..., None], 3, axis=2),
+        "coffee 333x500": coffee[30:363, 50:550],
+        "rocket 257x383": rocket[100:357, 200:583],
+        "astronaut 500x333": astronaut[5:505, 100:433],
+        "chelsea 31x47": chelsea[150:181, 200:247],
+    }
+    return {name: np.ascontiguousarray(image) for name, image in photos.items()}
+
+
+PHOTOS = _photos()
+
+
+def _timm_uint8(config: DataConfig, image: np.ndarray) -> torch.Tensor:
+    """What a user with plain timm feeds the model, mapped back from normalised floats to 0-255."""
+    transform = timm.data.create_transform(
+        input_size=config.input_size,
+        interpolation=config.interpolation,
+        mean=config.mean,
+        std=config.std,
+        crop_pct=config.crop_pct,
+        crop_mode=config.crop_mode,
+    )
+    x = transform(Image.fromarray(image).convert("RGB"))
+    return (x * torch.tensor(config.std).view(3, 1, 1) + torch.tensor(config.mean).view(3, 1, 1)) * 255
+
+
+# -- eval transform == timm's eval transform ----------------------------------------------------------
+@pytest.mark.parametrize("input_size", [(3, 224, 224), (3, 96, 160), (3, 65, 48)], ids=lambda s: f"{s[1]}x{s[2]}")
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("crop_pct", [0.875, 1.0])
+@pytest.mark.parametrize("crop_mode", ["center", "squash", "border"])
+def test_eval_transform_equals_timm_eval_transform(
+    crop_mode: str, crop_pct: float, interpolation: str, input_size: tuple[int, int, int]
+) -> None:
+    config = DataConfig(input_size, IMAGENET_MEAN, IMAGENET_STD, interpolation, crop_pct, crop_mode)
+    transform = create_eval_transform(config)
+    for name, image in PHOTOS.items():
+        ours = transform(image=image)["image"]
+        reference = _timm_uint8(config, image)
+        assert ours.dtype == torch.uint8, name
+        assert tuple(ours.shape) == tuple(reference.shape) == input_size, name
+        diff = (ours.float() - reference).abs().max().item()
+        assert diff <= 1.0, f"{name}: {diff:.0f} grey levels from timm's eval transform"
+
+
+def test_eval_pipeline_gives_timms_logits() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", num_classes=3).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(100)  # random init gives logits ~0.01 apart: spread them to ~1
+    config = DataConfig.from_model(model)
+    assert (config.crop_pct, config.input_size) == (0.95, (3, 160, 160))  # not the defaults: the config is used
+    timm_transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+    ours_transform, normalize = create_eval_transform(config), Normalize(config)
+    images = list(PHOTOS.values())
+    with torch.inference_mode():
+        theirs = model(torch.stack([timm_transform(Image.fromarray(image)) for image in images]))
+        ours = model(normalize(torch.stack([ours_transform(image=image)["image"] for image in images])))
+    assert theirs.std(dim=0).min() > 0.3  # the images give distinguishable logits: the check has teeth
+    assert torch.allclose(ours, theirs, atol=1e-3), (ours - theirs).abs().max()
+    assert torch.allclose(ours.softmax(1), theirs.softmax(1), atol=1e-3)
+
+
+def test_eval_transform_takes_gray_and_rgba_arrays_like_files(tmp_path: Path) -> None:
+    config = DataConfig((3, 32, 48), IMAGENET_MEAN, IMAGENET_STD)
+    transform = create_eval_transform(config)
+    gray = skdata.camera()[::8, ::8]
+    assert torch.equal(transform(image=gray)["image"], transform(image=np.repeat(gray[..., None], 3, axis=2))["image"])
+    colour = skdata.chelsea()[::4, ::4]
+    rgba = np.dstack([colour, np.linspace(0, 255, colour[..., 0].size).reshape(colour.shape[:2]).astype(np.uint8)])
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    assert torch.equal(transform(image=rgba)["image"], transform(image=load_image(tmp_path / "rgba.png"))["image"])
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("crop_mode", "centre", "crop_mode='centre'"), ("interpolation", "area", "interpolation='area'")],
+)
+def test_eval_transform_refuses_settings_timm_does_not_know(field: str, value: str, message: str) -> None:
+    config = DataConfig((3, 32, 32), IMAGENET_MEAN, IMAGENET_STD, **{field: value})
+    with pytest.raises(DataError, match=message):
+        create_eval_transform(config)
 
 
 # -- Classifier.preprocess on arrays: dtype and channels handled like files ---------------------------------------
