@@ -12,7 +12,7 @@ from PIL import Image
 from skimage import data as skdata
 
 from vision_transfer.backbones import DataConfig
-from vision_transfer.data import create_eval_transform, load_image
+from vision_transfer.data import create_eval_transform, load_image, stratified_subset
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import DataError
 from vision_transfer.export.loading import Classifier
@@ -207,3 +207,24 @@ def test_16bit_tiff_is_scaled_from_its_full_range(tmp_path: Path) -> None:
     Image.fromarray(np.array([[0, 257, 32768, 65535]], np.uint16)).save(tmp_path / "deep.tif")
     assert Image.open(tmp_path / "deep.tif").mode == "I;16"
     assert load_image(tmp_path / "deep.tif")[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+# -- stratified_subset ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("counts", "size"),
+    [([10] * 10, 5), ([10] * 10, 10), ([10] * 3, 10), ([1000, 1, 1], 3), ([50, 30, 7, 2, 1], 17), ([4, 4], 7)],
+)
+def test_stratified_subset_returns_exactly_size(counts: list[int], size: int) -> None:
+    labels = np.repeat(np.arange(len(counts)), counts)
+    np.random.default_rng(0).shuffle(labels)
+    subset = stratified_subset(labels, size, seed=3)
+    assert len(subset) == size and len(np.unique(subset)) == size
+    assert np.array_equal(subset, stratified_subset(labels, size, seed=3))
+    taken = np.bincount(labels[subset], minlength=len(counts))
+    if size >= len(counts):
+        assert (taken >= 1).all()  # every class is represented
+        assert np.abs(taken - np.array(counts) * size / len(labels)).max() < 2  # and in proportion
+    else:
+        assert taken.max() == 1  # one each for a seeded choice of classes
+        other_seeds = {tuple(np.flatnonzero(np.bincount(labels[stratified_subset(labels, size, s)]))) for s in range(8)}
+        assert len(other_seeds) > 1
