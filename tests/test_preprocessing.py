@@ -228,3 +228,10 @@ def test_stratified_subset_returns_exactly_size(counts: list[int], size: int) ->
         assert taken.max() == 1  # one each for a seeded choice of classes
         other_seeds = {tuple(np.flatnonzero(np.bincount(labels[stratified_subset(labels, size, s)]))) for s in range(8)}
         assert len(other_seeds) > 1
+
+
+def test_stratified_subset_of_zero_is_empty_and_of_a_negative_size_refused() -> None:
+    labels = np.repeat(np.arange(3), 4)
+    assert stratified_subset(labels, 0, seed=0).tolist() == []
+    with pytest.raises(DataError, match="subset size -1"):
+        stratified_subset(labels, -1, seed=0)
