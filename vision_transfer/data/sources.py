@@ -69,10 +69,32 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) 
 
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Indices of a class-balanced random subset of ``size`` samples (all when fewer)."""
+    """Sorted indices of a seeded, class-balanced random subset of exactly ``size`` samples (all when fewer).
+
+    With ``size`` at least the number of classes, every class gets one sample and the rest is shared
+    in proportion to the class sizes (largest remainders first). With fewer, a seeded random choice
+    of ``size`` classes gets one sample each: the subset cannot cover every class.
+    """
+    if size < 0:
+        raise DataError(f"subset size {size}: must be 0 or more.")
     if size >= len(labels):
         return np.arange(len(labels))
-    return stratified_split(labels, [size / len(labels)], seed)[1]
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    if size < len(classes):
+        take = np.zeros(len(classes), dtype=np.int64)
+        take[rng.choice(len(classes), size, replace=False)] = 1
+    else:
+        # One each, then the other size - k shared by the remaining counts; a share never exceeds
+        # its class's remaining count because size - k < len(labels) - k.
+        share = (counts - 1) * (size - len(classes)) / (len(labels) - len(classes))
+        take = 1 + np.floor(share).astype(np.int64)
+        left = size - int(take.sum())
+        # Largest fractional parts first, ties in a seeded random order.
+        order = np.lexsort((rng.random(len(classes)), -(share - np.floor(share))))
+        take[order[:left]] += 1
+    chosen = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(classes, take, strict=True)]
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
 
 
 def sample_id(path: Path, root: Path) -> str:

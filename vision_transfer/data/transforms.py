@@ -1,19 +1,26 @@
-"""albumentations pipelines built from a backbone's :class:`DataConfig`.
+"""Image pipelines built from a backbone's :class:`DataConfig`.
 
-Both return uint8 CHW tensors: normalisation happens on the device, after the batch transfer
-(4x less to copy than float32, and free on a GPU).
+Training augmentation is albumentations; eval preprocessing is timm's own eval transform, so
+what we feed a model equals what plain timm feeds it. Both return uint8 CHW tensors:
+normalisation happens on the device, after the batch transfer (4x less to copy than float32,
+and free on a GPU).
 """
 
 from __future__ import annotations
 
-import math
+from typing import Any
 
 import albumentations as A
 import cv2
+import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
+from timm.data.transforms_factory import transforms_imagenet_eval
 
 from vision_transfer.backbones import DataConfig
+from vision_transfer.data.images import array_to_rgb
+from vision_transfer.errors import DataError
 
 _INTERPOLATION = {
     "nearest": cv2.INTER_NEAREST,
@@ -50,17 +57,51 @@ def create_train_transform(
     return A.Compose(steps)
 
 
-def create_eval_transform(config: DataConfig) -> A.Compose:
-    """timm's eval preprocessing: resize to ``size / crop_pct`` then center crop to ``size``."""
-    _, height, width = config.input_size
-    interpolation = _interpolation(config)
-    scale_h, scale_w = math.floor(height / config.crop_pct), math.floor(width / config.crop_pct)
-    resize: A.BasicTransform
-    if config.crop_mode == "squash" or height != width:
-        resize = A.Resize(scale_h, scale_w, interpolation=interpolation, area_for_downscale="image")
-    else:
-        resize = A.SmallestMaxSize(max_size=scale_h, interpolation=interpolation, area_for_downscale="image")
-    return A.Compose([resize, A.CenterCrop(height, width), ToTensorV2()])
+# What timm's eval transform understands; anything else it would silently treat as "center" or fail on.
+EVAL_INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+CROP_MODES = ("center", "squash", "border")
+
+
+class EvalTransform:
+    """timm's eval transform (PIL resize, crop or pad) with a uint8 tensor out instead of normalised floats.
+
+    Called like an albumentations transform: ``transform(image=array)["image"]``. The array may be
+    anything :func:`~vision_transfer.data.images.array_to_rgb` reads (HxWx3 uint8 passes unchanged).
+    """
+
+    def __init__(self, config: DataConfig) -> None:
+        if config.crop_mode not in CROP_MODES:
+            raise DataError(f"crop_mode={config.crop_mode!r} is not one of timm's: {', '.join(CROP_MODES)}.")
+        if config.interpolation not in EVAL_INTERPOLATIONS:
+            raise DataError(
+                f"interpolation={config.interpolation!r} is not one of timm's: {', '.join(EVAL_INTERPOLATIONS)}."
+            )
+        self.config = config
+        # use_prefetcher: timm's pipeline minus ToTensor/Normalize, ending in a uint8 CHW tensor.
+        self.pipeline = transforms_imagenet_eval(
+            img_size=config.input_size[1:],
+            crop_pct=config.crop_pct,
+            crop_mode=config.crop_mode,
+            interpolation=config.interpolation,
+            mean=config.mean,
+            std=config.std,
+            use_prefetcher=True,
+        )
+
+    def __call__(self, *, image: np.ndarray, **_: Any) -> dict[str, torch.Tensor]:
+        return {"image": self.pipeline(Image.fromarray(array_to_rgb(image)))}
+
+    def __repr__(self) -> str:
+        return f"EvalTransform({self.pipeline})"
+
+
+def create_eval_transform(config: DataConfig) -> EvalTransform:
+    """timm's eval preprocessing (``size / crop_pct`` resize, then crop by ``crop_mode``) to a uint8 tensor.
+
+    Raises:
+        DataError: ``crop_mode`` or ``interpolation`` is not one timm's eval transform knows.
+    """
+    return EvalTransform(config)
 
 
 class Normalize(torch.nn.Module):

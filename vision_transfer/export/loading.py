@@ -15,7 +15,7 @@ from torch import nn
 
 from vision_transfer.backbones import DataConfig
 from vision_transfer.backbones.weights import safe_torch_load
-from vision_transfer.data.images import load_image, to_rgb
+from vision_transfer.data.images import array_to_rgb, load_image, to_rgb
 from vision_transfer.data.transforms import Normalize, create_eval_transform
 from vision_transfer.errors import WeightsError
 from vision_transfer.export.timm_format import (
@@ -53,18 +53,17 @@ class Classifier(nn.Module):
         return self.head(self.backbone(images))
 
     def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
-        """Files, PIL images or HxW[xC] uint8 arrays -> a normalised NCHW float batch."""
+        """Files, PIL images or arrays (any dtype :func:`array_to_rgb` reads) -> a normalised NCHW float batch."""
         items = list(images) if isinstance(images, (list, tuple)) else [images]
-        arrays = []
+        arrays: list[torch.Tensor] = []
         for item in items:
             if isinstance(item, (str, Path)):
                 array = load_image(item)
             elif isinstance(item, Image.Image):
                 array = to_rgb(item)
             else:
-                array = np.asarray(item)
-                array = np.repeat(array[..., None], 3, axis=2) if array.ndim == 2 else array[..., :3]
-            arrays.append(self.transform(image=np.ascontiguousarray(array, dtype=np.uint8))["image"])
+                array = array_to_rgb(np.asarray(item), name=f"image {len(arrays)}")
+            arrays.append(self.transform(image=array)["image"])
         return self.normalize(torch.stack(arrays))
 
     @torch.inference_mode()
