@@ -204,7 +204,7 @@ def test_two_processes_extracting_one_cache_share_the_work(tmp_path: Path, image
         assert process.returncode == 0, err[-2000:]
     reported = [int(re.search(r"(\d+) backbone forward passes", out)[1]) for out, _ in outputs]  # type: ignore[index]
     assert sum(reported) == passes  # each split extracted once: whoever held its lock; the other found it done
-    for split, expected in reference.items():
+    for expected in reference.values():
         shared = FeatureCache(expected.spec, expected.samples, tmp_path / "shared")
         manifest, reference_manifest = shared.manifest() or {}, expected.manifest() or {}
         assert shared.is_complete()

@@ -275,7 +275,7 @@ def test_two_ranks_extract_one_cache(image_folder: Path, tmp_path: Path) -> None
     assert _cache_folders(tmp_path / "ddp") == {c.key for c in single.values()}  # the same keys: one cache
     passes = [torch.load(tmp_path / "ddp" / f"passes{r}.pt") for r in (0, 1)]
     assert all(p > 0 for p in passes)  # both ranks did part of the work
-    for split, cache in single.items():
+    for cache in single.values():
         ddp = FeatureCache(cache.spec, cache.samples, tmp_path / "ddp", shard_size=4)
         assert ddp.is_complete() and np.allclose(ddp.load(), cache.load(), atol=1e-3)
 
