@@ -134,3 +134,20 @@ def test_checkpoint_with_other_classes_is_refused(tmp_path: Path, image_folder: 
     other = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["cat", "dog"])
     with pytest.raises(DataError, match=r"checkpoint has 3 classes .* this model has 2"):
         other.on_load_checkpoint(torch.load(path, weights_only=True))
+
+
+@pytest.mark.parametrize("mode", ["linear_probe", "lp_ft", "full", "gradual", "partial"])
+def test_drop_rate_drops_features_before_the_head_in_every_mode(mode: str) -> None:
+    from vision_transfer.data.dataset import FeatureBatch
+
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode=mode, drop_rate=0.5)
+    model.set_class_names(["a", "b", "c"])
+    images = torch.randn(4, 3, TINY_SIZE, TINY_SIZE)
+    features = FeatureBatch(torch.randn(4, model.backbone.num_features), torch.zeros(4, dtype=torch.long))
+    model.train()
+    with torch.no_grad():
+        assert not torch.equal(model(images), model(images))  # dropout active in training, backbone frozen or not
+        assert not torch.equal(model._logits(features), model._logits(features))  # cached features too
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(images), model(images))

@@ -205,3 +205,76 @@ def test_checkpoint_loads_with_weights_only(tmp_path: Path, image_folder: Path) 
     checkpoint = torch.load(best, weights_only=True)
     assert checkpoint["hyper_parameters"]["weights"] == "none"
     assert checkpoint["vision_transfer"]["initial_weights"]["kind"] == "none"
+
+
+@pytest.fixture
+def trained(tmp_path: Path, image_folder: Path) -> Path:
+    """best.ckpt of a one-epoch tiny fit on ``image_folder``."""
+    assert _fit_folder(image_folder, tmp_path, "--test_after_fit=false") == 0
+    return next((tmp_path / "runs").rglob("best.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("content", "what"),
+    [(b"101 dalmatians\nand more text\n", "a text file"), (b"\x89PNG\r\n\x1a\n" + bytes(64), "a PNG image")],
+    ids=["text", "png"],
+)
+def test_a_file_that_is_no_checkpoint_is_named_as_what_it_is(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str], content: bytes, what: str
+) -> None:
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+    assert run_cli(["validate", f"--ckpt_path={path}", *data]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"vision-transfer: error: {path}: not a PyTorch checkpoint or weights file (it is {what})."
+    )
+
+
+def test_a_checkpoint_cannot_choose_a_module_to_import(
+    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "imported"
+    (tmp_path / "planted.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Data: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint["vision_transfer"]["datamodule"]["class_path"] = "planted.Data"
+    torch.save(checkpoint, tmp_path / "planted.ckpt")
+    assert run_cli(["validate", f"--ckpt_path={tmp_path / 'planted.ckpt'}"]) == 2
+    assert "names datamodule class 'planted.Data', outside vision-transfer; refusing to import it" in (
+        capsys.readouterr().err
+    )
+    assert not marker.exists()
+
+
+def test_optimizer_flags_that_would_replace_the_schedule_are_refused(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _fit_folder(image_folder, tmp_path, "--optimizer=Adam") == 2
+    assert "--optimizer would replace the model's optimizer and schedule" in capsys.readouterr().err
+
+
+def test_cli_predicts_with_the_checkpoints_preprocessing_as_python_does(
+    tmp_path: Path, image_folder: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vision_transfer import load_classifier
+
+    monkeypatch.chdir(tmp_path)
+    # a model trained with other preprocessing than its architecture's default (as with weights timm:<tag>)
+    checkpoint = torch.load(trained, weights_only=True)
+    other = {**checkpoint["vision_transfer"]["data_config"], "mean": [0.2, 0.3, 0.4], "std": [0.1, 0.2, 0.3]}
+    other |= {"crop_pct": 0.5, "interpolation": "bilinear"}
+    checkpoint["vision_transfer"]["data_config"] = checkpoint["hyper_parameters"]["data_config"] = other
+    path = tmp_path / "other.ckpt"
+    torch.save(checkpoint, path)
+    images = sorted(str(p) for p in (image_folder / "square").glob("*.png"))
+    output = tmp_path / "predictions.csv"
+    predict = ["predict", f"--ckpt_path={path}", f"--data.init_args.predict_paths={image_folder / 'square'}"]
+    assert run_cli([*predict, f"--prediction.output={output}", "--prediction.top_k=3"]) == 0
+    with output.open() as f:
+        cli = {
+            row["path"]: {row[f"label_{k}"]: float(row[f"prob_{k}"]) for k in (1, 2, 3)} for row in csv.DictReader(f)
+        }
+    python = load_classifier(path).predict(images, top_k=3)
+    for image, pairs in zip(images, python, strict=True):
+        assert cli[image] == pytest.approx(dict(pairs), abs=1e-4)

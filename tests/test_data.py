@@ -191,3 +191,26 @@ def test_augmentation_is_reproducible_from_the_torch_seed(image_folder: Path) ->
     same = zip(first_views(0), first_views(0), strict=True)
     assert all(torch.equal(a, b) for a, b in same)
     assert not all(torch.equal(a, b) for a, b in zip(first_views(0), first_views(1), strict=True))
+
+
+@pytest.mark.parametrize(("val", "test"), [(0.5, 0.5), (0.6, 0.6), (0.7, 0.3)])
+def test_split_fractions_that_leave_nothing_to_train_on_are_refused(
+    image_folder: Path, val: float, test: float
+) -> None:
+    from vision_transfer.datamodules import ImageFolderDataModule
+    from vision_transfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"val_fraction={val} \+ test_fraction={test} = .*must be < 1"):
+        ImageFolderDataModule(str(image_folder), val_fraction=val, test_fraction=test)
+
+
+@pytest.mark.parametrize(("val", "test"), [(0.1, 0.1), (0.45, 0.45), (0.6, 0.35), (0.0, 0.9)])
+@pytest.mark.parametrize("per_class", [1, 2, 3, 7])
+def test_every_class_keeps_a_training_sample_and_splits_are_disjoint(val: float, test: float, per_class: int) -> None:
+    labels = np.repeat(np.arange(4), per_class)
+    train, val_part, test_part = stratified_split(labels, [val, test], seed=0)
+    assert set(labels[train]) == {0, 1, 2, 3}
+    assert (
+        not (set(train) & set(val_part)) and not (set(train) & set(test_part)) and not (set(val_part) & set(test_part))
+    )
+    assert len(train) + len(val_part) + len(test_part) == len(labels)

@@ -1,33 +1,36 @@
-"""vision-transfer: transfer learning for computer vision on timm backbones and Lightning."""
+"""vision-transfer: transfer learning for computer vision on timm backbones and Lightning.
 
-from vision_transfer.backbones import DataConfig, create_backbone, create_model, list_backbones
-from vision_transfer.errors import VisionTransferError
-from vision_transfer.export.loading import Classifier, load_backbone, load_classifier
+Every name below is imported on first use, so ``import vision_transfer.<package>`` loads that
+package alone (and Lightning only where a task, datamodule or the command line needs it).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Classifier",
-    "DataConfig",
-    "ImageClassifier",
-    "VisionTransferError",
-    "connect",
-    "create_backbone",
-    "create_model",
-    "list_backbones",
-    "load_backbone",
-    "load_classifier",
-]
+_EXPORTS = {
+    "Classifier": "vision_transfer.export.loading",
+    "DataConfig": "vision_transfer.backbones",
+    "ImageClassifier": "vision_transfer.tasks",
+    "VisionTransferError": "vision_transfer.errors",
+    "connect": "vision_transfer.app.connect",
+    "create_backbone": "vision_transfer.backbones",
+    "create_model": "vision_transfer.backbones",
+    "list_backbones": "vision_transfer.backbones",
+    "load_backbone": "vision_transfer.export.loading",
+    "load_classifier": "vision_transfer.export.loading",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> object:
-    # Lightning is imported only when a task is used, so backbones, data and loading stay light.
-    if name == "ImageClassifier":
-        from vision_transfer.tasks import ImageClassifier
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'vision_transfer' has no attribute {name!r}")
 
-        return ImageClassifier
-    if name == "connect":
-        from vision_transfer.app.connect import connect
 
-        return connect
-    raise AttributeError(name)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,96 @@
+"""The package layout: which package loads which, Lightning only where needed, a CLI that answers at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vision_transfer.app.cli import COMMANDS
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = ("backbones", "data", "tuning", "features", "export", "report")  # usable without Lightning
+PACKAGES = (*LIBRARY, "datamodules", "tasks", "callbacks", "app")
+# what each package may load of ours; `app` (the command line and runners) sits on top of everything
+MAY_LOAD = {
+    "backbones": set(),
+    "data": {"backbones"},
+    "tuning": set(),
+    "features": {"backbones", "data"},
+    "export": {"backbones", "data"},
+    "report": set(),
+    "datamodules": {"backbones", "data", "features"},
+    "callbacks": {"report"},
+    "tasks": {"backbones", "data", "tuning", "callbacks", "report"},
+    "app": set(PACKAGES),
+}
+
+
+def _python(code: str, **env: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env={**os.environ, **env}, check=True
+    )
+    return result.stdout
+
+
+def _loads(package: str) -> tuple[set[str], bool]:
+    code = (
+        f"import json, sys, vision_transfer.{package}\n"
+        "ours = {m.split('.')[1] for m in sys.modules if m.startswith('vision_transfer.')} - {'errors', 'files'}\n"
+        "print(json.dumps([sorted(ours), 'pytorch_lightning' in sys.modules]))"
+    )
+    ours, lightning = json.loads(_python(code))
+    return set(ours) - {package}, lightning
+
+
+def test_each_package_loads_only_what_it_may_and_the_graph_has_no_cycle() -> None:
+    loads = {package: _loads(package) for package in PACKAGES}
+    for package, (ours, lightning) in loads.items():
+        assert ours <= MAY_LOAD[package], f"{package} loads {sorted(ours - MAY_LOAD[package])}"
+        if package in LIBRARY:
+            assert not lightning, f"{package} imports Lightning"
+    for a in PACKAGES:  # no two packages load each other (directly or not)
+        for b in loads[a][0]:
+            assert a not in loads[b][0], f"cycle: {a} <-> {b}"
+
+
+def test_top_level_help_lists_every_command_without_importing_torch() -> None:
+    out = _python(
+        "import sys; from vision_transfer.app.cli import main; main(['--help']); print('torch' in sys.modules)"
+    )
+    lines = out.strip().splitlines()
+    assert lines[-1] == "False"
+    listed = [line.split()[0] for line in lines if line.startswith("  ")]
+    assert listed == list(COMMANDS) and len(listed) == 12
+
+
+def test_command_help_is_cached_after_the_first_time(tmp_path: Path) -> None:
+    code = (
+        "import sys; from vision_transfer.app.cli import main; main(['fit', '--help']); print('torch' in sys.modules)"
+    )
+    first = _python(code, XDG_CACHE_HOME=str(tmp_path), COLUMNS="100")
+    second = _python(code, XDG_CACHE_HOME=str(tmp_path), COLUMNS="100")
+    assert first.endswith("True\n") and second.endswith("False\n")  # the second answers from the cache
+    assert first.removesuffix("True\n") == second.removesuffix("False\n")
+    assert "--model.lr" in second and "--trainer.max_epochs" in second and "--ckpt_path" in second
+
+
+@pytest.mark.parametrize("command", ["export", "check-data", "report", "backbones", "lr-find"])
+def test_light_command_help_imports_no_torch(command: str) -> None:
+    code = f"import sys\nfrom vision_transfer.app.cli import main\ntry:\n    main([{command!r}, '--help'])\n"
+    code += "except SystemExit:\n    pass\nprint('torch' in sys.modules)"
+    out = _python(code)
+    assert out.strip().splitlines()[-1] == "False" and "usage:" in out
+
+
+def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) -> None:
+    from vision_transfer.app.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fti"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'fti'" in capsys.readouterr().err
