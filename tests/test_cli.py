@@ -278,3 +278,22 @@ def test_cli_predicts_with_the_checkpoints_preprocessing_as_python_does(
     python = load_classifier(path).predict(images, top_k=3)
     for image, pairs in zip(images, python, strict=True):
         assert cli[image] == pytest.approx(dict(pairs), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("cuda", "bf16", "accelerator", "expected"),
+    [
+        (False, False, "auto", None),  # the CPU: 32-true (bf16 autocast measured 12x slower on this project's CPU)
+        (True, True, "auto", "bf16-mixed"),
+        (True, False, "gpu", "16-mixed"),
+        (True, True, "cpu", None),
+    ],
+)
+def test_precision_is_chosen_by_device_unless_set(
+    monkeypatch: pytest.MonkeyPatch, cuda: bool, bf16: bool, accelerator: str, expected: str | None
+) -> None:
+    from vision_transfer.app.lightning_cli import default_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
+    assert default_precision(accelerator) == expected

@@ -96,7 +96,7 @@ def _train_step(reference: nn.Module, images: torch.Tensor, level: str) -> tuple
         if out.requires_grad:
             weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
             (out * weight).sum().backward()
-        policy.drop_frozen_grads()
+        policy.after_backward()  # the production path: drops leaked gradients, checks each level once
     except REFUSAL as e:
         return str(e)
     torch.optim.SGD(backbone.parameters(), lr=0.1).step()

@@ -138,3 +138,29 @@ def test_model_without_group_matcher_falls_back_to_its_children_with_a_warning()
     with pytest.warns(UserWarning, match="no timm group_matcher"):
         groups = stage_groups(plain)
     assert groups == [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+
+
+def test_a_parameter_used_outside_its_module_before_any_trainable_module_is_refused() -> None:
+    """The runtime guard: a trainable weight read functionally by a frozen module (here a tied
+    projection whose own module never runs) would get no gradient; the first step says so."""
+    from torch import nn
+
+    from vision_transfer.errors import UnsupportedBackboneError
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Linear(4, 4)
+            self.proj = nn.Linear(4, 4)  # the top group; only its weight is used, by the stem's caller
+
+        def group_matcher(self, coarse: bool = False) -> dict[str, str]:
+            return {"stem": r"^stem", "blocks": r"^proj"}
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(self.stem(x), self.proj.weight)
+
+    policy = TuningPolicy(Tied(), mode="partial", trainable_groups=1)
+    head = nn.Linear(4, 1)
+    head(policy.forward(torch.randn(2, 4), training=True)).sum().backward()
+    with pytest.raises(UnsupportedBackboneError, match=r"trainable parameters \['proj.weight'\]"):
+        policy.after_backward()

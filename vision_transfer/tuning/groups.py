@@ -16,7 +16,11 @@ def stage_groups(model: torch.nn.Module, coarse: bool = True) -> list[list[str]]
     """
     matcher = getattr(model, "group_matcher", None)
     if callable(matcher):
-        grouped = group_parameters(model, matcher(coarse=coarse))
+        try:
+            spec = matcher(coarse=coarse)
+        except (AssertionError, NotImplementedError):  # e.g. RDNet implements fine grouping only
+            spec = matcher(coarse=False)
+        grouped = group_parameters(model, spec)
         return [list(names) for _, names in sorted(grouped.items())]
     warnings.warn(
         f"{type(model).__name__} has no timm group_matcher; using its top-level children as stage groups.",
