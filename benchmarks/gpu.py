@@ -276,7 +276,7 @@ def whole_extract(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as cache:
         start = time.perf_counter()
         _, extractor = extract(
-            BACKBONE, "packaged", {"test": samples}, CLASSES, image_size=args.image_size, cache_root=cache,
+            BACKBONE, "packaged", {"test": samples}, image_size=args.image_size, cache_root=cache,
             batch_size=args.extract_batch_size, num_workers=workers, device=str(device(args)), progress=False,
         )  # fmt: skip
         seconds = time.perf_counter() - start
