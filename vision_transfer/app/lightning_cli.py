@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import json
@@ -9,7 +10,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -161,24 +162,33 @@ class VisionTransferCLI(LightningCLI):
         return trainer
 
     # -- running -----------------------------------------------------------------------------
+    # LightningCLI runs a method named after the subcommand when the CLI has one: each runs the
+    # Trainer's own, with the warnings that are expected here silenced for that call only
     def fit(self, model: ImageClassifier, **kwargs: Any) -> None:
-        """``Trainer.fit`` (LightningCLI runs a method named after the subcommand when the CLI has one);
-        a resumed run logs into its own folder, where "folder exists" warnings are expected."""
-        with warnings.catch_warnings():
-            if self._resumed_step is not None:
-                warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
-                warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-                logger = self.trainer.logger
-                if isinstance(logger, RunLogger) and self.trainer.global_rank == 0:
-                    logger.keep_history_before(self._resumed_step)  # earlier metrics.csv rows are kept
+        with _expected_warnings(resumed=self._resumed_step is not None):
+            logger = self.trainer.logger
+            if self._resumed_step is not None and isinstance(logger, RunLogger) and self.trainer.global_rank == 0:
+                logger.keep_history_before(self._resumed_step)  # earlier metrics.csv rows stay
             self.trainer.fit(model, **kwargs)
+
+    def validate(self, model: ImageClassifier, **kwargs: Any) -> Any:
+        with _expected_warnings():
+            return self.trainer.validate(model, **kwargs)
+
+    def test(self, model: ImageClassifier, **kwargs: Any) -> Any:
+        with _expected_warnings():
+            return self.trainer.test(model, **kwargs)
+
+    def predict(self, model: ImageClassifier, **kwargs: Any) -> Any:
+        with _expected_warnings():
+            return self.trainer.predict(model, **kwargs)
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit", True) or self.trainer.interrupted:
             return
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") or None
-        results = self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
+        results = self.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.global_rank == 0:
             print_summary(self.trainer, log_dir, results[0] if results else {}, best)
@@ -187,6 +197,20 @@ class VisionTransferCLI(LightningCLI):
         writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)  # type: ignore[attr-defined]
         if writer is not None and writer.path is not None and self.trainer.global_rank == 0:
             print(f"predictions: {writer.path.resolve()}")
+
+
+@contextlib.contextmanager
+def _expected_warnings(resumed: bool = False) -> Iterator[None]:
+    """Silences, for one Trainer call, warnings about what this package does on purpose."""
+    with warnings.catch_warnings():
+        # the model normalises batches on the device, after the datamodule's transfer
+        warnings.filterwarnings("ignore", message=".*overridden `on_after_batch_transfer`.*")
+        # configure_model only checks that the head exists: weight averaging copies it as it is
+        warnings.filterwarnings("ignore", message=".*callback with a model that overrides the configure_model.*")
+        if resumed:  # a resumed run logs into its own folder
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+        yield
 
 
 def default_precision(accelerator: Any) -> str | None:
