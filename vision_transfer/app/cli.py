@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "extract": "Run a frozen backbone once over each split and cache the features",
     "probe": "Linear probe on cached features (extracting first where the cache is missing)",
     "benchmark": "Backbones x datasets x seeds x protocols: results table, transfer gain and plots",
+    "calibrate": "Fit a checkpoint's temperature (or multi-label thresholds) on its validation split",
     "export": "Export a checkpoint or a pretrained backbone for timm, TorchScript and ONNX",
     "check-data": "Scan a dataset: class counts, image sizes and modes, unreadable files, duplicates",
     "report": "Print a run folder's summary and redraw its plots",

@@ -39,6 +39,11 @@ def export(argv: list[str]) -> None:
     parser.add_argument(
         "--formats", default="timm,torchscript,onnx", help="comma-separated subset of timm,torchscript,onnx"
     )
+    parser.add_argument(
+        "--tta",
+        default=None,
+        help="none, flip or flip_zoom, averaged inside the TorchScript/ONNX graph (default: the checkpoint's setting)",
+    )
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == bool(args.backbone):
         parser.error("give either a checkpoint or --backbone")
@@ -46,9 +51,9 @@ def export(argv: list[str]) -> None:
 
     formats = [f for f in args.formats.split(",") if f]
     if args.checkpoint:
-        report = export_checkpoint(args.checkpoint, args.to, formats)
+        report = export_checkpoint(args.checkpoint, args.to, formats, args.tta)
     else:
-        report = export_classifier(classifier_from_pretrained(args.backbone, args.weights), args.to, formats)
+        report = export_classifier(classifier_from_pretrained(args.backbone, args.weights), args.to, formats, args.tta)
     folder = Path(args.to).resolve()
     for kind, files in report["files"].items():
         diff = report["max_abs_diff"].get(kind)
@@ -58,6 +63,21 @@ def export(argv: list[str]) -> None:
         print(f"{kind:<12} {', '.join(files) if isinstance(files, list) else files}{check}")
     print(f"exported to {folder}")
     print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
+
+
+def calibrate(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="vision-transfer calibrate",
+        description="Fit a checkpoint's temperature (single-label) or per-class thresholds (multi-label) on its "
+        "validation split and write them into the checkpoint; NLL/ECE before and after, reliability diagram.",
+    )
+    parser.add_argument("checkpoint", help="a vision-transfer .ckpt (rewritten in place, atomically)")
+    parser.add_argument("--output", default=None, help="folder of reliability.png and calibration.json")
+    args = parser.parse_args(argv)
+    from vision_transfer.app.calibrate import calibrate_checkpoint
+    from vision_transfer.app.lightning_cli import _calibration_line
+
+    print(_calibration_line(calibrate_checkpoint(args.checkpoint, output=args.output)))
 
 
 def _feature_parser(command: str) -> ArgumentParser:

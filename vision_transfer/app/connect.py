@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import TypeVar
 
+import torch
+
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -15,9 +17,10 @@ def connect(
 ) -> ImageDataModule | CachedFeatureDataModule:
     """Hand the model's preprocessing to the datamodule and agree on the classes, once.
 
-    A trained model (classes known, e.g. from a checkpoint) fixes the label indices: the
-    datamodule maps its labels onto them and refuses labels the model does not know. A new model
-    takes the datamodule's classes and builds its head. A model built with
+    A trained model (classes known, e.g. from a checkpoint) fixes the label indices and the task:
+    the datamodule maps its labels onto them and refuses labels the model does not know. A new
+    model takes the datamodule's task, classes and training class counts (the prior that class
+    weighting and logit adjustment use) and builds its head. A model built with
     ``cache_features=True`` gets its datamodule wrapped in a
     :class:`~vision_transfer.datamodules.CachedFeatureDataModule` that extracts with the model's
     own backbone.
@@ -29,11 +32,14 @@ def connect(
         datamodule = CachedFeatureDataModule(datamodule, cache_dir=model.hparams.get("cache_dir"))
     datamodule.data_config = model.data_config
     model._handed_out = True
-    if model.class_names is not None:
+    if model.class_names is not None:  # a trained model: the data follows it (nothing is read yet)
         datamodule.fixed_classes = list(model.class_names)
+        datamodule.fixed_task = model.task
     else:
         datamodule.prepare_splits()
+        model.set_task(datamodule.task)
         model.set_class_names(list(datamodule.class_names or []))
+        model.set_class_counts(torch.as_tensor(datamodule.class_counts()))
     if isinstance(datamodule, CachedFeatureDataModule):
         datamodule.use_features_of(model)
     return datamodule

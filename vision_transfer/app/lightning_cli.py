@@ -153,6 +153,9 @@ class VisionTransferCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         self.datamodule = connect(self.model, self.datamodule)
+        checkpoint = self.trainer.checkpoint_callback
+        if isinstance(checkpoint, RunCheckpoint) and checkpoint.monitor == "val/acc" and self.model.multilabel:
+            checkpoint.monitor = self.model.monitor  # multi-label heads are chosen by val/map
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
@@ -188,6 +191,13 @@ class VisionTransferCLI(LightningCLI):
             return
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") or None
+        if best and self.model.hparams.get("calibrate", True) and "val" in self.datamodule.splits:
+            if self.trainer.global_rank == 0:
+                from vision_transfer.app.calibrate import calibrate_checkpoint
+
+                report = calibrate_checkpoint(best, self.datamodule, device=self.trainer.strategy.root_device)
+                _print_once(_calibration_line(report))
+            self.trainer.strategy.barrier()  # every rank tests the calibrated checkpoint
         results = self.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
         if self.trainer.global_rank == 0:
@@ -211,6 +221,18 @@ def _expected_warnings(resumed: bool = False) -> Iterator[None]:
             warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
             warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         yield
+
+
+def _calibration_line(report: dict[str, Any]) -> str:
+    if "temperature" in report:
+        return (
+            f"calibrated on val: temperature {report['temperature']:.3f}, NLL {report['nll_before']:.4f} -> "
+            f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
+        )
+    return (
+        f"per-class thresholds tuned on val: micro-F1 {report['f1_micro_at_0.5']:.4f} at 0.5 -> "
+        f"{report['f1_micro_tuned']:.4f}"
+    )
 
 
 def default_precision(accelerator: Any) -> str | None:

@@ -1,4 +1,4 @@
-"""PredictionWriter: the top-k classes of each predicted image, as CSV rows."""
+"""PredictionWriter: each predicted image's classes and probabilities, as CSV rows."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Writes ``path, label_1, prob_1, ..., label_k, prob_k`` for every predicted image.
+    """Writes a CSV row per predicted image.
+
+    Single-label: ``path, label_1, prob_1, ..., label_k, prob_k`` (top k). The probabilities are
+    the model's final ones: with a fitted temperature the columns are named ``calibrated_prob_k``,
+    with test-time augmentation they are the views' average. Multi-label: ``path, labels,
+    probabilities, all_probabilities``: every class at or above its threshold (``;``-separated),
+    their probabilities, and every class's probability in class order.
 
     Args:
         output: CSV file; other ranks than 0 write ``<stem>.rank<N>.csv`` beside it.
@@ -34,10 +40,15 @@ class PredictionWriter(BasePredictionWriter):
         self.path = path
         self._file = path.open("w", newline="")
         names: list[str] = getattr(pl_module, "class_names", None) or []
-        k = min(self.top_k, len(names) or self.top_k)
-        header = ["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", "prob")]
+        self._multilabel = bool(getattr(pl_module, "multilabel", False))
         self._writer = csv.writer(self._file)
-        self._writer.writerow(header)
+        if self._multilabel:
+            self._writer.writerow(["path", "labels", "probabilities", "all_probabilities"])
+            return
+        calibrated = float(getattr(pl_module, "temperature", 1.0)) != 1.0
+        prob = "calibrated_prob" if calibrated else "prob"
+        k = min(self.top_k, len(names) or self.top_k)
+        self._writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", prob)])
 
     def write_on_batch_end(
         self,
@@ -51,6 +62,19 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         files = trainer.datamodule.predict_files  # type: ignore[attr-defined]
         names: list[str] = getattr(pl_module, "class_names", None) or []
+        if self._multilabel:
+            thresholds = getattr(pl_module, "thresholds", torch.full((prediction.shape[1],), 0.5)).cpu()
+            for index, row in zip(batch_indices, prediction.float().cpu(), strict=True):
+                above = (row >= thresholds).nonzero().flatten().tolist()
+                self._writer.writerow(
+                    [
+                        files[index],
+                        ";".join(names[c] for c in above),
+                        ";".join(f"{float(row[c]):.5f}" for c in above),
+                        ";".join(f"{float(v):.5f}" for v in row),
+                    ]
+                )
+            return
         probs, classes = torch.topk(prediction.float(), min(self.top_k, prediction.shape[1]), dim=1)
         for index, p_row, c_row in zip(batch_indices, probs.tolist(), classes.tolist(), strict=True):
             cells: list[Any] = [files[index]]

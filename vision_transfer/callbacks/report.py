@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import heapq
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,15 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from torch.nn import functional as F
 
-from vision_transfer.report.run import draw_plots, write_confusion, write_run_summary
+from vision_transfer.report.run import (
+    draw_plots,
+    update_run_facts,
+    write_average_precision,
+    write_confusion,
+    write_run_summary,
+)
 
 
 class RunReport(pl.Callback):
@@ -33,7 +39,7 @@ class RunReport(pl.Callback):
         self.files: list[Path] = []
         self._fit_start = 0.0
         self._train_images = 0
-        self._worst: list[tuple[float, int, np.ndarray, int, int]] = []
+        self._worst: list[tuple[float, int, np.ndarray, list[int], list[int]]] = []
 
     def _folder(self, trainer: pl.Trainer) -> Path | None:
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -42,12 +48,6 @@ class RunReport(pl.Callback):
         folder = Path(log_dir)
         folder.mkdir(parents=True, exist_ok=True)
         return folder
-
-    def _update_facts(self, folder: Path, **facts: Any) -> None:
-        path = folder / "run.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data.update(facts)
-        path.write_text(json.dumps(data, indent=2, default=str))
 
     # -- fit -------------------------------------------------------------------------------
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -68,7 +68,7 @@ class RunReport(pl.Callback):
         seconds = time.perf_counter() - self._fit_start
         datamodule: Any = getattr(trainer, "datamodule", None)
         splits = getattr(datamodule, "splits", {}) or {}
-        self._update_facts(
+        update_run_facts(
             folder,
             model=_model_facts(pl_module),
             data={
@@ -93,6 +93,7 @@ class RunReport(pl.Callback):
     # -- test ------------------------------------------------------------------------------
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._worst = []
+        self._positives: Any = None
 
     def on_test_batch_end(
         self,
@@ -106,11 +107,23 @@ class RunReport(pl.Callback):
         images, labels = batch[0], batch[1]
         if self.worst_images <= 0 or not isinstance(outputs, torch.Tensor) or images.ndim != 4:
             return
-        losses = torch.nn.functional.cross_entropy(outputs.float(), labels, reduction="none")
-        predicted = outputs.argmax(1)
+        logits = outputs.float()
+        multilabel = labels.ndim == 2
+        if multilabel:
+            self._positives = labels.sum(0).cpu() + (self._positives if self._positives is not None else 0)
+        if multilabel:
+            losses = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1)
+            predicted = logits.sigmoid() >= getattr(pl_module, "thresholds", 0.5)
+        else:
+            losses = F.cross_entropy(logits, labels, reduction="none")
+            predicted = logits.argmax(1)
         top = torch.topk(losses, min(self.worst_images, len(losses))).indices
         for i, pixels in zip(top.tolist(), _to_uint8(images[top], pl_module), strict=True):
-            item = (float(losses[i]), batch_idx * len(labels) + i, pixels, int(labels[i]), int(predicted[i]))
+            if multilabel:
+                true, pred = labels[i].nonzero().flatten().tolist(), predicted[i].nonzero().flatten().tolist()
+            else:
+                true, pred = [int(labels[i])], [int(predicted[i])]
+            item = (float(losses[i]), batch_idx * len(labels) + i, pixels, true, pred)
             if len(self._worst) < self.worst_images:
                 heapq.heappush(self._worst, item)
             elif item[0] > self._worst[0][0]:
@@ -118,21 +131,34 @@ class RunReport(pl.Callback):
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         confusion = getattr(pl_module, "test_confusion", None)
-        if confusion is None:
+        average_precision = getattr(pl_module, "test_ap", None)
+        if confusion is None and average_precision is None:
             return
-        matrix = confusion.compute().cpu().numpy()  # every rank joins the sync
-        confusion.reset()
+        if confusion is not None:
+            matrix = confusion.compute().cpu().numpy()  # every rank joins the sync
+            confusion.reset()
+        else:
+            ap = average_precision.compute().cpu().numpy()  # type: ignore[union-attr]
+            average_precision.reset()  # type: ignore[union-attr]
         folder = self._folder(trainer)
         if folder is None:
             return
-        names = [str(n) for n in (getattr(pl_module, "class_names", None) or range(len(matrix)))]
-        write_confusion(folder, matrix, names)
-        self.files.extend(draw_plots(folder, only=("confusion", "per_class")))
+        names = [str(n) for n in (getattr(pl_module, "class_names", None) or [])]
+        if confusion is not None:
+            write_confusion(folder, matrix, names)
+            self.files.extend(draw_plots(folder, only=("confusion", "per_class")))
+        else:
+            positives = self._positives
+            write_average_precision(folder, ap, names, positives)
+            self.files.extend(draw_plots(folder, only=("per_class",)))
         if self._worst:
             from vision_transfer.report.plots import plot_image_grid
 
-            worst = sorted(self._worst, reverse=True)
-            titles = [f"true {names[t]}\npred {names[p]} ({loss:.1f})" for loss, _, _, t, p in worst]
+            def show(classes: list[int]) -> str:
+                return ";".join(names[c] for c in classes) or "none"
+
+            worst = sorted(self._worst, key=lambda w: w[0], reverse=True)
+            titles = [f"true {show(t)}\npred {show(p)} ({loss:.1f})" for loss, _, _, t, p in worst]
             out = plot_image_grid([w[2] for w in worst], titles, folder / "worst_test_images.png")
             self.files.append(out)
 
@@ -141,7 +167,7 @@ class RunReport(pl.Callback):
         folder = self._folder(trainer)
         if folder is None or not metrics:
             return
-        self._update_facts(folder, test=metrics)
+        update_run_facts(folder, test=metrics)
         if (folder / "run.json").is_file():
             self.files.append(write_run_summary(folder))
 

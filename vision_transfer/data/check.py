@@ -14,6 +14,8 @@ from vision_transfer.data.images import load_image
 from vision_transfer.data.sources import SourceSplits, read_csv, read_fashion_mnist, read_image_folder
 from vision_transfer.errors import DataError, ImageLoadError
 
+IMBALANCE_WARNING = 10.0  # largest / smallest class; above it, accuracy mostly measures the large classes
+
 
 @dataclass
 class DataReport:
@@ -25,6 +27,15 @@ class DataReport:
     heights: list[int] = field(default_factory=list)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (first seen, duplicate), "split:path"
+    multilabel: bool = False
+
+    @property
+    def imbalance_ratio(self) -> float:
+        """Largest over smallest class in train (multi-label: positives); inf when a class has none."""
+        counts = [n for n in self.counts.get("train", Counter()).values()]
+        if not counts:
+            return 1.0
+        return max(counts) / min(counts) if min(counts) > 0 else float("inf")
 
     @property
     def cross_split_duplicates(self) -> list[tuple[str, str]]:
@@ -42,6 +53,14 @@ class DataReport:
                 f"\nimage sizes (w x h): min {w.min()}x{h.min()}, median {int(np.median(w))}x{int(np.median(h))}, "
                 f"max {w.max()}x{h.max()}; modes: {', '.join(f'{m} {n}' for m, n in self.modes.most_common())}"
             )
+        ratio = self.imbalance_ratio
+        lines.append(f"imbalance ratio (largest / smallest class in train): {ratio:.1f}")
+        if ratio > IMBALANCE_WARNING:
+            lines.append(
+                f"  warning: imbalance above {IMBALANCE_WARNING:g}. Consider --data.init_args.balanced_sampling true, "
+                "--model.logit_adjustment loss (or posthoc), --model.class_weighting balanced or "
+                "--model.focal_gamma 2, and read balanced accuracy (val/balanced_acc), not only accuracy."
+            )
         lines.append(f"unreadable files: {len(self.unreadable)}")
         lines += [f"  {path}: {reason}" for path, reason in self.unreadable[:20]]
         cross = self.cross_split_duplicates
@@ -55,7 +74,9 @@ def check_source(source: SourceSplits, decode: bool = True) -> DataReport:
     report = DataReport()
     seen: dict[str, str] = {}
     for split, samples in source.splits.items():
-        report.counts[split] = Counter(source.class_names[label] for label in samples.labels)
+        counts = samples.class_counts(len(source.class_names))
+        report.counts[split] = Counter({name: int(n) for name, n in zip(source.class_names, counts, strict=True)})
+        report.multilabel = samples.multilabel
         if isinstance(samples.items, np.ndarray):
             report.modes["L" if samples.items.ndim == 3 else "RGB"] += len(samples.items)
             report.heights += [samples.items.shape[1]] * len(samples.items)

@@ -64,7 +64,7 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | UnreadableImage:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor] | UnreadableImage:
         self._seed_transform()
         item = self.samples.items[index]
         if isinstance(item, str):
@@ -76,7 +76,9 @@ class ImageDataset(Dataset):
                 return UnreadableImage(item, e.reason)
         else:  # an in-memory uint8 array, gray or colour
             image = np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else item
-        return self.transform(image=image)["image"], int(self.samples.labels[index])
+        label = self.samples.labels[index]
+        target = torch.from_numpy(label.astype(np.float32)) if label.ndim else int(label)  # multi-label: a 0/1 row
+        return self.transform(image=image)["image"], target
 
 
 def collate_readable(samples: list[Any]) -> Any:

@@ -7,6 +7,7 @@ import gzip
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -18,14 +19,28 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Samples:
-    """Labelled images: ``items`` are file paths or an ``N x H x W[x C]`` uint8 array."""
+    """Labelled images: ``items`` are file paths or an ``N x H x W[x C]`` uint8 array.
+
+    ``labels`` are int64 class indices (``-1`` when unknown), or for multi-label data an
+    ``N x num_classes`` uint8 matrix of 0/1.
+    """
 
     items: list[str] | np.ndarray
-    labels: np.ndarray  # int64 class indices into the source's class names; -1 when unknown
+    labels: np.ndarray
     ids: list[str]  # stable, human-readable identity of each sample (path or "train:123")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
+
+    def class_counts(self, num_classes: int) -> np.ndarray:
+        """Samples (single-label) or positives (multi-label) of each class."""
+        if self.multilabel:
+            return self.labels.sum(axis=0).astype(np.int64)
+        return np.bincount(self.labels[self.labels >= 0], minlength=num_classes).astype(np.int64)
 
     def take(self, index: np.ndarray) -> Samples:
         items = self.items[index] if isinstance(self.items, np.ndarray) else [self.items[i] for i in index]
@@ -38,6 +53,20 @@ class SourceSplits:
 
     class_names: list[str]
     splits: dict[str, Samples]
+
+    @property
+    def task(self) -> str:
+        return "multilabel" if self.splits["train"].multilabel else "multiclass"
+
+
+def stratification_key(labels: np.ndarray) -> np.ndarray:
+    """One class per sample to stratify on: the label itself, or for multi-label rows the rarest
+    class present (``num_classes`` for a row without any), a common stand-in for iterative stratification."""
+    if labels.ndim == 1:
+        return labels
+    frequency = labels.sum(axis=0).astype(np.float64)
+    rarity = np.where(labels > 0, frequency[None, :], np.inf)
+    return np.where(labels.any(axis=1), rarity.argmin(axis=1), labels.shape[1])
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
@@ -144,18 +173,37 @@ def read_image_folder(root: str | Path) -> SourceSplits:
     return SourceSplits(class_names, splits)
 
 
-def read_csv(path: str | Path, path_column: str = "path", label_column: str = "label") -> SourceSplits:
-    """``path,label`` rows (paths relative to the CSV); an optional ``split`` column assigns splits."""
+def read_csv(
+    path: str | Path,
+    path_column: str = "path",
+    label_column: str = "label",
+    *,
+    labels_column: str = "labels",
+    label_separator: str = ";",
+    label_columns: list[str] | None = None,
+    task: Literal["auto", "multiclass", "multilabel"] = "auto",
+) -> SourceSplits:
+    """Image rows of a CSV, paths relative to the CSV; an optional ``split`` column assigns splits.
+
+    Single-label: one class name per row in ``label_column``. Multi-label: several class names
+    in ``labels_column``, separated by ``label_separator`` (an empty cell: no class present), or one
+    0/1 column per class (``label_columns``). ``task`` ``auto`` reads a ``labels_column`` as
+    multi-label when the CSV has no ``label_column``.
+    """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"CSV file not found: {path}")
     with path.open(newline="") as f:
         reader = csv.DictReader(f)
         columns = reader.fieldnames or []
-        missing = [c for c in (path_column, label_column) if c not in columns]
-        if missing:
-            raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}.")
         rows = list(reader)
+    multilabel = task == "multilabel" or bool(label_columns)
+    if task == "auto" and label_column not in columns and labels_column in columns:
+        multilabel = True
+    needed = [path_column, *(label_columns or [labels_column] if multilabel else [label_column])]
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(columns) or 'none'}.")
     if not rows:
         raise DataError(f"{path}: no data rows (only a header).")
     bad_split = sorted({r["split"] for r in rows if r.get("split") and r["split"] not in SPLITS})
@@ -167,8 +215,17 @@ def read_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     if absent:
         more = f" (and {len(absent) - 5} more)" if len(absent) > 5 else ""
         raise DataError(f"{path}: image file(s) not found: {'; '.join(absent[:5])}{more}.")
-    class_names = sorted({r[label_column] for r in rows})
-    labels = np.array([class_names.index(r[label_column]) for r in rows], dtype=np.int64)
+    if multilabel:
+        class_names, labels = _multilabel_rows(path, rows, labels_column, label_separator, label_columns)
+    else:
+        empty = [f"line {i + 2}" for i, r in enumerate(rows) if not (r[label_column] or "").strip()]
+        if empty:
+            raise DataError(
+                f"{path}: empty {label_column!r} on {', '.join(empty[:5])}; a single-label dataset needs a class on "
+                f"every row (for images with several or no classes, use a {labels_column!r} column: multi-label)."
+            )
+        class_names = sorted({r[label_column] for r in rows})
+        labels = np.array([class_names.index(r[label_column]) for r in rows], dtype=np.int64)
     split_of = np.array([r.get("split") or "train" for r in rows])
     splits = {}
     for split in SPLITS:
@@ -178,6 +235,29 @@ def read_csv(path: str | Path, path_column: str = "path", label_column: str = "l
     if "train" not in splits:
         raise DataError(f"{path}: no rows in the train split.")
     return SourceSplits(class_names, splits)
+
+
+def _multilabel_rows(
+    path: Path, rows: list[dict[str, str]], labels_column: str, separator: str, label_columns: list[str] | None
+) -> tuple[list[str], np.ndarray]:
+    if label_columns:
+        labels = np.zeros((len(rows), len(label_columns)), dtype=np.uint8)
+        for i, row in enumerate(rows):
+            for c, name in enumerate(label_columns):
+                value = (row[name] or "0").strip()
+                if value not in ("0", "1"):
+                    raise DataError(f"{path}: line {i + 2}, column {name!r}: {value!r} is not 0 or 1.")
+                labels[i, c] = value == "1"
+        return list(label_columns), labels
+    sets = [{n.strip() for n in (row[labels_column] or "").split(separator) if n.strip()} for row in rows]
+    class_names = sorted(set().union(*sets))
+    if not class_names:
+        raise DataError(f"{path}: no class names in column {labels_column!r} (separator {separator!r}).")
+    index = {name: c for c, name in enumerate(class_names)}
+    labels = np.zeros((len(rows), len(class_names)), dtype=np.uint8)
+    for i, names in enumerate(sets):
+        labels[i, [index[n] for n in names]] = 1
+    return class_names, labels
 
 
 FASHION_MNIST_CLASSES = [

@@ -8,7 +8,7 @@ and free on a GPU).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import cv2
@@ -35,15 +35,53 @@ def _interpolation(config: DataConfig) -> int:
     return _INTERPOLATION.get(config.interpolation, cv2.INTER_CUBIC)
 
 
+AugmentPreset = Literal["none", "light", "medium", "strong"]
+AUGMENT_PRESETS: tuple[str, ...] = ("none", "light", "medium", "strong")
+
+
+class TrainTransform:
+    """albumentations geometry on the decoded array, then optional torchvision ops on the uint8 tensor.
+
+    Called like an albumentations transform: ``transform(image=array)["image"]``. The albumentations
+    part draws from its own generator (seeded by the dataset per worker); the torchvision part
+    draws from torch's, which DataLoader workers seed per worker too.
+    """
+
+    def __init__(self, geometry: A.Compose, tensor_ops: Any = None) -> None:
+        self.geometry = geometry
+        self.tensor_ops = tensor_ops
+
+    def set_random_seed(self, seed: int) -> None:
+        self.geometry.set_random_seed(seed)
+
+    def __call__(self, image: np.ndarray) -> dict[str, torch.Tensor]:
+        out = self.geometry(image=image)["image"]
+        return {"image": self.tensor_ops(out) if self.tensor_ops is not None else out}
+
+
 def create_train_transform(
     config: DataConfig,
     *,
+    preset: AugmentPreset = "light",
     scale: tuple[float, float] = (0.35, 1.0),
     hflip: float = 0.5,
     color_jitter: float = 0.0,
-) -> A.Compose:
-    """Random resized crop at the model's input size, horizontal flip, optional colour jitter."""
+) -> TrainTransform:
+    """Training augmentation at the model's input size.
+
+    Presets: ``light`` = random resized crop (``scale``) + horizontal flip (the default);
+    ``medium`` = light + TrivialAugmentWide (Muller and Hutter 2021) + random erasing (p 0.25);
+    ``strong`` = random resized crop from 8% of the area (Inception/timm) + flip + RandAugment
+    (2 ops, magnitude 9: timm's rand-m9) + random erasing (p 0.25). ``none`` is the caller's
+    business (the eval transform). ``color_jitter`` adds brightness/contrast/saturation jitter.
+    """
+    from torchvision.transforms import v2
+
+    if preset not in AUGMENT_PRESETS or preset == "none":
+        raise DataError(f"augment={preset!r}: a training preset is one of light, medium, strong.")
     _, height, width = config.input_size
+    if preset == "strong":
+        scale = (0.08, 1.0)
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(height, width), scale=scale, interpolation=_interpolation(config), area_for_downscale="image"
@@ -54,7 +92,12 @@ def create_train_transform(
     if color_jitter > 0:
         steps.append(A.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter, hue=0.0))
     steps.append(ToTensorV2())
-    return A.Compose(steps)
+    tensor_ops = None
+    if preset == "medium":
+        tensor_ops = v2.Compose([v2.TrivialAugmentWide(), v2.RandomErasing(p=0.25, value=0)])
+    elif preset == "strong":
+        tensor_ops = v2.Compose([v2.RandAugment(num_ops=2, magnitude=9), v2.RandomErasing(p=0.25, value=0)])
+    return TrainTransform(A.Compose(steps), tensor_ops)
 
 
 # What timm's eval transform understands; anything else it would silently treat as "center" or fail on.

@@ -105,8 +105,23 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         self.images.fixed_classes = names
 
     @property
+    def fixed_task(self) -> str | None:
+        return self.images.fixed_task
+
+    @fixed_task.setter
+    def fixed_task(self, task: str | None) -> None:
+        self.images.fixed_task = task
+
+    @property
     def class_names(self) -> list[str] | None:
         return self.images.class_names
+
+    @property
+    def task(self) -> str:
+        return self.images.task
+
+    def class_counts(self) -> Any:
+        return self.images.class_counts()
 
     @property
     def splits(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from vision_transfer.backbones import DataConfig
 from vision_transfer.data.dataset import (
@@ -36,10 +36,16 @@ from vision_transfer.data.sources import (
     read_fashion_mnist,
     read_image_folder,
     read_sklearn_digits,
+    stratification_key,
     stratified_split,
     stratified_subset,
 )
-from vision_transfer.data.transforms import create_eval_transform, create_train_transform
+from vision_transfer.data.transforms import (
+    AUGMENT_PRESETS,
+    AugmentPreset,
+    create_eval_transform,
+    create_train_transform,
+)
 from vision_transfer.errors import ConfigError, DataError, ImageLoadError
 
 log = logging.getLogger(__name__)
@@ -68,6 +74,55 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
+class BalancedSampler(DistributedSampler):
+    """Draws ``len(labels)`` indices per epoch, with replacement, each with probability inversely
+    proportional to its class's frequency (multi-label rows: their rarest class's), so every class
+    is seen about equally often. Seeded by ``(seed, epoch)``; under ``torch.distributed`` each rank
+    takes its share of one global draw (a ``DistributedSampler``, so Lightning leaves it in place
+    and sets its epoch), so resumed and multi-process runs draw what a single run would.
+    """
+
+    def __init__(self, labels: np.ndarray, seed: int = 0) -> None:
+        key = stratification_key(labels)
+        counts = np.bincount(key, minlength=int(key.max()) + 1).astype(np.float64)
+        self.weights = torch.as_tensor(1.0 / counts[key], dtype=torch.float64)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.num_replicas = torch.distributed.get_world_size() if distributed else 1
+        self.rank = torch.distributed.get_rank() if distributed else 0
+        self.seed, self.epoch = seed, 0
+        self.shuffle, self.drop_last = True, False  # what Lightning may read of a DistributedSampler
+        self.total = len(labels)
+        self.num_samples = -(-self.total // self.num_replicas)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        draw = torch.multinomial(
+            self.weights, self.num_samples * self.num_replicas, replacement=True, generator=generator
+        )
+        return iter(draw[self.rank :: self.num_replicas].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+
+def _remap(labels: np.ndarray, remap: np.ndarray, num_classes: int) -> np.ndarray:
+    """Labels of the source's classes -> labels of a model's classes (multi-label: columns moved)."""
+    if labels.ndim == 1:
+        return remap[labels]
+    out = np.zeros((len(labels), num_classes), dtype=labels.dtype)
+    out[:, remap] = labels
+    return out
+
+
+def _label_text(label: np.ndarray, names: list[str]) -> str:
+    if np.ndim(label) == 1:
+        return ";".join(names[c] for c in np.flatnonzero(label))
+    return names[int(label)]
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base class: reads a source, splits it (seeded, stratified) and serves DataLoaders.
 
@@ -83,7 +138,13 @@ class ImageDataModule(pl.LightningDataModule):
         scale_min: smallest area fraction of the random resized crop.
         hflip: probability of a horizontal flip.
         color_jitter: brightness/contrast/saturation jitter strength (0 disables it).
-        augment: False trains on the eval transform (deterministic batches).
+        augment: training augmentation: ``light`` (random resized crop + flip; also ``True``),
+            ``medium`` (+ TrivialAugmentWide + random erasing), ``strong`` (RandAugment m9, crops
+            from 8% of the area, random erasing), or ``none``/``False`` (the eval transform).
+        balanced_sampling: draw training samples with probability inversely proportional to
+            their class's frequency (multi-label: of their rarest class), with replacement, as
+            many per epoch as the training split has; seeded by epoch (resume and DDP give the
+            same draws).
         verify_images: open every image header at setup, so bad files fail before training.
         on_bad_image: ``error`` stops at the first unreadable image, naming it; ``skip`` fully
             decodes every image at setup, leaves out the bad ones and lists them, with the reason,
@@ -105,7 +166,8 @@ class ImageDataModule(pl.LightningDataModule):
         scale_min: float = 0.35,
         hflip: float = 0.5,
         color_jitter: float = 0.0,
-        augment: bool = True,
+        augment: bool | AugmentPreset = True,
+        balanced_sampling: bool = False,
         verify_images: bool = True,
         on_bad_image: Literal["error", "skip"] = "error",
         predict_paths: str | list[str] | None = None,
@@ -114,6 +176,8 @@ class ImageDataModule(pl.LightningDataModule):
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0 <= fraction < 1:
                 raise ConfigError(f"{name}={fraction}: must be in [0, 1).")
+        if augment not in (True, False, *AUGMENT_PRESETS):
+            raise ConfigError(f"augment={augment!r}: use one of {', '.join(AUGMENT_PRESETS)} (or true/false).")
         if val_fraction + test_fraction >= 1:
             raise ConfigError(
                 f"val_fraction={val_fraction} + test_fraction={test_fraction} = {val_fraction + test_fraction:g}: "
@@ -125,6 +189,7 @@ class ImageDataModule(pl.LightningDataModule):
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
         self.data_config: DataConfig | None = None  # set by vision_transfer.connect (or by hand)
         self.fixed_classes: list[str] | None = None  # a trained model's classes: labels index these
+        self.fixed_task: str | None = None  # a trained model's task: the data must be of it
         self.class_names: list[str] | None = None
         self.splits: dict[str, Samples] = {}
         self.predict_files: list[str] = []
@@ -149,9 +214,12 @@ class ImageDataModule(pl.LightningDataModule):
             self._record_splits()
         hp: Any = self.hparams
         eval_tf = create_eval_transform(config)
+        preset = self.augment_preset
         train_tf = (
-            create_train_transform(config, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter)
-            if hp.augment
+            create_train_transform(
+                config, preset=preset, scale=(hp.scale_min, 1.0), hflip=hp.hflip, color_jitter=hp.color_jitter
+            )
+            if preset != "none"
             else eval_tf
         )
         skip = hp.on_bad_image == "skip"
@@ -159,6 +227,24 @@ class ImageDataModule(pl.LightningDataModule):
             split: ImageDataset(samples, train_tf if split == "train" else eval_tf, skip_unreadable=skip)
             for split, samples in self.splits.items()
         }
+
+    @property
+    def augment_preset(self) -> AugmentPreset:
+        augment = self.hparams["augment"]
+        return "light" if augment is True else "none" if augment is False else augment  # type: ignore[no-any-return]
+
+    @property
+    def task(self) -> str:
+        """``multiclass`` or ``multilabel`` (from the labels; read the source first)."""
+        if not self.splits:
+            self.prepare_splits()
+        return "multilabel" if self.splits["train"].multilabel else "multiclass"
+
+    def class_counts(self) -> np.ndarray:
+        """Training samples (multi-label: positives) of each class."""
+        if not self.splits:
+            self.prepare_splits()
+        return self.splits["train"].class_counts(len(self.class_names or []))
 
     def _require_data_config(self) -> DataConfig:
         if self.data_config is None:
@@ -173,6 +259,8 @@ class ImageDataModule(pl.LightningDataModule):
         ``class_names`` (``fixed_classes``, a trained model's, when set)."""
         source = self.read_source()
         splits = dict(source.splits)
+        if self.fixed_task not in (None, "auto", source.task):
+            raise DataError(f"{self.describe()}: the data is {source.task}, the model is {self.fixed_task}.")
         model_classes = self.fixed_classes
         if model_classes is not None:  # a trained model fixes the label indices
             lookup = {name: i for i, name in enumerate(model_classes)}
@@ -184,7 +272,9 @@ class ImageDataModule(pl.LightningDataModule):
                     f"{len(model_classes)} classes ({', '.join(model_classes[:10])}{more})."
                 )
             remap = np.array([lookup[c] for c in source.class_names], dtype=np.int64)
-            splits = {k: Samples(s.items, remap[s.labels], s.ids) for k, s in splits.items()}
+            splits = {
+                k: Samples(s.items, _remap(s.labels, remap, len(model_classes)), s.ids) for k, s in splits.items()
+            }
             self.class_names = list(model_classes)
         else:
             self.class_names = list(source.class_names)
@@ -195,15 +285,26 @@ class ImageDataModule(pl.LightningDataModule):
         fractions = [hp.val_fraction if s == "val" else hp.test_fraction for s in missing]
         if missing:
             train = splits["train"]
-            parts = stratified_split(train.labels, fractions, hp.split_seed)
+            parts = stratified_split(stratification_key(train.labels), fractions, hp.split_seed)
             splits["train"] = train.take(parts[0])
             for split, part in zip(missing, parts[1:], strict=True):
                 splits[split] = train.take(part)
         limits = {"train": hp.max_train_samples, "val": hp.max_val_samples, "test": hp.max_test_samples}
         for split, limit in limits.items():
             if limit is not None and split in splits:
-                splits[split] = splits[split].take(stratified_subset(splits[split].labels, limit, hp.split_seed))
+                key = stratification_key(splits[split].labels)
+                splits[split] = splits[split].take(stratified_subset(key, limit, hp.split_seed))
         splits = {k: v for k, v in splits.items() if len(v)}
+        if model_classes is None:  # training: every class needs an example to learn from
+            counts = splits["train"].class_counts(len(self.class_names))
+            absent = [name for name, n in zip(self.class_names, counts, strict=True) if n == 0]
+            if absent:
+                kind = "positive example" if splits["train"].multilabel else "sample"
+                raise DataError(
+                    f"{self.describe()}: class(es) {', '.join(map(repr, absent[:5]))} have no {kind} in the training "
+                    "split; add images of them, lower val_fraction/test_fraction or max_train_samples' cut, or "
+                    "remove the class."
+                )
         if hp.on_bad_image == "skip":
             splits = {name: self._without_bad_images(samples) for name, samples in splits.items()}
         elif hp.verify_images:
@@ -245,7 +346,9 @@ class ImageDataModule(pl.LightningDataModule):
             writer = csv.writer(f)
             writer.writerow(["split", "sample", "label"])
             for split, samples in self.splits.items():
-                writer.writerows((split, i, names[label]) for i, label in zip(samples.ids, samples.labels, strict=True))
+                writer.writerows(
+                    (split, i, _label_text(label, names)) for i, label in zip(samples.ids, samples.labels, strict=True)
+                )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, SkippingBatch):
@@ -282,13 +385,19 @@ class ImageDataModule(pl.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             collate_fn=collate_readable if skipping else None,
-            sampler=EpochShuffleSampler(len(dataset), self.hparams["split_seed"]) if shuffle else None,  # type: ignore[arg-type]
+            sampler=self._sampler(dataset) if shuffle else None,
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=workers > 0,
             # A last batch of one image breaks BatchNorm in training.
             drop_last=shuffle and len(dataset) > self.batch_size,  # type: ignore[arg-type]
         )
+
+    def _sampler(self, dataset: Dataset) -> Sampler[int]:
+        seed = self.hparams["split_seed"]
+        if self.hparams.get("balanced_sampling") and isinstance(dataset, ImageDataset):
+            return BalancedSampler(dataset.samples.labels, seed)
+        return EpochShuffleSampler(len(dataset), seed)  # type: ignore[arg-type]
 
     def _split_loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:
@@ -329,23 +438,48 @@ class ImageFolderDataModule(ImageDataModule):
 
 
 class CsvDataModule(ImageDataModule):
-    """A CSV of ``path,label`` rows, paths relative to the CSV, with an optional ``split`` column.
+    """A CSV of image rows, paths relative to the CSV, with an optional ``split`` column.
+
+    Single-label: ``path,label`` rows. Multi-label: a ``labels`` column of class names separated
+    by ``;`` (``cat;dog``; empty: none of the classes), or one 0/1 column per class.
 
     Args:
         csv_path: the CSV file.
         path_column: column holding image paths.
-        label_column: column holding class labels.
+        label_column: single-label: column holding the class name.
+        labels_column: multi-label: column holding the class names, separated by ``label_separator``.
+        label_separator: multi-label: the separator within ``labels_column``.
+        label_columns: multi-label: one 0/1 column per class, instead of ``labels_column``.
+        task: ``auto`` (multi-label when the CSV has ``labels_column`` and no ``label_column``, or
+            ``label_columns`` are given), ``multiclass`` or ``multilabel``.
         kwargs: see :class:`ImageDataModule`.
     """
 
-    def __init__(self, csv_path: str, path_column: str = "path", label_column: str = "label", **kwargs: Any) -> None:
+    def __init__(
+        self,
+        csv_path: str,
+        path_column: str = "path",
+        label_column: str = "label",
+        labels_column: str = "labels",
+        label_separator: str = ";",
+        label_columns: list[str] | None = None,
+        task: Literal["auto", "multiclass", "multilabel"] = "auto",
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.csv_path = csv_path
         self.path_column = path_column
         self.label_column = label_column
+        self.labels_column = labels_column
+        self.label_separator = label_separator
+        self.label_columns = label_columns
+        self.task_option = task
 
     def read_source(self) -> SourceSplits:
-        return read_csv(self.csv_path, self.path_column, self.label_column)
+        return read_csv(
+            self.csv_path, self.path_column, self.label_column, labels_column=self.labels_column,
+            label_separator=self.label_separator, label_columns=self.label_columns, task=self.task_option,
+        )  # fmt: skip
 
     def describe(self) -> str:
         return str(self.csv_path)

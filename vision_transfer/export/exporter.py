@@ -12,7 +12,7 @@ from torch import nn
 
 from vision_transfer.backbones import create_model
 from vision_transfer.errors import ExportError
-from vision_transfer.export.loading import Classifier, load_classifier
+from vision_transfer.export.loading import Classifier, _Plain, load_classifier
 from vision_transfer.export.timm_format import timm_state_dict, write_export
 
 FORMATS = ("timm", "torchscript", "onnx")
@@ -46,8 +46,15 @@ def export_classifier(
     classifier: Classifier,
     to: str | Path,
     formats: Sequence[str] = FORMATS,
+    tta: str | None = None,
 ) -> dict[str, Any]:
     """Write ``formats`` into ``to`` and check each against the PyTorch outputs.
+
+    TorchScript and ONNX get the whole prediction graph (one input, one output): the classifier,
+    then post-hoc logit adjustment, temperature and ``tta`` (``flip``/``flip_zoom``: averaged
+    inside the graph), when any is set; the output are logits whose softmax (multi-label:
+    sigmoid) are the final probabilities. The timm folder holds the plain weights (timm builds
+    the plain model: raw logits); ``config.json`` records every setting to apply on top.
 
     Returns the report also saved as ``export_report.json``: files, max absolute logit
     differences and the tolerance they were checked against.
@@ -58,10 +65,14 @@ def export_classifier(
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
     classifier = classifier.eval().cpu()
+    head = classifier.prediction_head(tta)
+    prediction = {**classifier.prediction, "tta": head.tta}
+    trivial = head.tta == "none" and float(head.temperature) == 1.0 and not prediction.get("logit_shift")
+    graph: nn.Module = _Plain(classifier) if trivial else head.eval()
     _, height, width = classifier.data_config.input_size
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        reference = classifier(example)
+        reference = graph(example)
     report: dict[str, Any] = {
         "architecture": classifier.architecture,
         "tolerance": TOLERANCE,
@@ -78,11 +89,12 @@ def export_classifier(
             num_features=int(classifier.backbone.num_features),  # type: ignore[arg-type]
             class_names=classifier.class_names,
             provenance=classifier.provenance,
+            prediction=prediction,
         )
         report["files"]["timm"] = ["config.json", "model.safetensors"]
     if "torchscript" in formats:
         path = folder / "classifier.torchscript.pt"
-        traced = torch.jit.trace(_Plain(classifier), example, check_trace=False)
+        traced = torch.jit.trace(graph, example, check_trace=False)
         traced.save(str(path))
         with torch.inference_mode():
             out = torch.jit.load(str(path))(example)
@@ -90,29 +102,17 @@ def export_classifier(
         report["max_abs_diff"]["torchscript"] = _check("TorchScript", out, reference)
     if "onnx" in formats:
         path = folder / "classifier.onnx"
-        _export_onnx(classifier, example, path)
+        _export_onnx(graph, example, path)
         report["files"]["onnx"] = path.name
         report["max_abs_diff"]["onnx"] = _check("ONNX", torch.from_numpy(_run_onnx(path, example)), reference)
     (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 
-class _Plain(nn.Module):
-    """Just backbone + head: what TorchScript and ONNX get (no Python-side preprocessing)."""
-
-    def __init__(self, classifier: Classifier) -> None:
-        super().__init__()
-        self.backbone = classifier.backbone
-        self.head = classifier.head
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
-
-
-def _export_onnx(classifier: Classifier, example: torch.Tensor, path: Path) -> None:
+def _export_onnx(graph: nn.Module, example: torch.Tensor, path: Path) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     torch.onnx.export(
-        _Plain(classifier).eval(),
+        graph.eval(),
         (example,),
         str(path),
         input_names=["images"],
@@ -138,6 +138,8 @@ def _check(runtime: str, output: torch.Tensor, reference: torch.Tensor) -> float
     return diff
 
 
-def export_checkpoint(checkpoint: str | Path, to: str | Path, formats: Sequence[str] = FORMATS) -> dict[str, Any]:
+def export_checkpoint(
+    checkpoint: str | Path, to: str | Path, formats: Sequence[str] = FORMATS, tta: str | None = None
+) -> dict[str, Any]:
     """Export a vision-transfer checkpoint; see :func:`export_classifier`."""
-    return export_classifier(load_classifier(checkpoint), to, formats)
+    return export_classifier(load_classifier(checkpoint), to, formats, tta)

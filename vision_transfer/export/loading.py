@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,19 +24,31 @@ from vision_transfer.export.timm_format import (
     data_config_from_export,
     read_export,
 )
+from vision_transfer.inference.outputs import PredictionHead
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
 
 class Classifier(nn.Module):
-    """A backbone, a linear head and their preprocessing, ready for inference.
+    """A backbone, a linear head, their preprocessing and prediction settings, ready for inference.
 
-    ``forward`` takes normalised float batches (as timm models do); :meth:`predict` takes
-    images in any form and does everything else.
+    ``forward`` takes normalised float batches and returns raw logits (as timm models do);
+    :meth:`predict` takes images in any form and applies everything else: the temperature,
+    post-hoc logit adjustment, test-time augmentation and (multi-label) per-class thresholds.
+
+    Args:
+        prediction: ``task`` (``multiclass``/``multilabel``), ``temperature``, ``thresholds``,
+            ``logit_shift`` and ``tta``, as a checkpoint or export records them.
     """
 
     def __init__(
-        self, architecture: str, backbone: nn.Module, head: nn.Module, data_config: DataConfig, class_names: list[str]
+        self,
+        architecture: str,
+        backbone: nn.Module,
+        head: nn.Module,
+        data_config: DataConfig,
+        class_names: list[str],
+        prediction: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.architecture = architecture
@@ -44,13 +56,27 @@ class Classifier(nn.Module):
         self.head = head
         self.data_config = data_config
         self.class_names = class_names
+        self.prediction = dict(prediction or {})
         self.provenance: dict[str, Any] = {}
         self.transform = create_eval_transform(data_config)
         self.normalize = Normalize(data_config)
         self.eval()
 
+    @property
+    def multilabel(self) -> bool:
+        return self.prediction.get("task") == "multilabel"
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
+
+    def prediction_head(self, tta: str | None = None) -> PredictionHead:
+        """Images -> final logits (softmax/sigmoid of them are the final probabilities)."""
+        shift = self.prediction.get("logit_shift")
+        temperature = self.prediction.get("temperature") or 1.0
+        return PredictionHead(
+            _Plain(self), "multilabel" if self.multilabel else "multiclass", temperature,
+            torch.tensor(shift) if shift else None, tta if tta is not None else self.prediction.get("tta", "none"),
+        )  # fmt: skip
 
     def preprocess(self, images: Sequence[ImageInput] | ImageInput) -> torch.Tensor:
         """Files, PIL images or arrays (any dtype :func:`array_to_rgb` reads) -> a normalised NCHW float batch."""
@@ -67,14 +93,36 @@ class Classifier(nn.Module):
         return self.normalize(torch.stack(arrays))
 
     @torch.inference_mode()
-    def predict(self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5) -> list[list[tuple[str, float]]]:
-        """Top-k ``(class name, probability)`` pairs for each image."""
-        probs = self(self.preprocess(images)).softmax(dim=1)
+    def predict(
+        self, images: Sequence[ImageInput] | ImageInput, top_k: int = 5, tta: str | None = None
+    ) -> list[list[tuple[str, float]]]:
+        """Per image: the top-k ``(class name, probability)`` pairs; multi-label: every class at
+        or above its threshold, most probable first. ``tta`` overrides the recorded setting."""
+        probs = self.prediction_head(tta).probabilities(self.preprocess(images))
+        if self.multilabel:
+            thresholds = torch.tensor(self.prediction.get("thresholds") or [0.5] * probs.shape[1])
+            return [
+                sorted(((self.class_names[c], float(row[c])) for c in (row >= thresholds).nonzero().flatten()),
+                       key=lambda pair: -pair[1])
+                for row in probs
+            ]  # fmt: skip
         values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
         return [
             [(self.class_names[i], float(v)) for v, i in zip(row_v, row_i, strict=True)]
             for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
         ]
+
+
+class _Plain(nn.Module):
+    """Just backbone + head (no Python-side preprocessing): what TorchScript and ONNX trace."""
+
+    def __init__(self, classifier: Classifier) -> None:
+        super().__init__()
+        self.backbone = classifier.backbone
+        self.head = classifier.head
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
 
 
 @dataclass
@@ -87,6 +135,7 @@ class Loaded:
     data_config: DataConfig
     class_names: list[str] | None
     provenance: dict[str, Any]
+    prediction: dict[str, Any] = field(default_factory=dict)
 
 
 def _from_checkpoint(path: Path) -> Loaded:
@@ -109,7 +158,12 @@ def _from_checkpoint(path: Path) -> Loaded:
     head = _linear(head_state) if head_state else None
     provenance = {"checkpoint": str(path.resolve()), "initial_weights": meta.get("initial_weights")}
     data_config = DataConfig.from_dict(meta["data_config"])
-    return Loaded(architecture, backbone, head, data_config, meta.get("class_names"), provenance)
+    prediction = dict(meta.get("prediction") or {"task": meta.get("task", "multiclass")})
+    if "temperature" in state and prediction.get("task") != "multilabel":  # the weights' own copy is authoritative
+        prediction["temperature"] = float(state["temperature"])
+    if "thresholds" in state and prediction.get("task") == "multilabel":
+        prediction["thresholds"] = [float(t) for t in state["thresholds"]]
+    return Loaded(architecture, backbone, head, data_config, meta.get("class_names"), provenance, prediction)
 
 
 def _linear(state: dict[str, torch.Tensor]) -> nn.Linear:
@@ -131,8 +185,12 @@ def _from_export(folder: Path) -> Loaded:
             f"{folder}: weights do not fit {architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})."
         )
     head = _linear(head_state) if head_state else None
-    provenance = {**config.get("vision_transfer", {}).get("provenance", {}), "export": str(folder.resolve())}
-    return Loaded(architecture, backbone, head, data_config_from_export(config), config.get("label_names"), provenance)
+    ours = config.get("vision_transfer", {})
+    provenance = {**ours.get("provenance", {}), "export": str(folder.resolve())}
+    prediction = ours.get("prediction") or {}
+    return Loaded(
+        architecture, backbone, head, data_config_from_export(config), config.get("label_names"), provenance, prediction
+    )
 
 
 def load(path: str | Path) -> Loaded:
@@ -159,7 +217,12 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     if loaded.head is None or not loaded.class_names:
         raise WeightsError(f"{path}: has no classifier head (a backbone-only export); use load_backbone().")
     classifier = Classifier(
-        loaded.architecture, loaded.backbone, loaded.head, loaded.data_config, list(loaded.class_names)
+        loaded.architecture,
+        loaded.backbone,
+        loaded.head,
+        loaded.data_config,
+        list(loaded.class_names),
+        loaded.prediction,
     )
     classifier.provenance = loaded.provenance
     return classifier.to(device)

@@ -51,6 +51,7 @@ def write_export(
     num_features: int,
     class_names: list[str] | None,
     provenance: dict[str, Any],
+    prediction: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``config.json`` (timm's hub schema plus a ``vision_transfer`` section) and weights."""
     folder = Path(folder)
@@ -61,13 +62,26 @@ def write_export(
         "num_classes": num_classes,
         "classifier": classifier_name(architecture),
     }
-    config = {
+    ours: dict[str, Any] = {"provenance": provenance, "format": 1}
+    config: dict[str, Any] = {
         "architecture": architecture,
         "num_classes": num_classes,
         "num_features": num_features,
         "pretrained_cfg": pretrained_cfg,
-        "vision_transfer": {"provenance": provenance, "format": 1},
+        "vision_transfer": ours,
     }
+    if prediction:
+        multilabel = prediction.get("task") == "multilabel"
+        config["multi_label"] = multilabel
+        if multilabel:
+            config["thresholds"] = prediction.get("thresholds")
+        final = "a sigmoid per class, positive at or above its threshold" if multilabel else "softmax"
+        ours["prediction"] = prediction
+        ours["note"] = (
+            "timm.create_model builds the plain model: it outputs raw logits. The prediction settings "
+            "(temperature, logit_shift, tta, thresholds) apply on top: logits + logit_shift, divided by the "
+            f"temperature, then {final}; the TorchScript and ONNX files include them."
+        )
     if class_names:
         config["label_names"] = list(class_names)
     save_file(state_dict, str(folder / WEIGHTS_NAME), metadata={"format": "pt", "architecture": architecture})

@@ -92,22 +92,22 @@ def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
     return np.array([matrix[i, i] / totals[i] if totals[i] else math.nan for i in range(len(matrix))])
 
 
-def plot_per_class_accuracy(class_names: list[str], accuracy: np.ndarray, out: str | Path) -> Path:
-    """Horizontal bars of each class's accuracy (recall), worst class at the top."""
-    order = np.argsort(np.nan_to_num(np.asarray(accuracy, dtype=float), nan=-1.0))
+def plot_per_class(class_names: list[str], values: np.ndarray, out: str | Path, metric: str = "recall") -> Path:
+    """Horizontal bars of each class's test ``metric`` (recall, or AP for multi-label), worst at the top."""
+    order = np.argsort(np.nan_to_num(np.asarray(values, dtype=float), nan=-1.0))
     fig = Figure(figsize=(6, max(2.5, 0.3 * len(class_names) + 1)))
     ax = fig.subplots()
-    values = [float(accuracy[i]) if not math.isnan(accuracy[i]) else 0.0 for i in order]
-    ax.barh(range(len(order)), values, color="tab:blue")
+    shown = [float(values[i]) if not math.isnan(values[i]) else 0.0 for i in order]
+    ax.barh(range(len(order)), shown, color="tab:blue")
     ax.set_yticks(range(len(order)), [class_names[i] for i in order], fontsize=8)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy (recall)")
-    for y, value in enumerate(values):  # inside long bars, after short ones
+    ax.set_xlabel({"recall": "recall (per-class accuracy)", "ap": "average precision"}.get(metric, metric))
+    for y, value in enumerate(shown):  # inside long bars, after short ones
         inside = value > 0.8
         x, align, color = (value - 0.01, "right", "white") if inside else (value + 0.01, "left", "black")
         ax.text(x, y, f"{value:.1%}", va="center", ha=align, fontsize=7, color=color)
-    ax.set_title("per-class accuracy on the test split")
+    ax.set_title(f"per-class {'average precision' if metric == 'ap' else 'recall'} on the test split, lowest first")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     out = Path(out)
@@ -133,3 +133,24 @@ def plot_image_grid(
         return fig
     fig.savefig(out, dpi=80)
     return Path(out)
+
+
+def plot_reliability(before: dict[str, list[float]], after: dict[str, list[float]], out: str | Path) -> Path:
+    """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
+    fig = Figure(figsize=(5, 4.5))
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="gray", linestyle="--", linewidth=1, label="perfectly calibrated")
+    for data, label, color in ((before, "before", "tab:red"), (after, "after (temperature)", "tab:blue")):
+        points = [(c, a) for c, a, n in zip(data["confidence"], data["accuracy"], data["count"], strict=True) if n]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", markersize=3, color=color, label=label)
+    ax.set_xlabel("confidence (top-class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_title("reliability on the validation split (15 bins)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    return out

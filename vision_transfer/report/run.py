@@ -19,11 +19,19 @@ from vision_transfer.errors import VisionTransferError
 from vision_transfer.report.plots import (
     per_class_accuracy,
     plot_confusion_matrix,
-    plot_per_class_accuracy,
+    plot_per_class,
     plot_training_curves,
 )
 
 PLOTS = ("curves", "confusion", "per_class")
+
+
+def update_run_facts(folder: Path, **facts: Any) -> None:
+    """Merge ``facts`` into the run folder's ``run.json`` (what ``summary.md`` is made from)."""
+    path = folder / "run.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data.update(facts)
+    path.write_text(json.dumps(data, indent=2, default=str))
 
 
 def write_confusion(folder: Path, matrix: np.ndarray, class_names: list[str]) -> None:
@@ -34,9 +42,31 @@ def write_confusion(folder: Path, matrix: np.ndarray, class_names: list[str]) ->
         writer.writerows([name, *map(int, row)] for name, row in zip(class_names, matrix, strict=True))
     with (folder / "per_class.csv").open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["class", "support", "accuracy"])
-        for name, support, acc in zip(class_names, matrix.sum(axis=1), per_class_accuracy(matrix), strict=True):
-            writer.writerow([name, int(support), f"{acc:.4f}"])
+        writer.writerow(["class", "support", "recall"])
+        for name, support, recall in zip(class_names, matrix.sum(axis=1), per_class_accuracy(matrix), strict=True):
+            writer.writerow([name, int(support), f"{recall:.4f}"])
+
+
+def write_average_precision(folder: Path, ap: np.ndarray, class_names: list[str], positives: Any) -> None:
+    """Multi-label: ``per_class.csv`` with each class's positives and average precision on test."""
+    counts = np.asarray(positives if positives is not None else np.zeros(len(class_names)), dtype=np.int64)
+    with (folder / "per_class.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "positives", "ap"])
+        for name, n, value in zip(class_names, counts, np.atleast_1d(ap), strict=True):
+            writer.writerow([name, int(n), f"{float(value):.4f}"])
+
+
+def read_per_class(folder: Path) -> tuple[list[str], np.ndarray, str] | None:
+    """Class names, values and metric (``recall`` or ``ap``) of ``per_class.csv``."""
+    path = folder / "per_class.csv"
+    if not path.is_file():
+        return None
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    metric = "ap" if rows and "ap" in rows[0] else "recall" if rows and "recall" in rows[0] else "accuracy"
+    values = np.array([float(r[metric]) if r[metric] not in ("", "nan") else math.nan for r in rows])
+    return [r["class"] for r in rows], values, "recall" if metric == "accuracy" else metric
 
 
 def read_confusion(folder: Path) -> tuple[np.ndarray, list[str]] | None:
@@ -57,12 +87,14 @@ def draw_plots(folder: Path, only: Iterable[str] = PLOTS) -> list[Path]:
         path = plot_training_curves(folder / "metrics.csv", folder / "curves.png")
         drawn += [path] if path else []
     confusion = read_confusion(folder)
-    if confusion is not None:
+    if confusion is not None and "confusion" in only:
         matrix, names = confusion
-        if "confusion" in only:
-            drawn.append(plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png"))
-        if "per_class" in only:
-            drawn.append(plot_per_class_accuracy(names, per_class_accuracy(matrix), folder / "per_class_accuracy.png"))
+        drawn.append(plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png"))
+    per_class = read_per_class(folder)
+    if per_class is not None and "per_class" in only:
+        names, values, metric = per_class
+        name = "per_class_ap.png" if metric == "ap" else "per_class_accuracy.png"
+        drawn.append(plot_per_class(names, values, folder / name, metric))
     return drawn
 
 
@@ -111,12 +143,26 @@ def summary_text(folder: str | Path) -> str:
         lines.append(f"| best val/acc | {best[0]:.4f} (epoch {best[1]}) |")
     for key in sorted(test):
         lines.append(f"| {key} | {test[key]:.4f} |")
-    confusion = read_confusion(folder)
-    if confusion is not None:
-        matrix, names = confusion
-        accuracy = per_class_accuracy(matrix)
-        order = [i for i in np.argsort(np.nan_to_num(accuracy, nan=2.0)) if not math.isnan(accuracy[i])][:5]
-        lines += ["", "Weakest classes on test: " + ", ".join(f"{names[i]} {accuracy[i]:.1%}" for i in order)]
+    calibration = facts.get("calibration", {})
+    if calibration.get("temperature") is not None:
+        lines.append(
+            f"| temperature (fitted on val) | {calibration['temperature']:.3f}: NLL {calibration['nll_before']:.4f} -> "
+            f"{calibration['nll_after']:.4f}, ECE {calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f} |"
+        )
+    elif calibration.get("thresholds") is not None:
+        lines.append(
+            f"| per-class thresholds (fitted on val) | micro-F1 {calibration['f1_micro_at_0.5']:.4f} at 0.5 -> "
+            f"{calibration['f1_micro_tuned']:.4f} |"
+        )
+    per_class = read_per_class(folder)
+    if per_class is not None:
+        names, values, metric = per_class
+        title = "average precision" if metric == "ap" else "recall"
+        order = [i for i in np.argsort(np.nan_to_num(values, nan=2.0)) if not math.isnan(values[i])]
+        lines += ["", f"Per-class {title} on test, lowest first:", "", f"| class | {title} |", "| --- | --- |"]
+        lines += [f"| {names[i]} | {values[i]:.1%} |" for i in order[:30]]
+        if len(order) > 30:
+            lines.append(f"| ({len(order) - 30} more in per_class.csv) | |")
     if fit.get("best_checkpoint"):
         lines += ["", f"Best checkpoint: `{fit['best_checkpoint']}`"]
     files = [p.name for p in sorted(folder.glob("*.png"))]

@@ -5,24 +5,37 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 from torch import nn
 from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassCalibrationError,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassRecall,
+    MultilabelAveragePrecision,
+    MultilabelF1Score,
+)
 
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
 from vision_transfer.data.dataset import FeatureBatch
+from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import CheckpointError, ConfigError, DataError, VisionTransferError
+from vision_transfer.inference.calibration import ECE_BINS
+from vision_transfer.inference.outputs import TtaMode, tta_views
+from vision_transfer.losses import ClassificationLoss, balanced_class_weights, log_prior
 from vision_transfer.tuning import TuningConfig, TuningPolicy, build_param_groups
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Scheduler, Unit
 from vision_transfer.tuning.schedule import constant_lr_lambdas, group_lr_lambdas
 
 _D = TuningConfig()  # the one source of the tuning options' defaults
+Task = Literal["auto", "multiclass", "multilabel"]
 
 
 class ImageClassifier(pl.LightningModule):
@@ -38,7 +51,27 @@ class ImageClassifier(pl.LightningModule):
         weights: ``auto``, ``packaged``, ``timm``, ``timm:<tag>``, ``none`` or a file path.
         class_names: the classes, in head order; None: set by :func:`vision_transfer.connect`.
         image_size: square input size replacing the backbone's pretrained one.
-        label_smoothing: cross-entropy label smoothing.
+        task: ``multiclass`` (softmax, one class per image), ``multilabel`` (a sigmoid per class,
+            any number of classes per image) or ``auto`` (the datamodule's, set by ``connect``).
+        label_smoothing: cross-entropy label smoothing (multiclass).
+        class_weighting: ``balanced`` weights the loss of each class by n / (C * n_c) (multiclass).
+        logit_adjustment: for long-tailed classes (Menon et al. 2021): ``loss`` adds ``tau * log
+            prior`` to the logits inside the loss (raw logits then score classes as if balanced);
+            ``posthoc`` trains plainly and subtracts it at prediction time; ``none``.
+        logit_adjustment_tau: the ``tau`` of ``logit_adjustment``.
+        focal_gamma: > 0: focal loss with this gamma instead of cross-entropy (multiclass).
+        asymmetric_loss: multilabel: the asymmetric loss (Ridnik et al. 2021) instead of BCE.
+        mixup_alpha: mixup's Beta(alpha, alpha) (0: off); training batches only, metrics on hard labels.
+        cutmix_alpha: CutMix's Beta(alpha, alpha) (0: off); with mixup, each batch uses one of the two.
+        mix_prob: probability that a training batch is mixed at all.
+        ema_decay: keep an exponential moving average of the weights (e.g. 0.999) and validate,
+            test and save it (Lightning's ``EMAWeightAveraging``); None: off.
+        tta: test-time augmentation for ``test`` and ``predict``: ``flip`` averages the
+            probabilities of the image and its mirror, ``flip_zoom`` adds both zoomed by 15%;
+            ``test`` logs the plain and the TTA metrics (``test/tta/...``) side by side.
+        calibrate: after ``fit`` (and with ``vision-transfer calibrate``), fit a temperature on the
+            validation split (multiclass) or per-class thresholds maximising F1 (multilabel);
+            they travel in the checkpoint and the export.
         drop_rate: dropout on the pooled features before the head (in every mode, cached features included).
         drop_path_rate: stochastic depth inside the backbone, where timm supports it.
         cache_features: ``linear_probe`` only: train and validate on cached features instead of
@@ -56,6 +89,11 @@ class ImageClassifier(pl.LightningModule):
         {tuning}
     """
 
+    # prediction buffers, made with the head (set_class_names)
+    class_counts: torch.Tensor
+    temperature: torch.Tensor
+    thresholds: torch.Tensor
+
     def __init__(
         self,
         backbone: str = "tf_efficientnet_lite0",
@@ -71,7 +109,19 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = _D.momentum,
         warmup_epochs: float = _D.warmup_epochs,
         min_lr_ratio: float = _D.min_lr_ratio,
+        task: Task = "auto",
         label_smoothing: float = 0.1,
+        class_weighting: Literal["none", "balanced"] = "none",
+        logit_adjustment: Literal["none", "loss", "posthoc"] = "none",
+        logit_adjustment_tau: float = 1.0,
+        focal_gamma: float = 0.0,
+        asymmetric_loss: bool = False,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mix_prob: float = 1.0,
+        ema_decay: float | None = None,
+        tta: TtaMode = "none",
+        calibrate: bool = True,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         bn: BnPolicy = _D.bn,
@@ -98,6 +148,11 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError(f"cache_features=True needs mode='linear_probe' (got mode={mode!r}).")
         if not 0 <= drop_rate < 1:
             raise ConfigError(f"drop_rate={drop_rate}: must be in [0, 1).")
+        if cache_features and (mixup_alpha or cutmix_alpha):
+            raise ConfigError("mixup/cutmix mix images: they cannot be used with cache_features=True.")
+        if ema_decay is not None and not 0 < ema_decay < 1:
+            raise ConfigError(f"ema_decay={ema_decay}: must be in (0, 1).")
+        tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
         self.save_hyperparameters()
         self.label_smoothing = label_smoothing
         kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
@@ -115,6 +170,9 @@ class ImageClassifier(pl.LightningModule):
         self._announced = False
         self._handed_out = False  # True once connect() gave data_config to a datamodule
         self._pending_losses: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
+        self._loss_fn: ClassificationLoss | None = None
+        self._mixer: BatchMixer | None = None
+        self.task: str = task
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
         if class_names is not None:
@@ -125,8 +183,22 @@ class ImageClassifier(pl.LightningModule):
         return str(self.hparams["backbone"])
 
     # -- building ----------------------------------------------------------------------------
+    @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    def set_task(self, task: str) -> None:
+        """Resolve ``task='auto'`` to the data's (``connect`` calls it); a set task must match the data."""
+        if self.task == "auto":
+            if self.class_names is not None:
+                raise ConfigError("set the task before the classes.")
+            self.task = task
+            self.hparams["task"] = task
+        elif self.task != task:
+            raise DataError(f"this model is {self.task}, the data is {task}; use a {self.task} dataset or task={task}.")
+
     def set_class_names(self, class_names: list[str]) -> None:
-        """Build the head and metrics for these classes (once; :func:`vision_transfer.connect` calls it)."""
+        """Build the head, metrics and prediction buffers for these classes (once; ``connect`` calls it)."""
         if self.class_names is not None:
             if list(class_names) != self.class_names:
                 raise DataError(
@@ -135,18 +207,88 @@ class ImageClassifier(pl.LightningModule):
             return
         if len(class_names) < 2:
             raise DataError(f"class_names={class_names}: a classifier needs at least 2 classes.")
+        if self.task == "auto":
+            self.task = self.hparams["task"] = "multiclass"
+        if self.multilabel and (self.hparams.get("class_weighting") != "none" or self.hparams.get("focal_gamma")):
+            raise ConfigError("class_weighting and focal_gamma are for multiclass heads (multilabel: asymmetric_loss).")
+        if self.multilabel and self.hparams.get("logit_adjustment") != "none":
+            raise ConfigError("logit_adjustment is for multiclass heads (multilabel: per-class thresholds).")
         n = len(class_names)
         self.class_names = list(class_names)
         self.hparams["class_names"] = self.class_names
         self.head = nn.Linear(self.backbone.num_features, n)  # type: ignore[arg-type]
-        metrics: dict[str, Metric | MetricCollection] = {
-            "acc": MulticlassAccuracy(n, average="micro"),
-            "acc_top5": MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
-            "f1_macro": MulticlassF1Score(n, average="macro"),
-        }
+        # prediction settings: saved with the weights, restored with them, exported with them
+        self.register_buffer("class_counts", torch.zeros(n))
+        self.register_buffer("temperature", torch.ones(()))
+        self.register_buffer("thresholds", torch.full((n,), 0.5))
+        metrics: dict[str, Metric | MetricCollection]
+        if self.multilabel:
+            metrics = {
+                "map": MultilabelAveragePrecision(n, average="macro"),
+                "f1_micro": MultilabelF1Score(n, average="micro"),
+                "f1_macro": MultilabelF1Score(n, average="macro"),
+            }
+        else:
+            metrics = {
+                "acc": MulticlassAccuracy(n, average="micro"),
+                "acc_top5": MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
+                "balanced_acc": MulticlassRecall(n, average="macro"),
+                "f1_macro": MulticlassF1Score(n, average="macro"),
+            }
         self.val_metrics = MetricCollection(metrics, prefix="val/")
         self.test_metrics = self.val_metrics.clone(prefix="test/")
-        self.test_confusion = MulticlassConfusionMatrix(n)
+        if not self.multilabel:
+            self.test_calibration = MulticlassCalibrationError(n, n_bins=ECE_BINS, norm="l1")
+        self.tta_metrics = self.val_metrics.clone(prefix="test/tta/")
+        self.test_confusion = MulticlassConfusionMatrix(n) if not self.multilabel else None
+        self.test_ap = MultilabelAveragePrecision(n, average=None) if self.multilabel else None
+
+    def set_class_counts(self, counts: torch.Tensor) -> None:
+        """Training samples (multilabel: positives) per class: the prior for class weights and logit adjustment."""
+        self.class_counts.copy_(torch.as_tensor(counts, dtype=torch.float32))  # type: ignore[operator]
+        self._loss_fn = None
+
+    @property
+    def monitor(self) -> str:
+        """The validation metric that chooses the best checkpoint and drives the plateau scheduler."""
+        return "val/map" if self.multilabel else "val/acc"
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self._loss_fn is None:
+            hp: Any = self.hparams
+            counts: torch.Tensor = self.class_counts  # type: ignore[assignment]
+            has_counts = bool(counts.sum() > 0)
+            if (hp.class_weighting != "none" or hp.logit_adjustment == "loss") and not has_counts:
+                raise ConfigError("class_weighting / logit_adjustment need the training class counts: use connect().")
+            self._loss_fn = ClassificationLoss(
+                "multilabel" if self.multilabel else "multiclass",
+                label_smoothing=hp.label_smoothing,
+                class_weight=balanced_class_weights(counts) if hp.class_weighting == "balanced" else None,
+                logit_prior=hp.logit_adjustment_tau * log_prior(counts) if hp.logit_adjustment == "loss" else None,
+                focal_gamma=hp.focal_gamma,
+                asymmetric=hp.asymmetric_loss,
+            ).to(self.device)
+        return self._loss_fn(logits, target)
+
+    def _mix(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup/CutMix of a training batch: (images, soft targets); unchanged when both are off."""
+        hp: Any = self.hparams
+        if not (hp.mixup_alpha or hp.cutmix_alpha):
+            return images, labels
+        if self._mixer is None:
+            self._mixer = BatchMixer(
+                len(self.class_names or []), hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob,
+                label_smoothing=0.0 if self.multilabel else hp.label_smoothing, multilabel=self.multilabel,
+            )  # fmt: skip
+        return self._mixer(images, labels)
+
+    def configure_callbacks(self) -> list[pl.Callback]:
+        decay = self.hparams.get("ema_decay")
+        if decay is None:
+            return []
+        from pytorch_lightning.callbacks import EMAWeightAveraging
+
+        return [EMAWeightAveraging(decay=decay)]
 
     def configure_model(self) -> None:
         """Lightning calls this before callbacks copy the model (EMAWeightAveraging): the head must exist."""
@@ -272,21 +414,23 @@ class ImageClassifier(pl.LightningModule):
             self._pending_losses.append((finite, loss.detach(), None))
 
     # -- steps -------------------------------------------------------------------------------
-    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return nn.functional.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         labels = batch[1]
         trains_bn = self.policy.num_frozen < len(self.policy.groups)
-        if not isinstance(batch, FeatureBatch) and len(labels) < 2 and trains_bn:
-            return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
-        logits = self._logits(batch)
-        loss = self._loss(logits, labels)
+        if isinstance(batch, FeatureBatch):
+            logits = self.forward_head(batch.features.float())
+            target = labels
+        else:
+            if len(labels) < 2 and trains_bn:
+                return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
+            images, target = self._mix(batch[0], labels)
+            logits = self(images)
+        loss = self._loss(logits, target)
         if self.hparams.get("stop_on_nan", True):
             self._watch_loss(loss)
-        acc = (logits.argmax(1) == labels).float().mean()
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc, prog_bar=True)
+        if not self.multilabel:  # metrics on the hard labels, also when the loss saw mixed targets
+            self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
         return loss
 
     def _stop_on_nan(self, loss: torch.Tensor) -> None:
@@ -298,11 +442,21 @@ class ImageClassifier(pl.LightningModule):
             "bf16-mixed instead of 16-mixed."
         )
 
+    def _update(self, metrics: MetricCollection, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Metrics from logits: probabilities for mAP, per-class thresholds for multi-label F1."""
+        if self.multilabel:
+            probs = logits.float().sigmoid()
+            for name, metric in metrics.items(keep_base=True):
+                target = labels.long()
+                metric.update(probs if name.endswith("map") else (probs >= self.thresholds).float(), target)
+        else:
+            metrics.update(self.prediction_logits(logits), labels)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         labels = batch[1]
         logits = self._logits(batch)
         self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True)
-        self.val_metrics.update(logits, labels)
+        self._update(self.val_metrics, logits, labels)
         self.log_dict(self.val_metrics, prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
@@ -310,14 +464,52 @@ class ImageClassifier(pl.LightningModule):
         labels = batch[1]
         logits = self._logits(batch)
         self.log("test/loss", self._loss(logits, labels), sync_dist=True)
-        self.test_metrics.update(logits, labels)
-        self.test_confusion.update(logits, labels)
+        self._update(self.test_metrics, logits, labels)
         self.log_dict(self.test_metrics)
+        if self.multilabel:
+            self.test_ap.update(logits.float().sigmoid(), labels.long())  # type: ignore[union-attr]
+        else:
+            probs = self.prediction_logits(logits).softmax(dim=1)
+            self.test_calibration.update(probs, labels)
+            self.log("test/ece", self.test_calibration)
+            self.test_confusion.update(logits, labels)  # type: ignore[union-attr]
+        tta = self.hparams.get("tta", "none")
+        if tta != "none" and not isinstance(batch, FeatureBatch):
+            self._update(self.tta_metrics, self.tta_logits(batch[0]), labels)
+            self.log_dict(self.tta_metrics)
         return logits
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        """Class probabilities of each image."""
-        return self._logits(batch).softmax(dim=1)
+        """Final probabilities of each image: calibrated, logit-adjusted and averaged over TTA views
+        as configured (multilabel: one sigmoid per class)."""
+        logits = self._logits(batch) if isinstance(batch, FeatureBatch) else self.tta_logits(batch[0])
+        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+
+    # -- predictions -------------------------------------------------------------------------
+    def logit_shift(self) -> torch.Tensor | None:
+        """Post-hoc logit adjustment: ``-tau * log prior``, or None."""
+        hp: Any = self.hparams
+        if hp.get("logit_adjustment") != "posthoc":
+            return None
+        return -hp.logit_adjustment_tau * log_prior(self.class_counts)  # type: ignore[arg-type]
+
+    def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits -> the logits predictions come from (post-hoc adjustment, then temperature)."""
+        shift = self.logit_shift()
+        logits = logits.float() if shift is None else logits.float() + shift
+        return logits / self.temperature
+
+    def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Prediction logits of a normalised batch, averaged in probability over the TTA views."""
+        views = tta_views(images, self.hparams.get("tta", "none"))
+        if len(views) == 1:
+            return self.prediction_logits(self(images))
+        if self.multilabel:
+            probs = torch.stack([self.prediction_logits(self(v)).sigmoid() for v in views]).mean(0)
+            probs = probs.clamp(1e-7, 1 - 1e-7)
+            return probs.log() - (1 - probs).log()
+        probs = torch.stack([self.prediction_logits(self(v)).softmax(dim=1) for v in views]).mean(0)
+        return probs.clamp_min(1e-12).log()
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -335,7 +527,7 @@ class ImageClassifier(pl.LightningModule):
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience
             )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": "val/acc"}}
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.monitor}}
         total, per_epoch = self._schedule_length()
         starts = self.policy.start_steps(per_epoch)
         stages = [g["stage"] for g in groups]
@@ -387,7 +579,8 @@ class ImageClassifier(pl.LightningModule):
             "data_config": self.data_config.to_dict(),
             "initial_weights": self.weights_source,
             "backbone": self.backbone_name,
-            "task": "multiclass",
+            "task": self.task,
+            "prediction": self.prediction_settings(),
         }
         images = getattr(datamodule, "images", datamodule)  # a CachedFeatureDataModule records its images
         if images is not None and getattr(images, "hparams", None):
@@ -397,6 +590,22 @@ class ImageClassifier(pl.LightningModule):
                 "init_args": {k: v for k, v in images.hparams.items() if not k.startswith("_")},
             }
         return meta
+
+    def prediction_settings(self) -> dict[str, Any]:
+        """What turns this model's logits into its predictions (checkpoint meta, export config.json)."""
+        hp: Any = self.hparams
+        settings: dict[str, Any] = {"task": self.task, "tta": hp.get("tta", "none")}
+        if self.class_names is None:
+            return settings
+        if self.multilabel:
+            settings["thresholds"] = [round(float(t), 6) for t in self.thresholds]  # type: ignore[union-attr]
+            settings["temperature"] = None  # multilabel: per-class thresholds instead of a temperature
+        else:
+            settings["temperature"] = float(self.temperature)  # type: ignore[arg-type]
+        if hp.get("logit_adjustment") == "posthoc":
+            shift = self.logit_shift()
+            settings["logit_shift"] = [float(v) for v in shift] if shift is not None else None
+        return settings
 
     def save_standalone_checkpoint(self, path: str | Path, datamodule: Any = None) -> Path:
         """Write a checkpoint without a Trainer (e.g. after a probe on cached features) that
@@ -415,6 +624,10 @@ class ImageClassifier(pl.LightningModule):
         return path
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict", {})
+        if self.class_names is not None:  # checkpoints written before these buffers existed: their defaults
+            for name in ("class_counts", "temperature", "thresholds"):
+                state.setdefault(name, getattr(self, name).detach().clone())
         meta = checkpoint.get("vision_transfer", {})
         names = meta.get("class_names")
         if names is not None and self.class_names is not None and list(names) != self.class_names:

@@ -1,0 +1,141 @@
+"""Fit a checkpoint's prediction settings on its validation split: what ``fit`` runs after training
+and ``vision-transfer calibrate`` runs on any checkpoint.
+
+Single-label: one temperature (NLL, L-BFGS), with NLL and ECE before and after and a reliability
+diagram. Multi-label: per-class thresholds maximising F1 (no temperature: a per-class
+temperature would not change which labels are predicted once thresholds are tuned). The values
+are written into the checkpoint (atomically), from where ``test``, ``predict``, ``load_classifier``
+and ``export`` take them.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vision_transfer.app.connect import connect
+from vision_transfer.backbones.weights import safe_torch_load
+from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
+from vision_transfer.data.dataset import FeatureBatch
+from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
+from vision_transfer.errors import DataError
+from vision_transfer.files import write_atomic
+from vision_transfer.inference.calibration import calibration_error, fit_temperature, nll, reliability
+from vision_transfer.inference.thresholds import best_f1_thresholds
+from vision_transfer.tasks import ImageClassifier
+
+
+@torch.inference_mode()
+def collect_logits(model: ImageClassifier, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw logits and labels of every batch of ``loader`` (the model in eval mode)."""
+    model.eval().to(device)
+    logits, labels = [], []
+    for batch in loader:
+        if isinstance(batch, FeatureBatch):
+            out = model.forward_head(batch.features.to(device).float())
+        else:
+            out = model(model.preprocess(batch[0].to(device)))
+        logits.append(out.float().cpu())
+        labels.append(batch[1])
+    return torch.cat(logits), torch.cat(labels)
+
+
+def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Fit the temperature (multiclass) or thresholds (multilabel) from validation logits into ``model``."""
+    if model.multilabel:
+        probs = logits.sigmoid()
+        thresholds, no_positive = best_f1_thresholds(probs, labels)
+        model.thresholds.copy_(thresholds)
+        return {
+            "thresholds": [round(float(t), 4) for t in thresholds],
+            "classes_without_val_positive": [model.class_names[c] for c in no_positive] if model.class_names else [],
+            "f1_micro_at_0.5": _micro_f1(probs >= 0.5, labels),
+            "f1_micro_tuned": _micro_f1(probs >= thresholds, labels),
+        }
+    shifted = logits if (shift := model.logit_shift()) is None else logits + shift
+    temperature = fit_temperature(shifted, labels)
+    model.temperature.fill_(temperature)
+    before, after = shifted.softmax(dim=1), (shifted / temperature).softmax(dim=1)
+    return {
+        "temperature": temperature,
+        "nll_before": nll(shifted, labels),
+        "nll_after": nll(shifted, labels, temperature),
+        "ece_before": calibration_error(before, labels),
+        "ece_after": calibration_error(after, labels),
+        "reliability_before": reliability(before, labels),
+        "reliability_after": reliability(after, labels),
+    }
+
+
+def _micro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
+    predicted, labels = predicted.bool(), labels.bool()
+    tp = float((predicted & labels).sum())
+    denominator = float(predicted.sum() + labels.sum())
+    return 2 * tp / denominator if denominator else 0.0
+
+
+def calibrate_checkpoint(
+    path: str | Path,
+    datamodule: ImageDataModule | CachedFeatureDataModule | None = None,
+    output: str | Path | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, Any]:
+    """Calibrate the checkpoint at ``path`` on ``datamodule``'s validation split (default: the
+    datamodule the checkpoint records) and write the result into it; a reliability diagram (and
+    the numbers, in ``calibration.json``) go to ``output`` (default: the checkpoint's run folder)."""
+    path = Path(path)
+    model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    if datamodule is None:
+        datamodule = _recorded_datamodule(path)
+    datamodule = connect(model, datamodule)
+    datamodule.setup("validate")
+    if "val" not in datamodule.splits:
+        raise DataError(f"{path}: calibration needs a validation split, and this data has none.")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    logits, labels = collect_logits(model, datamodule.val_dataloader(), device)
+    report = calibrate_model(model.cpu(), logits, labels)
+    content = safe_torch_load(path)
+    for name in ("temperature", "thresholds"):
+        content["state_dict"][name] = getattr(model, name).detach().cpu().clone()
+    meta = content.setdefault("vision_transfer", {})
+    meta["prediction"] = model.prediction_settings()
+    meta["calibration"] = {k: v for k, v in report.items() if not k.startswith("reliability")}
+    AtomicCheckpointIO().save_checkpoint(content, path)
+    folder = (
+        Path(output)
+        if output is not None
+        else (path.parent.parent if path.parent.name == "checkpoints" else path.parent)
+    )
+    _write_report(folder, report)
+    return report
+
+
+def _recorded_datamodule(path: Path) -> ImageDataModule:
+    from vision_transfer.app.lightning_cli import checkpoint_defaults
+
+    data = checkpoint_defaults(path).get("data")
+    if not data:
+        raise DataError(f"{path}: records no datamodule; give the data (--data ...).")
+    module_name, _, name = data["class_path"].rpartition(".")
+    import importlib
+
+    cls = getattr(importlib.import_module(module_name), name)  # checked by checkpoint_defaults
+    return cls(**data["init_args"])  # type: ignore[no-any-return]
+
+
+def _write_report(folder: Path, report: dict[str, Any]) -> None:
+    import json
+
+    from vision_transfer.report.plots import plot_reliability
+    from vision_transfer.report.run import update_run_facts
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=2, default=float) + "\n"
+    write_atomic(folder / "calibration.json", io.BytesIO(text.encode()).getbuffer(), "calibration report")
+    if "reliability_before" in report:
+        plot_reliability(report["reliability_before"], report["reliability_after"], folder / "reliability.png")
+    if (folder / "run.json").is_file():
+        update_run_facts(folder, calibration={k: v for k, v in report.items() if not k.startswith("reliability")})

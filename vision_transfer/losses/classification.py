@@ -1,0 +1,97 @@
+"""ClassificationLoss: cross-entropy and its variants for imbalanced and multi-label data.
+
+- class weights (``balanced``: n / (C * n_c), scikit-learn's definition);
+- logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021): the loss
+  sees ``logits + tau * log prior``, so the raw logits learn balanced scores;
+- focal loss (Lin et al. 2017), ``(1 - p_t) ** gamma`` down-weighting of easy examples;
+- multi-label: binary cross-entropy with logits, or the asymmetric loss of Ridnik et al. 2021
+  (timm's implementation).
+Targets are class indices, or soft/multi-hot ``(N, C)`` rows (mixup, multi-label).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+Task = Literal["multiclass", "multilabel"]
+
+
+def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
+    """``n / (C * n_c)`` per class (a class without samples gets weight 0)."""
+    counts = counts.float()
+    weights = counts.sum() / (len(counts) * counts.clamp_min(1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
+def log_prior(counts: torch.Tensor) -> torch.Tensor:
+    """Log of the class frequencies (a class without samples counts as half a sample)."""
+    counts = counts.float().clamp_min(0.5)
+    return (counts / counts.sum()).log()
+
+
+class ClassificationLoss(nn.Module):
+    """The training loss of a classifier head.
+
+    Args:
+        task: ``multiclass`` (softmax) or ``multilabel`` (one sigmoid per class).
+        label_smoothing: multiclass: cross-entropy label smoothing (hard targets only: mixed
+            targets are already soft).
+        class_weight: multiclass: a weight per class, or None.
+        logit_prior: multiclass: ``tau * log prior`` added to the logits inside the loss (logit
+            adjustment), or None.
+        focal_gamma: multiclass: > 0 uses the focal loss with this gamma.
+        asymmetric: multilabel: the asymmetric loss (gamma_neg 4, gamma_pos 1, clip 0.05) instead of BCE.
+    """
+
+    class_weight: torch.Tensor | None
+    logit_prior: torch.Tensor | None
+
+    def __init__(
+        self,
+        task: Task = "multiclass",
+        *,
+        label_smoothing: float = 0.0,
+        class_weight: torch.Tensor | None = None,
+        logit_prior: torch.Tensor | None = None,
+        focal_gamma: float = 0.0,
+        asymmetric: bool = False,
+    ) -> None:
+        super().__init__()
+        self.task = task
+        self.label_smoothing = label_smoothing
+        self.focal_gamma = focal_gamma
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.register_buffer("logit_prior", logit_prior, persistent=False)
+        self.asymmetric = None
+        if asymmetric:
+            from timm.loss import AsymmetricLossMultiLabel
+
+            self.asymmetric = AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=1, clip=0.05)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        if self.task == "multilabel":
+            target = target.float()
+            if self.asymmetric is not None:
+                # timm's ASL sums over the batch ("batchmean" in name only); per sample, as BCE's mean
+                return self.asymmetric(logits, target) / len(logits)
+            return F.binary_cross_entropy_with_logits(logits, target)
+        if self.logit_prior is not None:
+            logits = logits + self.logit_prior
+        log_probs = logits.log_softmax(dim=1)
+        soft = target.ndim == 2
+        if self.focal_gamma > 0:
+            one_hot = target.float() if soft else F.one_hot(target, logits.shape[1]).float()
+            focal = (1 - log_probs.exp()).pow(self.focal_gamma)
+            weight = self.class_weight if self.class_weight is not None else 1.0
+            return -(one_hot * weight * focal * log_probs).sum(dim=1).mean()
+        if soft:
+            per_class = -(target * log_probs)
+            if self.class_weight is not None:
+                per_class = per_class * self.class_weight
+            return per_class.sum(dim=1).mean()
+        return F.cross_entropy(logits, target, weight=self.class_weight, label_smoothing=self.label_smoothing)
