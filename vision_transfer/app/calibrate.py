@@ -28,7 +28,7 @@ from vision_transfer.inference.thresholds import best_f1_thresholds
 from vision_transfer.tasks import ImageClassifier
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the logits then feed an autograd fit
 def collect_logits(model: ImageClassifier, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw logits and labels of every batch of ``loader`` (the model in eval mode)."""
     model.eval().to(device)

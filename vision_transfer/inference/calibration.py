@@ -14,7 +14,7 @@ ECE_BINS = 15  # Guo et al. 2017's reliability diagrams and ECE use 15 equal-wid
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
     """The temperature minimising the NLL of ``softmax(logits / T)`` (L-BFGS on log T)."""
-    logits, labels = logits.detach().float(), labels.detach().long()
+    logits, labels = logits.detach().float().clone(), labels.detach().long().clone()  # inference tensors too
     log_t = torch.zeros((), requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 

@@ -1,0 +1,117 @@
+"""Imbalanced classes: balanced sampling, class weights, logit adjustment, focal loss, balanced metrics."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.nn import functional as F
+
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
+from tests.test_cli import run_cli
+from vision_transfer.datamodules.image import BalancedSampler
+from vision_transfer.losses import ClassificationLoss, balanced_class_weights, log_prior
+
+
+def test_balanced_sampler_draws_every_class_about_equally_and_is_seeded_by_epoch() -> None:
+    labels = np.repeat([0, 1, 2], [900, 90, 10])
+    sampler = BalancedSampler(labels, seed=3)
+    draw = np.array(list(sampler))
+    assert len(draw) == len(labels)
+    frequencies = np.bincount(labels[draw], minlength=3) / len(draw)
+    assert np.allclose(frequencies, 1 / 3, atol=0.05), frequencies  # vs 0.90 / 0.09 / 0.01 in the data
+    assert list(sampler) == list(draw)  # the same epoch draws the same indices (a resumed run too)
+    sampler.set_epoch(1)
+    assert list(sampler) != list(draw)
+
+
+def test_balanced_sampler_ranks_share_one_global_draw() -> None:
+    labels = np.repeat([0, 1], [50, 7])
+    single = BalancedSampler(labels, seed=0)
+    ranks = []
+    for rank in (0, 1):
+        sampler = BalancedSampler(labels, seed=0)
+        sampler.num_replicas, sampler.rank = 2, rank
+        sampler.num_samples = -(-len(labels) // 2)
+        ranks.append(list(sampler))
+    assert len(ranks[0]) == len(ranks[1]) == 29
+    # interleaved, the two ranks' shares are one draw of the same seed and epoch
+    generator = torch.Generator().manual_seed(0)
+    global_draw = torch.multinomial(single.weights, 58, replacement=True, generator=generator).tolist()
+    assert ranks[0] == global_draw[0::2] and ranks[1] == global_draw[1::2]
+
+
+def test_class_weights_and_logit_adjustment_in_the_loss() -> None:
+    counts = torch.tensor([90.0, 9.0, 1.0])
+    weights = balanced_class_weights(counts)
+    assert torch.allclose(weights, 100 / (3 * counts))  # scikit-learn's "balanced"
+    logits, labels = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
+    weighted = ClassificationLoss(class_weight=weights)(logits, labels)
+    assert torch.allclose(weighted, F.cross_entropy(logits, labels, weight=weights))
+    prior = 1.5 * log_prior(counts)
+    adjusted = ClassificationLoss(logit_prior=prior)(logits, labels)
+    assert torch.allclose(adjusted, F.cross_entropy(logits + prior, labels))  # Menon et al. 2021, eq. 10
+
+
+def test_focal_loss_is_cross_entropy_at_gamma_zero_and_discounts_easy_examples() -> None:
+    logits, labels = torch.randn(16, 4) * 3, torch.randint(0, 4, (16,))
+    plain = F.cross_entropy(logits, labels)
+    assert torch.allclose(ClassificationLoss(focal_gamma=1e-12)(logits, labels), plain, atol=1e-5)
+    assert ClassificationLoss(focal_gamma=2.0)(logits, labels) < plain
+
+
+def test_posthoc_logit_adjustment_moves_predictions_to_the_rare_class() -> None:
+    from vision_transfer.tasks import ImageClassifier
+
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, logit_adjustment="posthoc")
+    model.set_class_names(["common", "rare"])
+    model.set_class_counts(torch.tensor([99.0, 1.0]))
+    tied = torch.zeros(1, 2)  # the raw scores cannot tell: the adjusted ones favour the rare class
+    adjusted = model.prediction_logits(tied)
+    assert torch.allclose(adjusted, -log_prior(torch.tensor([99.0, 1.0]))[None]) and adjusted.argmax() == 1
+    assert model.prediction_settings()["logit_shift"] == pytest.approx(adjusted[0].tolist())
+
+
+def _long_tailed_folder(root: Path) -> Path:
+    for name, n, seed in (("circle", 24, 0), ("square", 6, 1), ("stripes", 3, 2)):
+        write_folder(root, per_class=n, seed=seed, classes=(name,))
+    return root
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "--data.init_args.balanced_sampling=true",
+        "--model.class_weighting=balanced",
+        "--model.logit_adjustment=loss",
+        "--model.logit_adjustment=posthoc",
+        "--model.focal_gamma=2",
+    ],
+)
+def test_every_imbalance_option_trains_from_the_cli_and_logs_balanced_accuracy(tmp_path: Path, option: str) -> None:
+    folder = _long_tailed_folder(tmp_path / "images")
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={folder}"]
+    assert run_cli(tiny_fit_args(data, tmp_path, option, "--trainer.max_epochs=2")) == 0
+    run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
+    with (run / "metrics.csv").open() as f:
+        columns = set(next(csv.reader(f)))
+    assert {"val/balanced_acc", "test/balanced_acc", "val/f1_macro", "test/f1_macro"} <= columns
+    summary = (run / "summary.md").read_text()
+    assert "Per-class recall on test, lowest first" in summary
+
+
+def test_check_data_reports_the_imbalance_ratio_and_names_the_options(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = _long_tailed_folder(tmp_path / "images")
+    assert run_cli(["check-data", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "imbalance ratio (largest / smallest class in train): 8.0" in out and "warning" not in out
+    write_folder(folder, per_class=40, seed=4, classes=("circle",))  # now 40 : 3
+    assert run_cli(["check-data", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "imbalance ratio (largest / smallest class in train): 13.3" in out
+    assert "warning: imbalance above 10" in out and "balanced_sampling" in out and "logit_adjustment" in out

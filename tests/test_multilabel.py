@@ -1,0 +1,153 @@
+"""Multi-label data: CSVs, training, per-class thresholds, predict, load_classifier and export."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args
+from tests.test_cli import run_cli
+from vision_transfer.data.sources import read_csv, stratification_key, stratified_split
+from vision_transfer.errors import DataError
+from vision_transfer.inference import best_f1_thresholds
+
+CLASSES = ("circle", "square", "stripes")
+
+
+def _image(present: set[str], rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    image = rng.integers(0, 50, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    if "stripes" in present:
+        image[(xx // 4) % 2 == 0] = (90, 90, 200)
+    if "circle" in present:
+        image[(yy - 12) ** 2 + (xx - 12) ** 2 < 64] = (250, 60, 60)
+    if "square" in present:
+        image[(abs(yy - 28) < 6) & (abs(xx - 28) < 6)] = (60, 250, 60)
+    return image
+
+
+@pytest.fixture
+def multilabel_csv(tmp_path: Path) -> Path:
+    """60 images with any subset of three shapes, a ``labels`` column of ``;``-separated names."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "multilabel"
+    root.mkdir()
+    rows = []
+    for i in range(60):
+        present = {c for c in CLASSES if rng.random() < 0.5} or {CLASSES[i % 3]}
+        Image.fromarray(_image(present, rng)).save(root / f"{i}.png")
+        rows.append({"path": f"{i}.png", "labels": ";".join(sorted(present))})
+    path = root / "labels.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "labels"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_labels_column_and_one_column_per_class_read_the_same(multilabel_csv: Path) -> None:
+    source = read_csv(multilabel_csv)
+    assert source.task == "multilabel" and source.class_names == list(CLASSES)
+    labels = source.splits["train"].labels
+    assert labels.shape == (60, 3) and set(np.unique(labels)) == {0, 1}
+    with multilabel_csv.open() as f:
+        rows = list(csv.DictReader(f))
+    wide = multilabel_csv.with_name("wide.csv")
+    with wide.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", *CLASSES])
+        writer.writeheader()
+        writer.writerows({"path": r["path"], **{c: int(c in r["labels"].split(";")) for c in CLASSES}} for r in rows)
+    assert np.array_equal(read_csv(wide, label_columns=list(CLASSES)).splits["train"].labels, labels)
+
+
+def test_multilabel_split_keeps_every_class_in_train(multilabel_csv: Path) -> None:
+    labels = read_csv(multilabel_csv).splits["train"].labels
+    train, val, test = stratified_split(stratification_key(labels), [0.2, 0.2], seed=0)
+    assert (labels[train].sum(axis=0) > 0).all() and len(train) + len(val) + len(test) == 60
+
+
+def test_csv_errors_name_the_row(tmp_path: Path, multilabel_csv: Path) -> None:
+    single = tmp_path / "single.csv"
+    single.write_text(f"path,label\n{multilabel_csv.parent / '0.png'},circle\n{multilabel_csv.parent / '1.png'},\n")
+    with pytest.raises(DataError, match=r"single.csv: empty 'label' on line 3; a single-label dataset needs a class"):
+        read_csv(single)
+    wide = tmp_path / "wide.csv"
+    wide.write_text(f"path,a,b\n{multilabel_csv.parent / '0.png'},1,yes\n")
+    with pytest.raises(DataError, match=r"wide.csv: line 2, column 'b': 'yes' is not 0 or 1"):
+        read_csv(wide, label_columns=["a", "b"])
+
+
+def test_a_class_without_a_positive_in_train_is_refused(tmp_path: Path, multilabel_csv: Path) -> None:
+    from vision_transfer.datamodules import CsvDataModule
+
+    rows = list(csv.DictReader(multilabel_csv.open()))
+    rows[0]["labels"] += ";triangle"  # the only positive of a class...
+    rows = [{**r, "split": "test" if i == 0 else "train"} for i, r in enumerate(rows)]  # ...is in test
+    path = multilabel_csv.with_name("rare.csv")
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "labels", "split"])
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match=r"class\(es\) 'triangle' have no positive example in the training split"):
+        CsvDataModule(str(path), num_workers=0).prepare_splits()
+
+
+def test_thresholds_maximise_each_class_f1() -> None:
+    probs = torch.tensor([[0.9, 0.2], [0.7, 0.6], [0.4, 0.55], [0.3, 0.1], [0.2, 0.58]])
+    targets = torch.tensor([[1, 0], [1, 1], [1, 1], [0, 0], [0, 1]])
+    thresholds, no_positive = best_f1_thresholds(probs, targets)
+    # class 0: 0.4 and above catches all three positives and nothing else (F1 1); midway to 0.3
+    # class 1: 0.55 and above: three positives, no negative (F1 1); midway to 0.2
+    assert thresholds.tolist() == pytest.approx([0.35, 0.375]) and no_positive == []
+    _, none = best_f1_thresholds(probs, torch.zeros_like(targets))
+    assert none == [0, 1]
+
+
+def test_multilabel_fit_predict_load_and_export_agree(
+    tmp_path: Path, multilabel_csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vision_transfer import load_classifier
+    from vision_transfer.export import export_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    data = ["--data=vision_transfer.datamodules.CsvDataModule", f"--data.init_args.csv_path={multilabel_csv}"]
+    args = tiny_fit_args(data, tmp_path, "--trainer.max_epochs=3", "--model.lr=0.01", "--data.init_args.val_fraction=0.2")
+    assert run_cli(args) == 0
+    run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
+    with (run / "metrics.csv").open() as f:
+        columns = set(next(csv.reader(f)))
+    assert {"val/map", "val/f1_micro", "test/map", "test/f1_macro"} <= columns and "val/acc" not in columns
+    best = run / "checkpoints" / "best.ckpt"
+    checkpoint = torch.load(best, weights_only=True)
+    assert checkpoint["hyper_parameters"]["task"] == "multilabel"
+    thresholds = checkpoint["state_dict"]["thresholds"]
+    assert not torch.equal(thresholds, torch.full((3,), 0.5))  # tuned on val after fit
+    assert checkpoint["vision_transfer"]["prediction"]["thresholds"] == pytest.approx(thresholds.tolist(), abs=1e-6)
+    with (run / "per_class.csv").open() as f:
+        assert [r["class"] for r in csv.DictReader(f)] == list(CLASSES)
+
+    images = sorted(str(p) for p in multilabel_csv.parent.glob("*.png"))[:6]
+    output = tmp_path / "predictions.csv"
+    predict = ["predict", f"--ckpt_path={best}", f"--data.init_args.predict_paths={multilabel_csv.parent}"]
+    assert run_cli([*predict, f"--prediction.output={output}"]) == 0
+    with output.open() as f:
+        written = {row["path"]: row for row in csv.DictReader(f)}
+    classifier = load_classifier(best)
+    for image, labels in zip(images, classifier.predict(images), strict=True):
+        row = written[image]
+        assert row["labels"] == ";".join(name for name, _ in sorted(labels, key=lambda p: CLASSES.index(p[0])))
+        all_probs = [float(v) for v in row["all_probabilities"].split(";")]
+        assert all(all_probs[CLASSES.index(name)] == pytest.approx(p, abs=1e-4) for name, p in labels)
+
+    report = export_checkpoint(best, tmp_path / "exported")
+    config = json.loads((tmp_path / "exported" / "config.json").read_text())
+    assert config["multi_label"] is True and config["thresholds"] == pytest.approx(thresholds.tolist(), abs=1e-6)
+    assert max(report["max_abs_diff"].values()) <= report["tolerance"]
+    exported = load_classifier(tmp_path / "exported")
+    assert exported.predict(images) == classifier.predict(images)
