@@ -171,6 +171,10 @@ def test_knn_chunking_changes_neither_neighbours_nor_the_rows_read_at_once(
 # -- few-shot -------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_few_shot_episodes_come_from_train_only_and_are_seeded(splits: dict[str, Split]) -> None:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     train, val, test = splits["train"], splits["val"], splits["test"]
     options = {"shots": 5, "episodes": 3, "c_grid": (1e-3, 1e-1, 10.0)}
     run = few_shot((train.shards, train.labels, train.ids), (test.shards, test.labels), CLASSES, seed=0, **options)
@@ -181,8 +185,21 @@ def test_few_shot_episodes_come_from_train_only_and_are_seeded(splits: dict[str,
         assert set(episode.ids).isdisjoint(val_ids) and set(episode.ids).isdisjoint(test_ids)
         assert episode.ids == [train.ids[i] for i in episode.rows]
         assert np.array_equal(np.bincount(train.labels[episode.rows], minlength=CLASSES), np.full(CLASSES, 5))
-        assert episode.c in options["c_grid"] and episode.cv_acc is not None
+        assert episode.cv_acc is not None and sorted(episode.cv_acc) == sorted(options["c_grid"])
+        best = max(episode.cv_acc.values())
+        assert episode.c == min(c for c, acc in episode.cv_acc.items() if acc == best)
     assert len({tuple(e.ids) for e in run.episodes}) == 3  # every episode draws anew
+    # every C's cross-validated accuracy, recomputed with scikit-learn on the episode's own folds
+    first = run.episodes[0]
+    assert first.folds is not None and first.cv_acc is not None
+    x, y = train.dense[first.rows], train.labels[first.rows]
+    for c, accuracy in first.cv_acc.items():
+        correct = 0
+        for fold in np.unique(first.folds):
+            held = first.folds == fold
+            model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=5000))
+            correct += int((model.fit(x[~held], y[~held]).predict(x[held]) == y[held]).sum())
+        assert abs(correct / len(y) - accuracy) <= 1 / len(y), c  # one borderline shot at most
     assert run.mean > 0.5  # 5 shots of 10 classes: chance is 0.1 (measured ~0.63)
     mean, low, high = mean_ci(run.scores)
     assert (run.mean, run.ci_low, run.ci_high) == (mean, low, high) and low < mean < high
@@ -225,10 +242,14 @@ def test_paired_comparison_gives_the_known_verdicts() -> None:
     assert paired_comparison(episode, episode).verdict == "no significant difference"
     assert paired_comparison(episode + 0.01, episode).verdict == "A better"  # no spread at all: t is infinite
 
-    for seed in range(20):  # the interval excludes 0 exactly when p < alpha
+    borderline = 0
+    for seed in range(40):  # the interval excludes 0 exactly when p < alpha, and only then is there a winner
         noisy = np.random.default_rng(seed).normal(0.003, 0.01, 10)
         result = paired_comparison(episode[:10] + noisy, episode[:10])
-        assert (result.ci_low > 0 or result.ci_high < 0) == (result.p_value < 0.05)
+        significant = result.ci_low > 0 or result.ci_high < 0
+        assert significant == (result.p_value < 0.05) == (result.verdict != "no significant difference")
+        borderline += 0.05 <= result.p_value < 0.1
+    assert borderline  # the loop did cover p-values just above alpha
     with pytest.raises(ValueError, match="same length"):
         paired_comparison([0.1, 0.2], [0.1, 0.2, 0.3])
 

@@ -44,8 +44,9 @@ class Episode:
     rows: np.ndarray = field(repr=False)  # train row indices of the shots, ascending
     ids: list[str] = field(repr=False)
     c: float
-    cv_acc: float | None  # mean held-out accuracy of the chosen C; None with one shot
+    cv_acc: dict[float, float] | None  # held-out accuracy of every C tried; None with one shot
     test_acc: float
+    folds: np.ndarray | None = field(default=None, repr=False)  # each shot's cross-validation fold
 
 
 @dataclass
@@ -72,7 +73,9 @@ class FewShotResult:
             "mean": self.mean,
             "ci95": [self.ci_low, self.ci_high],
             "c_selection": self.c_selection,
-            "per_episode": [{"seed": list(e.seed), "C": e.c, "test_acc": e.test_acc} for e in self.episodes],
+            "per_episode": [
+                {"seed": list(e.seed), "C": e.c, "cv_acc": e.cv_acc, "test_acc": e.test_acc} for e in self.episodes
+            ],
             "seconds": self.seconds,
         }
 
@@ -125,14 +128,14 @@ def fit_shots(
     folds: np.ndarray | None,
     c_grid: Sequence[float] = FEW_SHOT_C_GRID,
     fixed_c: float = ONE_SHOT_C,
-) -> tuple[torch.Tensor, torch.Tensor, float, float | None]:
+) -> tuple[torch.Tensor, torch.Tensor, float, dict[float, float] | None]:
     """Logistic regression on the shots ``x`` (raw features), C chosen by cross-validation over ``folds``.
 
     Each fold standardises with its own training part; C values are fitted in ascending order,
     warm-started, and ties go to the smaller C. ``folds`` None uses ``fixed_c``.
 
     Returns:
-        weight ``(C, D)`` and bias on raw features, the C used and its cross-validated accuracy.
+        weight ``(C, D)`` and bias on raw features, the C used and every C's cross-validated accuracy.
     """
     c, cv_acc = fixed_c, None
     if folds is not None:
@@ -145,8 +148,9 @@ def fit_shots(
             for i, value in enumerate(sorted(c_grid)):
                 init = lbfgs_logistic_regression(fit_x, y[~held], num_classes, value, init)
                 correct[i] += int(((held_x @ init[0].T + init[1]).argmax(1) == y[held]).sum())
-        best = int(np.argmax(correct))  # first maximum: the smallest C among ties
-        c, cv_acc = sorted(c_grid)[best], float(correct[best] / len(y))
+        grid = sorted(c_grid)
+        c = grid[int(np.argmax(correct))]  # the first maximum: the smallest C among ties
+        cv_acc = {value: float(n / len(y)) for value, n in zip(grid, correct, strict=True)}
     scaler = Standardizer(x)
     weight, bias = lbfgs_logistic_regression(scaler(x), y, num_classes, c)
     weight, bias = scaler.fold(weight, bias)
@@ -195,19 +199,19 @@ def few_shot(
         x = torch.from_numpy(take_rows(shards, rows))
         with torch.enable_grad(), single_thread():
             weight, bias, c, cv_acc = fit_shots(x, torch.from_numpy(y), num_classes, folds, c_grid, one_shot_c)
-        fitted.append((rows, weight, bias, c, cv_acc))
+        fitted.append((rows, folds, weight, bias, c, cv_acc))
     test_labels = np.asarray(test[1], dtype=np.int64)
     split_rows(test[0], test_labels)
-    weights = torch.stack([f[1] for f in fitted])  # (E, C, D): every episode scored in one pass
-    biases = torch.stack([f[2] for f in fitted])
+    weights = torch.stack([f[2] for f in fitted])  # (E, C, D): every episode scored in one pass
+    biases = torch.stack([f[3] for f in fitted])
     flat_w, flat_b = weights.reshape(-1, weights.shape[-1]).T.contiguous(), biases.reshape(-1)
     correct = np.zeros(episodes)
     for row, chunk in iter_chunks(test[0], chunk_rows):
         predicted = (torch.from_numpy(chunk) @ flat_w + flat_b).view(len(chunk), episodes, num_classes).argmax(-1)
         correct += (predicted.numpy() == test_labels[row : row + len(chunk), None]).sum(0)
     results = [
-        Episode(e, (seed, e), rows, [ids[i] for i in rows], c, cv_acc, float(correct[e] / len(test_labels)))
-        for e, (rows, _, _, c, cv_acc) in enumerate(fitted)
+        Episode(e, (seed, e), rows, [ids[i] for i in rows], c, cv_acc, float(correct[e] / len(test_labels)), folds)
+        for e, (rows, folds, _, _, c, cv_acc) in enumerate(fitted)
     ]
     mean, low, high = mean_ci([r.test_acc for r in results])
     if shots == 1:
