@@ -68,7 +68,7 @@ def iter_chunks(
             chunk = np.asarray(shard[offset : offset + rows])
             if chunk.dtype == np.float16 and dtype == np.float64:
                 chunk = chunk.astype(np.float32)  # exact, and numpy's fp16 -> fp32 path is ~5x its fp16 -> fp64
-            yield start + offset, chunk.astype(dtype, copy=False)
+            yield start + offset, chunk.astype(dtype)  # always a fresh, writable array: callers may work in place
         start += len(shard)
         release(shard)
 
@@ -86,9 +86,10 @@ def take_rows(shards: Sequence[np.ndarray], index: np.ndarray) -> np.ndarray:
     return out
 
 
-def stream_moments(shards: Sequence[np.ndarray], rows: int = CHUNK_ROWS) -> tuple[np.ndarray, np.ndarray]:
+def stream_moments(shards: Sequence[np.ndarray], rows: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Per-feature mean and standard deviation (ddof=1, like ``torch.std``) in one float64 pass.
 
+    A float64 chunk and its two temporaries are ``3 x 8 x rows x D`` bytes (126 MB at 4096 x 1280).
     Chunks are merged with Chan et al.'s (1979) pairwise update, which unlike sum-of-squares does not
     lose precision when a feature's mean is large against its spread.
     """
