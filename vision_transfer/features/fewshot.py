@@ -3,8 +3,10 @@
 Each episode draws its shots from the TRAIN split only (a seed per episode), fits L-BFGS logistic
 regression on the standardised shots with C chosen by cross-validation inside the shots, and is
 scored on the test split. Nothing else is read: no validation split is taken at all, and the test
-split only scores the finished episodes, so neither can leak into the shots or the choice of C
-(CLIP_benchmark's few-shot once drew validation data into the shots, LAION-AI/CLIP_benchmark#125).
+split only scores the finished episodes, so neither can leak into the shots or the choice of C.
+(CLIP_benchmark's few-shot probe refit on the shots plus the whole, unfiltered validation split,
+LAION-AI/CLIP_benchmark#125; CLIP's paper chose the few-shot C on the full validation set,
+openai/CLIP#128.)
 Shots depend only on the labels and the seed, so two backbones on the same split get the same
 episodes and compare pairwise (:func:`vision_transfer.features.stats.paired_comparison`).
 """

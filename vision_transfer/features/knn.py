@@ -5,7 +5,8 @@ samples votes for its class with weight ``exp(sim / T)``. k is chosen on val (tr
 the memory), then the test split is scored once against train+val (the k-NN counterpart of the
 linear probe's refit). Similarities are computed one query chunk x one memory chunk at a time
 against the (memory-mapped) shards, keeping a running top-k, so memory is bounded by the chunk
-sizes: about ``4 * (query_chunk + memory_chunk) * D + 4 * query_chunk * memory_chunk`` bytes.
+sizes, not the split: a few chunk-sized arrays (0.65 GiB above the interpreter's own with the
+defaults in float64, measured against 1.28M x 1280 rows by benchmarks/imagenet_scale.py).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ def nearest_neighbours(
         dtype: the similarities' precision. float64 (default) makes the neighbours independent of
             the chunk sizes: float32 dot products round differently with the block shapes, and
             near-ties are common (162 gaps under 1e-6 among 500 x 200 Fashion-MNIST neighbours).
-            float32 is about twice as fast.
+            float32 is 1.8x as fast (benchmarks/imagenet_scale.py).
         limit: only the first ``limit`` query rows (for timing a fraction of a large split).
 
     Returns:
