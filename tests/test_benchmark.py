@@ -41,6 +41,10 @@ datasets:
       class_path: vision_transfer.datamodules.ImageFolderDataModule
       init_args: {{root: {other}, num_workers: 0}}
 seeds: [0, 1]
+protocols: [linear_probe, knn, fewshot]
+fewshot_shots: 2
+fewshot_episodes: 3
+knn_ks: [2, 4]
 image_size: 32
 solver: sgd
 probe_epochs: 3
@@ -59,11 +63,19 @@ def test_tiny_grid_writes_csv_table_and_plots_and_resumes(
     out = tmp_path / "bench"
     with (out / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8  # 2 backbones x 2 datasets x 2 seeds
+    assert len(rows) == 24  # 2 backbones x 2 datasets x 2 seeds x 3 protocols
     assert {r["backbone"] for r in rows} == {"tiny-pretrained", f"{TINY_BACKBONE} (random)"}
-    assert all(0 <= float(r["top1"]) <= 1 and float(r["params_m"]) > 0 and r["chosen"].startswith("lr=") for r in rows)
+    assert all(0 <= float(r["top1"]) <= 1 and float(r["params_m"]) > 0 for r in rows)
+    chosen = {r["protocol"]: r["chosen"].split("=")[0] for r in rows}
+    assert chosen == {"linear_probe": "lr", "knn": "k", "fewshot": "shots"}
+    fewshot = [r for r in rows if r["protocol"] == "fewshot"]
+    assert all(len(r["episode_scores"].split(";")) == 3 and r["ci_low"] <= r["top1"] <= r["ci_high"] for r in fewshot)
+    assert all(r["balanced_acc"] for r in rows if r["protocol"] != "fewshot")
     table = (out / "summary.md").read_text()
-    assert table.count("\n") == 2 + 4 and "± " in table and "gain over random init" in table
+    body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert len(body) == 12 and "± " in table and "gain over random init" in table  # 2 x 2 x 3 rows
+    rankings = [line for line in table.splitlines() if line.startswith("- **")]
+    assert len(rankings) == 6 and all("over 2 seeds" in r or "over 6 episodes" in r for r in rankings)
     for name in ("accuracy.png", "cost.png", "transfer_gain.png"):
         png = out / name
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 200, name
@@ -75,7 +87,24 @@ def test_tiny_grid_writes_csv_table_and_plots_and_resumes(
     assert run_cli(["benchmark", f"--config={config}"]) == 0
     with (out / "results.csv").open() as f:
         again = list(csv.DictReader(f))
-    assert len(again) == 8 and {r["run"]: r["extract_s"] for r in again[:-2]} == kept
+    assert len(again) == 24 and {r["run"]: r["extract_s"] for r in again[:-2]} == kept
+
+    # a grid split across machines (here: by dataset) merges back into the same table
+    from vision_transfer.report.grid import merge_results, read_results
+
+    parts = []
+    for dataset in ("shapes", "ab"):
+        part = tmp_path / f"part_{dataset}" / "results.csv"
+        part.parent.mkdir()
+        with part.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(again[0]))
+            writer.writeheader()
+            writer.writerows(r for r in again if r["dataset"] == dataset)
+        parts.append(part)
+    merged = merge_results(parts, tmp_path / "merged" / "results.csv")
+    assert sorted(r["run"] for r in read_results(merged)) == sorted(r["run"] for r in again)
+    assert run_cli(["benchmark", "--merge", str(parts[0]), str(parts[1]), f"--output={tmp_path / 'merged2'}"]) == 0
+    assert (tmp_path / "merged2" / "summary.md").read_text() == table
 
 
 def test_confidence_interval_uses_student_t() -> None:
@@ -103,8 +132,23 @@ def test_transfer_gain_is_called_negative_only_when_its_interval_is_below_zero()
     from vision_transfer.report.grid import gain_verdict
 
     assert gain_verdict(0.13, 0.02) == "positive"
-    assert gain_verdict(-0.0015, 0.023) == "no clear gain"  # the digits case: -0.15 ± 2.30 points
+    assert gain_verdict(0.0044, 0.0191) == "not significant"  # the digits case: +0.44 ± 1.91 points
     assert gain_verdict(-0.05, 0.01) == "**negative transfer**"
+    assert gain_verdict(0.05, 0.0, 1) == "not significant (one pair)"
+
+
+def test_rankings_are_paired_and_say_when_a_difference_is_not_significant() -> None:
+    from vision_transfer.report.grid import rankings
+
+    def row(backbone: str, seed: int, top1: float) -> dict[str, str]:
+        return {"dataset": "d", "backbone": backbone, "protocol": "linear_probe", "seed": str(seed), "top1": str(top1)}
+
+    # B is behind A by exactly 1 point on every seed, though the seeds spread by 10 points: paired, a clear win
+    rows = [row("A", s, 0.5 + 0.1 * s) for s in range(3)] + [row("B", s, 0.49 + 0.1 * s) for s in range(3)]
+    rows += [row("C", s, v) for s, v in enumerate((0.30, 0.80, 0.35))]  # noisy: not significantly behind B
+    (line,) = rankings(rows)
+    assert line.startswith("- **d, linear_probe**: A (60.00) > B (59.00; A +1.00 ± 0.00, better over 3 seeds)")
+    assert "~ C (48.33; B " in line and "not significant over 3 seeds" in line
 
 
 def test_run_grid_refuses_a_misspelt_option(tmp_path: Path) -> None:

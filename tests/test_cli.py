@@ -106,9 +106,10 @@ def test_fit_test_predict_end_to_end(
     assert run_cli(predict) == 0
     with output.open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 9 and list(rows[0]) == ["path", "label_1", "prob_1", "label_2", "prob_2"]
-    assert all(r["label_1"] in CLASSES and 0 < float(r["prob_1"]) <= 1 for r in rows)
-    assert all(float(r["prob_1"]) >= float(r["prob_2"]) for r in rows)
+    # fit fitted a temperature on val (calibrate=true, the default): the header says so
+    assert len(rows) == 9 and list(rows[0]) == ["path", "label_1", "calibrated_prob_1", "label_2", "calibrated_prob_2"]
+    assert all(r["label_1"] in CLASSES and 0 < float(r["calibrated_prob_1"]) <= 1 for r in rows)
+    assert all(float(r["calibrated_prob_1"]) >= float(r["calibrated_prob_2"]) for r in rows)
 
 
 def _fit_folder(folder: Path, tmp_path: Path, *extra: str) -> int:

@@ -13,19 +13,21 @@ import pytest
 from vision_transfer.app.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARY = ("backbones", "data", "tuning", "features", "export", "report")  # usable without Lightning
+LIBRARY = ("backbones", "data", "tuning", "losses", "inference", "features", "export", "report")  # no Lightning
 PACKAGES = (*LIBRARY, "datamodules", "tasks", "callbacks", "app")
 # what each package may load of ours; `app` (the command line and runners) sits on top of everything
 MAY_LOAD = {
     "backbones": set(),
     "data": {"backbones"},
     "tuning": set(),
+    "losses": set(),
+    "inference": set(),
     "features": {"backbones", "data"},
-    "export": {"backbones", "data"},
+    "export": {"backbones", "data", "inference"},
     "report": set(),
     "datamodules": {"backbones", "data", "features"},
     "callbacks": {"report"},
-    "tasks": {"backbones", "data", "tuning", "callbacks", "report"},
+    "tasks": {"backbones", "data", "tuning", "losses", "inference", "callbacks", "report"},
     "app": set(PACKAGES),
 }
 

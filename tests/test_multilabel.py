@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args
+from tests.conftest import tiny_fit_args
 from tests.test_cli import run_cli
 from vision_transfer.data.sources import read_csv, stratification_key, stratified_split
 from vision_transfer.errors import DataError
@@ -117,7 +117,9 @@ def test_multilabel_fit_predict_load_and_export_agree(
 
     monkeypatch.chdir(tmp_path)
     data = ["--data=vision_transfer.datamodules.CsvDataModule", f"--data.init_args.csv_path={multilabel_csv}"]
-    args = tiny_fit_args(data, tmp_path, "--trainer.max_epochs=3", "--model.lr=0.01", "--data.init_args.val_fraction=0.2")
+    args = tiny_fit_args(
+        data, tmp_path, "--trainer.max_epochs=3", "--model.lr=0.01", "--data.init_args.val_fraction=0.2"
+    )
     assert run_cli(args) == 0
     run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
     with (run / "metrics.csv").open() as f:

@@ -53,7 +53,7 @@ def test_cutmix_targets_follow_the_pasted_area_and_odd_batches_pass_unmixed() ->
     mixed, targets = mixer(images.clone(), torch.tensor([0, 0, 1, 1]))
     kept = float(mixed[0].mean())  # lam: the share of image 0 left
     assert targets[0, 0] == pytest.approx(kept, abs=1e-6) and targets[0, 1] == pytest.approx(1 - kept, abs=1e-6)
-    odd, odd_targets = mixer(torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 2]))
+    _, odd_targets = mixer(torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 2]))
     assert torch.equal(odd_targets, torch.eye(3))
 
 
@@ -77,7 +77,9 @@ def test_tta_flip_of_a_flip_invariant_model_changes_nothing() -> None:
     assert torch.allclose(plain, flipped, atol=1e-6)
     assert len(tta_views(images, "flip_zoom")) == 4
     sensitive = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5)).eval()  # not flip-invariant: TTA acts
-    assert not torch.allclose(PredictionHead(sensitive).probabilities(images), PredictionHead(sensitive, tta="flip").probabilities(images))
+    assert not torch.allclose(
+        PredictionHead(sensitive).probabilities(images), PredictionHead(sensitive, tta="flip").probabilities(images)
+    )
     manual = torch.stack([sensitive(v).softmax(1) for v in (images, images.flip(-1))]).mean(0)
     assert torch.allclose(PredictionHead(sensitive, tta="flip").probabilities(images), manual, atol=1e-6)
 
@@ -124,7 +126,7 @@ def test_fit_calibrates_on_val_and_the_checkpoint_export_and_predict_use_the_tem
     expected = classifier.prediction_head("flip").probabilities(batch)
     assert torch.allclose(scripted(batch).softmax(1), expected, atol=1e-5)
     top = classifier.predict(images, top_k=1, tta="flip")
-    assert [p for (_, p), in top] == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
+    assert [p for ((_, p),) in top] == pytest.approx(expected.max(1).values.tolist(), abs=1e-5)
 
     output = tmp_path / "predictions.csv"
     predict = ["predict", f"--ckpt_path={best}", f"--data.init_args.predict_paths={image_folder / 'circle'}"]
@@ -135,9 +137,13 @@ def test_fit_calibrates_on_val_and_the_checkpoint_export_and_predict_use_the_tem
     assert [float(r["calibrated_prob_1"]) for r in rows] == pytest.approx(expected.max(1).values.tolist(), abs=1e-4)
 
 
-def test_calibrate_command_on_a_checkpoint(tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_calibrate_command_on_a_checkpoint(
+    tmp_path: Path, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
-    args = tiny_fit_args(data, tmp_path, "--model.calibrate=false", "--test_after_fit=false", "--data.init_args.val_fraction=0.3")
+    args = tiny_fit_args(
+        data, tmp_path, "--model.calibrate=false", "--test_after_fit=false", "--data.init_args.val_fraction=0.3"
+    )
     assert run_cli(args) == 0
     best = next((tmp_path / "runs").rglob("best.ckpt"))
     assert float(torch.load(best, weights_only=True)["state_dict"]["temperature"]) == 1.0

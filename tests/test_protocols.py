@@ -75,12 +75,10 @@ def splits(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Split]:
         "test": test_pool.take(stratified_subset(test_pool.labels, 1000, seed=2)),
     }
     root = tmp_path_factory.mktemp("protocols")
-    cache, _ = extract(
-        "tf_efficientnet_lite0", "packaged", samples, source.class_names, image_size=64, cache_root=root, progress=False
-    )
+    caches, _ = extract("tf_efficientnet_lite0", "packaged", samples, image_size=64, cache_root=root, progress=False)
     out = {}
     for name, split in samples.items():
-        features, labels = cache.load(name)
+        features, labels = caches[name].load(), split.labels
         folder = root / "shards" / name
         folder.mkdir(parents=True)
         shards = []
@@ -259,7 +257,7 @@ def test_paired_comparison_gives_the_known_verdicts() -> None:
 
 
 def test_mean_ci_matches_the_benchmark_tables() -> None:
-    from vision_transfer.benchmark.summary import mean_ci as table_mean_ci
+    from vision_transfer.report.grid import mean_ci as table_mean_ci
 
     values = [0.81, 0.84, 0.79, 0.83]
     mean, low, high = mean_ci(values)

@@ -45,7 +45,7 @@ def test_run_folder_has_config_checkpoints_logs_plots_and_summary(run_dir: Path)
     test_acc = _csv_values(run_dir, "test/acc")[-1]
     assert f"| test/acc | {test_acc:.4f} |" in summary
     assert f"| best val/acc | {max(_csv_values(run_dir, 'val/acc')):.4f}" in summary
-    assert "test_efficientnet" in summary and "Weakest classes" in summary
+    assert "test_efficientnet" in summary and "Per-class recall on test, lowest first" in summary
     for name in PLOTS:
         assert f"({name})" in summary
 

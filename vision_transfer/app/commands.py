@@ -96,6 +96,13 @@ def _feature_parser(command: str) -> ArgumentParser:
     parser.add_argument("--num_workers", type=int | None, default=None, help="default: the datamodule's")
     parser.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone (GPU: 1.7x)")
     if command == "probe":
+        parser.add_argument(
+            "--protocol", type=Literal["linear", "knn", "fewshot"], default="linear",
+            help="linear: a linear probe (--solver); knn: DINO's weighted k-NN; fewshot: --shots per class, --episodes",
+        )  # fmt: skip
+        parser.add_argument("--ks", type=list[int] | None, default=None, help="knn: k values swept (default 10..200)")
+        parser.add_argument("--shots", type=int, default=5, help="fewshot: training images per class per episode")
+        parser.add_argument("--episodes", type=int, default=20, help="fewshot: episodes (mean and 95%% CI over them)")
         parser.add_argument("--output", type=str, default="runs/probe")
         parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="sgd")
         parser.add_argument("--epochs", type=int, default=10, help="sgd: epochs over the cached features")
@@ -129,6 +136,9 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
             print(f"{split:<6} {cache.rows:>7} rows  dim {cache.dim}  {cache.folder}")
         print(f"{passes} backbone forward passes")
         return
+    if init.protocol != "linear":
+        _run_protocol(init, options)
+        return
     probe_options = {k: init[k] for k in ("output", "solver", "epochs", "lrs", "wds", "c_grid_size", "seed")}
     result, checkpoint = probe_datamodule(init.data, init.backbone, init.weights, **options, **probe_options)
     print(f"solver      {result.solver}   chosen {result.chosen}")
@@ -136,6 +146,31 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
     if result.test_acc is not None:
         print(f"test/acc    {result.test_acc:.4f}   test/acc_top5 {result.test_acc_top5:.4f}")
     print(f"checkpoint  {checkpoint.resolve()}   (vision-transfer predict --ckpt_path ...)")
+
+
+def _run_protocol(init: Any, options: dict[str, Any]) -> None:
+    import json
+
+    from vision_transfer.app.features import fewshot_datamodule, knn_datamodule
+
+    folder = Path(init.output)
+    folder.mkdir(parents=True, exist_ok=True)
+    if init.protocol == "knn":
+        knn = knn_datamodule(init.data, init.backbone, init.weights, ks=tuple(init.ks or ()) or None, **options)
+        summary = knn.summary()
+        print(f"knn         k={knn.k} (chosen on val), temperature {knn.temperature}")
+        scores = f"test/acc_top5 {knn.test_top5:.4f}   test/balanced_acc {knn.test_balanced:.4f}"
+        print(f"test/acc    {knn.test_top1:.4f}   {scores}")
+    else:
+        few = fewshot_datamodule(
+            init.data, init.backbone, init.weights, shots=init.shots, episodes=init.episodes, seed=init.seed, **options
+        )
+        summary = few.summary()
+        print(f"fewshot     {few.shots} shots per class, {len(few.episodes)} episodes; C: {few.c_selection}")
+        print(f"test/acc    {few.mean:.4f}   95% CI [{few.ci_low:.4f}, {few.ci_high:.4f}] over episodes")
+    summary |= {"protocol": init.protocol, "backbone": init.backbone, "weights": init.weights}
+    (folder / "probe.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
+    print(f"report      {(folder / 'probe.json').resolve()}")
 
 
 def extract(argv: list[str]) -> None:
@@ -147,6 +182,9 @@ def probe(argv: list[str]) -> None:
 
 
 def benchmark(argv: list[str]) -> None:
+    if "--merge" in argv:
+        _merge_benchmarks(argv)
+        return
     from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
     from vision_transfer.report.grid import write_grid_summary
 
@@ -155,7 +193,9 @@ def benchmark(argv: list[str]) -> None:
     parser.add_argument("--backbones", type=list[BackboneEntry], required=True)
     parser.add_argument("--datasets", type=list[DatasetEntry], required=True)
     parser.add_argument("--seeds", type=list[int], default=[0, 1, 2])
-    parser.add_argument("--protocols", type=list[Literal["linear_probe", "full", "gradual"]], default=["linear_probe"])
+    parser.add_argument(
+        "--protocols", type=list[Literal["linear_probe", "knn", "fewshot", "full", "gradual"]], default=["linear_probe"]
+    )
     parser.add_argument("--image_size", type=int | None, default=None)
     parser.add_argument("--output", type=str, default="runs/benchmark")
     parser.add_argument("--cache_dir", type=str | None, default=None)
@@ -163,14 +203,43 @@ def benchmark(argv: list[str]) -> None:
     parser.add_argument("--c_grid_size", type=int, default=45)
     parser.add_argument("--probe_epochs", type=int, default=10)
     parser.add_argument("--finetune_epochs", type=int, default=3)
+    parser.add_argument("--fewshot_shots", type=int, default=5, help="fewshot: training images per class")
+    parser.add_argument("--fewshot_episodes", type=int, default=20, help="fewshot: episodes per seed")
+    parser.add_argument("--knn_ks", type=list[int] | None, default=None, help="knn: k values (default 10..200)")
     init = parser.instantiate_classes(parser.parse_args(argv))
-    options = {k: init[k] for k in ("cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs")}
+    keys = (
+        "cache_dir",
+        "solver",
+        "c_grid_size",
+        "probe_epochs",
+        "finetune_epochs",
+        "fewshot_shots",
+        "fewshot_episodes",
+    )
+    options = {k: init[k] for k in keys} | ({"knn_ks": init.knn_ks} if init.knn_ks else {})
     results = run_grid(
         init.backbones, init.datasets, init.seeds, init.output, init.protocols, init.image_size, **options
     )
     for path in write_grid_summary(results.parent):
         print(f"wrote {path.resolve()}")
     print((results.parent / "summary.md").read_text())
+
+
+def _merge_benchmarks(argv: list[str]) -> None:
+    parser = ArgumentParser(
+        prog="vision-transfer benchmark --merge",
+        description="Merge the results.csv of grids run apart (split by backbone or dataset) and summarise them.",
+    )
+    parser.add_argument("--merge", nargs="+", required=True, help="results.csv files (or their folders)")
+    parser.add_argument("--output", type=str, default="runs/benchmark")
+    args = parser.parse_args(argv)
+    from vision_transfer.report.grid import merge_results, write_grid_summary
+
+    inputs = [Path(p) / "results.csv" if Path(p).is_dir() else Path(p) for p in args.merge]
+    merged = merge_results(inputs, Path(args.output) / "results.csv")
+    for path in write_grid_summary(merged.parent):
+        print(f"wrote {path.resolve()}")
+    print((merged.parent / "summary.md").read_text())
 
 
 def check_data(argv: list[str]) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -13,6 +13,10 @@ from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.features.cache import FeatureCache
 from vision_transfer.features.extract import Precision, extract
 from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver, run_probe
+
+if TYPE_CHECKING:
+    from vision_transfer.features.fewshot import FewShotResult
+    from vision_transfer.features.knn import KnnResult
 
 
 def extract_datamodule(
@@ -107,3 +111,50 @@ def probe_datamodule(
     }
     (folder / "probe.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return result, checkpoint
+
+
+def shard_inputs(
+    caches: dict[str, FeatureCache], datamodule: ImageDataModule, split: str
+) -> tuple[list[np.ndarray], np.ndarray, list[str]]:
+    """(memory-mapped shards, labels, sample ids) of a split: what k-NN, few-shot and the streamed
+    probe read, without loading the split into RAM."""
+    samples = datamodule.splits[split]
+    return caches[split].shards(), samples.labels, list(samples.ids)
+
+
+def knn_datamodule(
+    datamodule: ImageDataModule,
+    backbone: str,
+    weights: str | None = "auto",
+    *,
+    ks: tuple[int, ...] | None = None,
+    temperature: float | None = None,
+    **extract_options: Any,
+) -> KnnResult:
+    """DINO's weighted k-NN on cached features: k chosen on val, test scored once (see :mod:`features.knn`)."""
+    from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate
+
+    caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)
+    train, val, test = (shard_inputs(caches, datamodule, s)[:2] for s in ("train", "val", "test"))
+    classes = len(datamodule.class_names or [])
+    return knn_evaluate(train, val, test, classes, ks=ks or KNN_KS, temperature=temperature or DINO_TEMPERATURE)
+
+
+def fewshot_datamodule(
+    datamodule: ImageDataModule,
+    backbone: str,
+    weights: str | None = "auto",
+    *,
+    shots: int = 5,
+    episodes: int = 20,
+    seed: int = 0,
+    **extract_options: Any,
+) -> FewShotResult:
+    """Few-shot linear probes: ``episodes`` draws of ``shots`` per class from train only, C chosen by
+    cross-validation inside the shots, each episode scored on test (see :mod:`features.fewshot`)."""
+    from vision_transfer.features.fewshot import few_shot
+
+    caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)
+    train = shard_inputs(caches, datamodule, "train")
+    test = shard_inputs(caches, datamodule, "test")[:2]
+    return few_shot(train, test, len(datamodule.class_names or []), shots=shots, episodes=episodes, seed=seed)

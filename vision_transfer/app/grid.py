@@ -18,11 +18,16 @@ from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import ConfigError
 from vision_transfer.report.grid import read_results
 
-Protocol = Literal["linear_probe", "full", "gradual"]
-GRID_OPTIONS = {"cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs", "finetune_lr", "progress"}
+Protocol = Literal["linear_probe", "knn", "fewshot", "full", "gradual"]
+FEATURE_PROTOCOLS = ("linear_probe", "knn", "fewshot")  # on the feature cache: no backbone pass once warm
+GRID_OPTIONS = {
+    "cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs", "finetune_lr", "progress",
+    "fewshot_shots", "fewshot_episodes", "knn_ks",
+}  # fmt: skip
 COLUMNS = [
-    "run", "backbone", "architecture", "weights", "dataset", "protocol", "seed", "top1", "top5", "f1_macro",
-    "chosen", "feature_dim", "params_m", "gmacs", "extract_s", "train_s",
+    "run", "backbone", "architecture", "weights", "dataset", "protocol", "seed", "top1", "top5", "balanced_acc",
+    "f1_macro", "ci_low", "ci_high", "episode_scores", "chosen", "feature_dim", "params_m", "gmacs", "extract_s",
+    "train_s",
 ]  # fmt: skip
 
 
@@ -122,11 +127,63 @@ def _linear_probe(
     result = run_probe(train, val, test, classes, solver, **probe_options)
     train_s = time.perf_counter() - start
     logits = torch.from_numpy(test[0]) @ result.weight.T + result.bias
-    f1 = _macro_f1(logits.argmax(1).numpy(), test[1], classes)
-    chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items())
+    predicted = logits.argmax(1).numpy()
+    chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
     top1, top5 = result.test_acc, result.test_acc_top5
-    return {"top1": top1, "top5": top5, "f1_macro": f1, "chosen": chosen, "feature_dim": train[0].shape[1],
+    return {"top1": top1, "top5": top5, "balanced_acc": _balanced_accuracy(predicted, test[1], classes),
+            "f1_macro": _macro_f1(predicted, test[1], classes), "chosen": chosen, "feature_dim": train[0].shape[1],
             "extract_s": extract_s, "train_s": train_s}  # fmt: skip
+
+
+def _knn(
+    entry: BackboneEntry, data: ImageDataModule, image_size: int | None, options: dict[str, Any]
+) -> dict[str, Any]:
+    from vision_transfer.app.features import extract_datamodule, knn_datamodule
+
+    start = time.perf_counter()
+    extract_datamodule(
+        data, entry.name, entry.weights, image_size=image_size, cache_dir=options.get("cache_dir"), progress=False
+    )
+    extract_s = time.perf_counter() - start
+    ks = tuple(options["knn_ks"]) if options.get("knn_ks") else None
+    result = knn_datamodule(
+        data,
+        entry.name,
+        entry.weights,
+        ks=ks,
+        image_size=image_size,
+        cache_dir=options.get("cache_dir"),
+        progress=False,
+    )
+    return {"top1": result.test_top1, "top5": result.test_top5, "balanced_acc": result.test_balanced,
+            "chosen": f"k={result.k}", "extract_s": extract_s, "train_s": result.seconds}  # fmt: skip
+
+
+def _fewshot(
+    entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
+) -> dict[str, Any]:
+    from vision_transfer.app.features import extract_datamodule, fewshot_datamodule
+
+    start = time.perf_counter()
+    extract_datamodule(
+        data, entry.name, entry.weights, image_size=image_size, cache_dir=options.get("cache_dir"), progress=False
+    )
+    extract_s = time.perf_counter() - start
+    shots, episodes = options.get("fewshot_shots", 5), options.get("fewshot_episodes", 20)
+    result = fewshot_datamodule(
+        data, entry.name, entry.weights, shots=shots, episodes=episodes, seed=seed, image_size=image_size,
+        cache_dir=options.get("cache_dir"), progress=False,
+    )  # fmt: skip
+    return {"top1": result.mean, "ci_low": result.ci_low, "ci_high": result.ci_high,
+            "episode_scores": ";".join(f"{s:.4f}" for s in result.scores),
+            "chosen": f"shots={shots};episodes={len(result.episodes)}", "extract_s": extract_s,
+            "train_s": result.seconds}  # fmt: skip
+
+
+def _balanced_accuracy(predictions: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    """Mean per-class recall over the classes present."""
+    recalls = [float(np.mean(predictions[labels == c] == c)) for c in range(classes) if np.any(labels == c)]
+    return float(np.mean(recalls)) if recalls else 0.0
 
 
 def _fine_tune(
@@ -145,8 +202,8 @@ def _fine_tune(
     pl.seed_everything(seed, verbose=False)
     epochs = options.get("finetune_epochs", 3)
     model = ImageClassifier(
-        entry.name, weights=entry.weights, mode=protocol, image_size=image_size, lr=options.get("finetune_lr", 2e-3),
-        unfreeze_every=max(1, epochs // 4), warmup_epochs=0.3,
+        entry.name, weights=entry.weights, mode=protocol, image_size=image_size,  # type: ignore[arg-type]
+        lr=options.get("finetune_lr", 2e-3), unfreeze_every=max(1, epochs // 4), warmup_epochs=0.3,
     )  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -157,8 +214,9 @@ def _fine_tune(
     trainer.fit(model, data)
     train_s = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
-    return {"top1": metrics["test/acc"], "top5": metrics["test/acc_top5"], "f1_macro": metrics["test/f1_macro"],
-            "chosen": f"epochs={epochs}", "feature_dim": model.backbone.num_features, "train_s": train_s}  # fmt: skip
+    return {"top1": metrics["test/acc"], "top5": metrics["test/acc_top5"], "balanced_acc": metrics["test/balanced_acc"],
+            "f1_macro": metrics["test/f1_macro"], "chosen": f"epochs={epochs}",
+            "feature_dim": model.backbone.num_features, "train_s": train_s}  # fmt: skip
 
 
 def grid(
@@ -202,6 +260,10 @@ def run_grid(
         data = _with_seed(dataset.data, seed)
         if protocol == "linear_probe":
             row = _linear_probe(backbone, data, seed, image_size, options)
+        elif protocol == "knn":
+            row = _knn(backbone, data, image_size, options)
+        elif protocol == "fewshot":
+            row = _fewshot(backbone, data, seed, image_size, options)
         else:
             row = _fine_tune(backbone, data, seed, image_size, protocol, options)
         if backbone.name not in costs:

@@ -450,8 +450,8 @@ class CsvDataModule(ImageDataModule):
         labels_column: multi-label: column holding the class names, separated by ``label_separator``.
         label_separator: multi-label: the separator within ``labels_column``.
         label_columns: multi-label: one 0/1 column per class, instead of ``labels_column``.
-        task: ``auto`` (multi-label when the CSV has ``labels_column`` and no ``label_column``, or
-            ``label_columns`` are given), ``multiclass`` or ``multilabel``.
+        multilabel: None: multi-label when the CSV has ``labels_column`` and no ``label_column``,
+            or ``label_columns`` are given; True or False to say so.
         kwargs: see :class:`ImageDataModule`.
     """
 
@@ -463,7 +463,7 @@ class CsvDataModule(ImageDataModule):
         labels_column: str = "labels",
         label_separator: str = ";",
         label_columns: list[str] | None = None,
-        task: Literal["auto", "multiclass", "multilabel"] = "auto",
+        multilabel: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -473,12 +473,13 @@ class CsvDataModule(ImageDataModule):
         self.labels_column = labels_column
         self.label_separator = label_separator
         self.label_columns = label_columns
-        self.task_option = task
+        self.multilabel = multilabel
 
     def read_source(self) -> SourceSplits:
         return read_csv(
             self.csv_path, self.path_column, self.label_column, labels_column=self.labels_column,
-            label_separator=self.label_separator, label_columns=self.label_columns, task=self.task_option,
+            label_separator=self.label_separator, label_columns=self.label_columns,
+            task="auto" if self.multilabel is None else "multilabel" if self.multilabel else "multiclass",
         )  # fmt: skip
 
     def describe(self) -> str:

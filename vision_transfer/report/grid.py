@@ -1,15 +1,25 @@
-"""A backbone grid's ``results.csv`` -> a Markdown table (mean +- 95% CI over seeds) and PNG plots."""
+"""A backbone grid's ``results.csv`` -> Markdown tables, paired verdicts and PNG plots.
+
+Intervals are Student-t 95% CIs over seeds; for few-shot rows, over every episode of every seed.
+Comparisons are *paired*: two backbones are compared on the same seeds (few-shot: the same
+episodes, which draw the same shots for every backbone), so what both share (an easy split, an
+easy episode) cancels out; "A beats B" is claimed only when the paired difference's interval
+excludes zero.
+"""
 
 from __future__ import annotations
 
 import csv
 import math
 from collections import defaultdict
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
 from scipy import stats
+
+Key = tuple[str, str, str]  # (dataset, backbone, protocol)
 
 
 def read_results(path: Path) -> list[dict[str, str]]:
@@ -20,8 +30,25 @@ def read_results(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def merge_results(inputs: list[Path], output: Path) -> Path:
+    """Concatenate grids run apart (by backbone or dataset, on other machines) into ``output``;
+    rows are independent, one per run id (a run present twice keeps its first row)."""
+    rows: dict[str, dict[str, str]] = {}
+    columns: list[str] = []
+    for path in inputs:
+        for row in read_results(path):
+            rows.setdefault(row["run"], row)
+            columns += [c for c in row if c not in columns]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows.values())
+    return output
+
+
 def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and half-width of its 95% confidence interval (Student's t; 0 for one seed)."""
+    """Mean and half-width of its 95% confidence interval (Student's t; 0 for one value)."""
     mean = float(np.mean(values))
     if len(values) < 2:
         return mean, 0.0
@@ -29,100 +56,195 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, len(values) - 1)) * sem
 
 
-def aggregate(rows: list[dict[str, str]], metric: str = "top1") -> dict[tuple[str, str, str], tuple[float, float, int]]:
-    """(dataset, backbone, protocol) -> (mean, CI half-width, seeds)."""
-    groups: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+def scores(row: dict[str, str]) -> dict[str, float]:
+    """A row's paired units and their top-1: ``seed`` (or ``seed/episode`` for few-shot rows)."""
+    episodes = row.get("episode_scores") or ""
+    if episodes:
+        return {f"{row['seed']}/{e}": float(v) for e, v in enumerate(episodes.split(";"))}
+    return {row["seed"]: float(row["top1"])}
+
+
+def grouped(rows: list[dict[str, str]]) -> dict[Key, dict[str, float]]:
+    """(dataset, backbone, protocol) -> {paired unit: top-1}."""
+    out: dict[Key, dict[str, float]] = defaultdict(dict)
     for row in rows:
-        groups[(row["dataset"], row["backbone"], row["protocol"])].append(float(row[metric]))
-    return {key: (*mean_ci(values), len(values)) for key, values in groups.items()}
+        out[(row["dataset"], row["backbone"], row["protocol"])].update(scores(row))
+    return out
 
 
-def transfer_gains(rows: list[dict[str, str]]) -> dict[tuple[str, str, str], tuple[float, float]]:
-    """(dataset, pretrained backbone, protocol) -> (mean top-1 gain over random init of the same
-    architecture, CI half-width over paired seeds)."""
-    random_init = {
-        (r["dataset"], r["architecture"], r["protocol"], r["seed"]): r for r in rows if r["weights"] in ("none", "")
-    }
-    gains: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+def aggregate(rows: list[dict[str, str]], metric: str = "top1") -> dict[Key, tuple[float, float, int]]:
+    """(dataset, backbone, protocol) -> (mean, CI half-width, seeds); top-1 CIs of few-shot rows are over episodes."""
+    if metric == "top1":
+        return {
+            key: (*mean_ci(list(units.values())), len({u.split("/")[0] for u in units}))
+            for key, units in grouped(rows).items()
+        }
+    values: dict[Key, list[float]] = defaultdict(list)
     for row in rows:
-        baseline = random_init.get((row["dataset"], row["architecture"], row["protocol"], row["seed"]))
-        if baseline is not None and baseline is not row:
-            gains[(row["dataset"], row["backbone"], row["protocol"])].append(
-                float(row["top1"]) - float(baseline["top1"])
-            )
-    return {key: mean_ci(values) for key, values in gains.items()}
+        if row.get(metric) not in (None, ""):
+            values[(row["dataset"], row["backbone"], row["protocol"])].append(float(row[metric]))
+    return {key: (*mean_ci(v), len(v)) for key, v in values.items()}
 
 
-def gain_verdict(mean: float, ci: float) -> str:
-    """``positive`` or ``negative transfer`` when the 95% CI excludes zero, else ``no clear gain``
-    (with one seed there is no interval: the sign decides)."""
+def paired(a: dict[str, float], b: dict[str, float]) -> tuple[float, float, int] | None:
+    """Mean of a - b over the units both have, its CI half-width and the number of pairs."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        return None
+    diff = [a[u] - b[u] for u in common]
+    return (*mean_ci(diff), len(common))
+
+
+def verdict(mean: float, ci: float, n: int) -> str:
+    """``better`` / ``worse`` when the 95% CI of the paired difference excludes zero, else
+    ``not significant`` (a single pair has no interval: never significant)."""
+    if n < 2:
+        return "not significant (one pair)"
     if mean - ci > 0:
-        return "positive"
+        return "better"
     if mean + ci < 0:
-        return "**negative transfer**"
-    return "no clear gain"
+        return "worse"
+    return "not significant"
+
+
+def transfer_gains(rows: list[dict[str, str]]) -> dict[Key, tuple[float, float, int]]:
+    """(dataset, pretrained backbone, protocol) -> paired top-1 gain over random init of the same architecture."""
+    groups = grouped(rows)
+    architecture = {r["backbone"]: r["architecture"] for r in rows}
+    random_init = {
+        (r["dataset"], r["architecture"], r["protocol"]): r["backbone"] for r in rows if r["weights"] in ("none", "")
+    }
+    gains = {}
+    for (dataset, backbone, protocol), units in groups.items():
+        baseline = random_init.get((dataset, architecture[backbone], protocol))
+        if baseline is None or baseline == backbone:
+            continue
+        gain = paired(units, groups[(dataset, baseline, protocol)])
+        if gain is not None:
+            gains[(dataset, backbone, protocol)] = gain
+    return gains
+
+
+def gain_verdict(mean: float, ci: float, n: int = 2) -> str:
+    """``positive``, ``**negative transfer**`` or ``not significant`` (the CI of the paired gain contains zero)."""
+    text = verdict(mean, ci, n)
+    return {"better": "positive", "worse": "**negative transfer**"}.get(text, text)
+
+
+def rankings(rows: list[dict[str, str]]) -> list[str]:
+    """Per dataset and protocol: backbones from best to worst, each against the next with a paired verdict."""
+    groups = grouped(rows)
+    lines = []
+    for dataset, protocol in sorted({(d, p) for d, _, p in groups}):
+        members = sorted(
+            ((b, units) for (d, b, p), units in groups.items() if d == dataset and p == protocol),
+            key=lambda item: -float(np.mean(list(item[1].values()))),
+        )
+        unit = "episodes" if any("/" in u for _, units in members for u in units) else "seeds"
+        parts = [f"{members[0][0]} ({100 * np.mean(list(members[0][1].values())):.2f})"]
+        for (a, units_a), (b, units_b) in pairwise(members):
+            comparison = paired(units_a, units_b)
+            if comparison is None:
+                parts.append(f"? {b}")
+                continue
+            mean, ci, n = comparison
+            sign = ">" if verdict(mean, ci, n) == "better" else "~"
+            parts.append(
+                f"{sign} {b} ({100 * np.mean(list(units_b.values())):.2f}; {a} {100 * mean:+.2f} ± {100 * ci:.2f}, "
+                f"{verdict(mean, ci, n)} over {n} {unit})"
+            )
+        lines.append(f"- **{dataset}, {protocol}**: " + " ".join(parts))
+    return lines
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
     stats_top1 = aggregate(rows, "top1")
+    stats_bal = aggregate(rows, "balanced_acc")
     stats_f1 = aggregate(rows, "f1_macro")
     gains = transfer_gains(rows)
-    costs = {r["backbone"]: (r["params_m"], r["gmacs"], r["feature_dim"]) for r in rows}
-    header = ["dataset", "backbone", "protocol", "seeds", "top-1 (mean ± 95% CI)", "macro F1"]
+    costs = {r["backbone"]: (r["params_m"], r["gmacs"]) for r in rows}
+    header = ["dataset", "backbone", "protocol", "seeds", "top-1 (mean ± 95% CI)", "balanced acc.", "macro F1"]
     header += ["gain over random init", "params (M)", "GMACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    for (dataset, backbone, protocol), (mean, ci, n) in sorted(stats_top1.items()):
-        f1 = stats_f1[(dataset, backbone, protocol)][0]
-        gain = gains.get((dataset, backbone, protocol))
-        gain_text = "" if gain is None else f"{100 * gain[0]:+.2f} ± {100 * gain[1]:.2f}"
-        verdict = gain_verdict(*gain) if gain is not None else "positive"
-        if verdict != "positive":
-            gain_text += f" ({verdict})"
-        params, gmacs, _ = costs[backbone]
+    for key, (mean, ci, n) in sorted(stats_top1.items()):
+        dataset, backbone, protocol = key
+        balanced = f"{100 * stats_bal[key][0]:.2f}" if key in stats_bal else ""
+        f1 = f"{100 * stats_f1[key][0]:.2f}" if key in stats_f1 else ""
+        gain = gains.get(key)
+        gain_text = "" if gain is None else f"{100 * gain[0]:+.2f} ± {100 * gain[1]:.2f} ({gain_verdict(*gain)})"
+        params, gmacs = costs[backbone]
         lines.append(
-            f"| {dataset} | {backbone} | {protocol} | {n} | {100 * mean:.2f} ± {100 * ci:.2f} | {100 * f1:.2f} "
+            f"| {dataset} | {backbone} | {protocol} | {n} | {100 * mean:.2f} ± {100 * ci:.2f} | {balanced} | {f1} "
             f"| {gain_text} | {params} | {gmacs} |"
         )
-    return "\n".join(lines) + "\n"
+    notes = [
+        "",
+        "CIs: Student t, 95%, over seeds (few-shot: over all episodes). Gains and rankings are paired "
+        "(same seeds; few-shot: same episodes, the same shots for every backbone).",
+        "",
+        "Rankings (each backbone against the next; `>`: better, the paired 95% CI excludes zero; "
+        "`~`: not significant):",
+        "",
+        *rankings(rows),
+    ]
+    return "\n".join(lines + notes) + "\n"
+
+
+PROTOCOL_HATCH = {"linear_probe": "", "knn": "//", "fewshot": "..", "full": "xx", "gradual": "\\\\"}
 
 
 def plot_accuracy(rows: list[dict[str, str]], out: Path) -> Path:
+    """Grouped bars: one group per dataset, one bar per (backbone, protocol); the legend sits beside the axes."""
     stats_top1 = aggregate(rows)
     datasets = sorted({k[0] for k in stats_top1})
-    labels = sorted({(k[1], k[2]) for k in stats_top1})
-    fig = Figure(figsize=(max(6.0, 1.6 * len(datasets) * len(labels) / 2), 4))
-    ax = fig.subplots()
+    labels = sorted({(k[1], k[2]) for k in stats_top1}, key=lambda bp: (bp[1], bp[0]))
+    backbones = sorted({b for b, _ in labels})
+    colors = {b: f"C{i}" for i, b in enumerate(backbones)}
     width = 0.8 / max(1, len(labels))
+    fig = Figure(figsize=(max(6.0, 0.5 * len(datasets) * len(labels)) + 3.5, 4.5))
+    ax = fig.subplots()
     for i, (backbone, protocol) in enumerate(labels):
         means = [100 * stats_top1.get((d, backbone, protocol), (math.nan, 0, 0))[0] for d in datasets]
         cis = [100 * stats_top1.get((d, backbone, protocol), (0, 0, 0))[1] for d in datasets]
-        name = backbone if protocol == "linear_probe" else f"{backbone} [{protocol}]"
-        ax.bar(np.arange(len(datasets)) + i * width, means, width, yerr=cis, capsize=3, label=name)
+        ax.bar(
+            np.arange(len(datasets)) + i * width, means, width, yerr=cis, capsize=2, color=colors[backbone],
+            hatch=PROTOCOL_HATCH.get(protocol, ""), edgecolor="white", label=f"{backbone} [{protocol}]",
+        )  # fmt: skip
     ax.set_xticks(np.arange(len(datasets)) + width * (len(labels) - 1) / 2, datasets)
     ax.set_ylabel("test top-1 (%)")
-    ax.set_title("accuracy per backbone and dataset\n(error bars: 95% CI over seeds)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_title("accuracy per backbone, protocol and dataset (error bars: 95% CI)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.tight_layout()  # the legend is outside the axes: tight_layout makes room for it, never over the bars
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
 
 
+GAIN_COLORS = {"positive": "tab:green", "**negative transfer**": "tab:red"}
+
+
 def plot_gain(rows: list[dict[str, str]], out: Path) -> Path | None:
+    """Pretrained minus random-init top-1 (paired), coloured by verdict; a CI crossing zero is grey and labelled."""
     gains = transfer_gains(rows)
     if not gains:
         return None
     keys = sorted(gains)
-    fig = Figure(figsize=(max(5.0, 1.2 * len(keys)), 4))
+    fig = Figure(figsize=(max(5.0, 1.3 * len(keys)), 4.2))
     ax = fig.subplots()
     values = [100 * gains[k][0] for k in keys]
-    palette = {"positive": "tab:green", "no clear gain": "tab:gray", "**negative transfer**": "tab:red"}
-    colors = [palette[gain_verdict(*gains[k])] for k in keys]
-    ax.bar(range(len(keys)), values, yerr=[100 * gains[k][1] for k in keys], color=colors, capsize=3)
+    verdicts = [gain_verdict(*gains[k]) for k in keys]
+    ax.bar(
+        range(len(keys)), values, yerr=[100 * gains[k][1] for k in keys],
+        color=[GAIN_COLORS.get(v, "tab:gray") for v in verdicts], capsize=3,
+    )  # fmt: skip
+    for x, (value, text) in enumerate(zip(values, verdicts, strict=True)):
+        if text.startswith("not significant"):
+            ax.annotate("not\nsignificant", (x, value), ha="center", va="bottom" if value >= 0 else "top",
+                        fontsize=6, xytext=(0, 3 if value >= 0 else -3), textcoords="offset points")  # fmt: skip
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_xticks(range(len(keys)), [f"{d}\n{b}" for d, b, _ in keys], fontsize=7)
+    ax.set_xticks(range(len(keys)), [f"{d}\n{b}\n[{p}]" for d, b, p in keys], fontsize=6)
     ax.set_ylabel("top-1 gain over random init (points)")
-    ax.set_title("transfer gain, 95% CI (green: positive, grey: no clear gain, red: negative)", fontsize=9)
+    ax.set_title("transfer gain, paired 95% CI (green: positive, red: negative, grey: not significant)", fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
@@ -131,20 +253,22 @@ def plot_gain(rows: list[dict[str, str]], out: Path) -> Path | None:
 def plot_cost(rows: list[dict[str, str]], out: Path) -> Path:
     stats_top1 = aggregate(rows)
     costs = {r["backbone"]: float(r["gmacs"]) for r in rows}
-    fig = Figure(figsize=(6, 4))
+    fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    for dataset in sorted({k[0] for k in stats_top1}):
-        points = sorted((costs[b], 100 * m, b) for (d, b, _), (m, _, _) in stats_top1.items() if d == dataset)
-        ax.scatter([p[0] for p in points], [p[1] for p in points], label=dataset)
+    for dataset, protocol in sorted({(k[0], k[2]) for k in stats_top1}):
+        points = sorted(
+            (costs[b], 100 * m, b) for (d, b, p), (m, _, _) in stats_top1.items() if d == dataset and p == protocol
+        )
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{dataset} [{protocol}]")
         for i, (x, y, name) in enumerate(points):  # alternate sides: equal-cost backbones stay readable
             ax.annotate(name, (x, y), fontsize=6, xytext=(4, -8 if i % 2 else 4), textcoords="offset points")
     ax.set_xlabel("backbone GMACs per image")
     ax.set_ylabel("test top-1 (%)")
     ax.set_title("accuracy vs backbone cost")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
     return out
 
 
