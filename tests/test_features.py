@@ -278,6 +278,15 @@ def test_two_ranks_extract_one_cache(image_folder: Path, tmp_path: Path) -> None
     for cache in single.values():
         ddp = FeatureCache(cache.spec, cache.samples, tmp_path / "ddp", shard_size=4)
         assert ddp.is_complete() and np.allclose(ddp.load(), cache.load(), atol=1e-3)
+    # a probe (any protocol) then runs on the cache the ranks filled together, with no backbone pass
+    from vision_transfer.app.features import knn_datamodule, probe_datamodule
+
+    data = ImageFolderDataModule(str(image_folder), num_workers=0)
+    options = {"image_size": TINY_SIZE, "cache_dir": str(tmp_path / "ddp"), "progress": False}
+    result, _ = probe_datamodule(data, TINY_BACKBONE, "none", output=tmp_path / "probe", epochs=2, **options)
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert report["forward_passes"] == 0 and result.test_acc is not None
+    assert knn_datamodule(data, TINY_BACKBONE, "none", ks=(2,), **options).test_top1 >= 0
 
 
 def test_linear_probe_classifier_trains_on_the_feature_cache(image_folder: Path, tmp_path: Path) -> None:
