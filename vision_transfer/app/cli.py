@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
     "test": "Score a model or checkpoint on the test split (confusion matrix, per-class accuracy, worst images)",
     "predict": "Write the top classes of images (folders, files, .txt lists) to a CSV",
     "extract": "Run a frozen backbone once over each split and cache the features",
-    "probe": "Linear probe on cached features (extracting first where the cache is missing)",
+    "probe": "Linear probe, k-NN or few-shot evaluation on cached features (extracting first if missing)",
     "benchmark": "Backbones x datasets x seeds x protocols: results table, transfer gain and plots",
     "calibrate": "Fit a checkpoint's temperature (or multi-label thresholds) on its validation split",
     "export": "Export a checkpoint or a pretrained backbone for timm, TorchScript and ONNX",

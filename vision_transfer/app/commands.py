@@ -12,7 +12,7 @@ from vision_transfer.errors import GpuMemoryError, out_of_memory_message
 
 FEATURE_HELP = {
     "extract": "Run a frozen backbone once over each split and cache the features.",
-    "probe": "Linear probe on cached features (extracting first where the cache is missing).",
+    "probe": "Linear probe (--protocol linear), k-NN or few-shot on cached features (extracting first if missing).",
 }
 
 

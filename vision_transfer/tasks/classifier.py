@@ -28,7 +28,7 @@ from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import CheckpointError, ConfigError, DataError, VisionTransferError
 from vision_transfer.inference.calibration import ECE_BINS
-from vision_transfer.inference.outputs import TtaMode, tta_views
+from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import ClassificationLoss, balanced_class_weights, log_prior
 from vision_transfer.tuning import TuningConfig, TuningPolicy, build_param_groups
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Scheduler, Unit
@@ -500,16 +500,13 @@ class ImageClassifier(pl.LightningModule):
         return logits / self.temperature
 
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Prediction logits of a normalised batch, averaged in probability over the TTA views."""
-        views = tta_views(images, self.hparams.get("tta", "none"))
-        if len(views) == 1:
-            return self.prediction_logits(self(images))
-        if self.multilabel:
-            probs = torch.stack([self.prediction_logits(self(v)).sigmoid() for v in views]).mean(0)
-            probs = probs.clamp(1e-7, 1 - 1e-7)
-            return probs.log() - (1 - probs).log()
-        probs = torch.stack([self.prediction_logits(self(v)).softmax(dim=1) for v in views]).mean(0)
-        return probs.clamp_min(1e-12).log()
+        """Prediction logits of a normalised batch, averaged in probability over the TTA views
+        (the same :class:`~vision_transfer.inference.PredictionHead` the exports bake in)."""
+        head = PredictionHead(
+            self, self.task, 1.0, self.logit_shift(), self.hparams.get("tta", "none")  # type: ignore[arg-type]
+        )
+        head.temperature = self.temperature
+        return head(images)
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
