@@ -69,7 +69,9 @@ def test_every_shipped_benchmark_config_runs(config: Path, tmp_path: Path, image
     assert run_cli(["benchmark", *args]) == 0
     with (tmp_path / "bench" / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and {r["dataset"] for r in rows} == {"shapes"}
+    protocols = {r["protocol"] for r in rows}
+    assert len(rows) == 4 * len(protocols) and {r["dataset"] for r in rows} == {"shapes"}
+    assert protocols == {"linear_probe", "knn", "fewshot"}
 
 
 def test_fit_test_predict_end_to_end(
