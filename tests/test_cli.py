@@ -300,3 +300,23 @@ def test_precision_is_chosen_by_device_unless_set(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: bf16)
     assert default_precision(accelerator) == expected
+
+
+def test_lightning_cli_runs_the_cli_own_subcommand_methods(
+    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pins what VisionTransferCLI relies on in LightningCLI: a method named after the subcommand
+    (fit, test, ...) is run instead of the Trainer's (that is where expected warnings are scoped)."""
+    from vision_transfer.app.lightning_cli import VisionTransferCLI
+
+    calls: list[str] = []
+    for name in ("fit", "test"):
+        original = getattr(VisionTransferCLI, name)
+
+        def wrapped(self, *args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(VisionTransferCLI, name, wrapped)
+    assert _fit_folder(image_folder, tmp_path) == 0
+    assert calls == ["fit", "test"]  # test: after_fit's test of the best checkpoint

@@ -32,6 +32,7 @@ def connect(
         datamodule = CachedFeatureDataModule(datamodule, cache_dir=model.hparams.get("cache_dir"))
     datamodule.data_config = model.data_config
     model._handed_out = True
+    model.record_datamodule(datamodule)
     if model.class_names is not None:  # a trained model: the data follows it (nothing is read yet)
         datamodule.fixed_classes = list(model.class_names)
         datamodule.fixed_task = model.task

@@ -567,8 +567,18 @@ class ImageClassifier(pl.LightningModule):
         # the preprocessing those weights were trained with travels as an argument.
         hparams = checkpoint.get("hyper_parameters", {})
         checkpoint["hyper_parameters"] = {**hparams, "weights": "none", "data_config": self.data_config.to_dict()}
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        checkpoint["vision_transfer"] = self._checkpoint_meta(datamodule)
+        checkpoint["vision_transfer"] = self._checkpoint_meta()
+
+    def record_datamodule(self, datamodule: Any) -> None:
+        """Remember the datamodule's class and settings for the checkpoint (``connect`` calls it), so
+        ``validate``/``test``/``predict --ckpt_path`` need no data options."""
+        images = getattr(datamodule, "images", datamodule)  # a CachedFeatureDataModule records its images
+        if images is not None and getattr(images, "hparams", None):
+            cls = type(images)
+            self._datamodule_record = {
+                "class_path": f"{cls.__module__}.{cls.__qualname__}",
+                "init_args": {k: v for k, v in images.hparams.items() if not k.startswith("_")},
+            }
 
     def _checkpoint_meta(self, datamodule: Any = None) -> dict[str, Any]:
         meta: dict[str, Any] = {
@@ -579,13 +589,10 @@ class ImageClassifier(pl.LightningModule):
             "task": self.task,
             "prediction": self.prediction_settings(),
         }
-        images = getattr(datamodule, "images", datamodule)  # a CachedFeatureDataModule records its images
-        if images is not None and getattr(images, "hparams", None):
-            cls = type(images)
-            meta["datamodule"] = {
-                "class_path": f"{cls.__module__}.{cls.__qualname__}",
-                "init_args": {k: v for k, v in images.hparams.items() if not k.startswith("_")},
-            }
+        if datamodule is not None:
+            self.record_datamodule(datamodule)
+        if getattr(self, "_datamodule_record", None):
+            meta["datamodule"] = self._datamodule_record
         return meta
 
     def prediction_settings(self) -> dict[str, Any]:
