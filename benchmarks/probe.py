@@ -15,9 +15,9 @@ import time
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from vision_transfer.features.run import extract_datamodule
 
 from vision_transfer import connect
+from vision_transfer.app.features import extract_datamodule, split_arrays
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.features.probe import KORNBLITH_C_GRID, lbfgs_probe, sgd_probe
 from vision_transfer.tasks import ImageClassifier
@@ -54,8 +54,8 @@ def probe_without_cache(args: argparse.Namespace) -> tuple[float, float]:
     return time.perf_counter() - start, acc
 
 
-def tensors(cache, split):  # type: ignore[no-untyped-def]
-    x, y = cache.load(split)
+def tensors(arrays, split):  # type: ignore[no-untyped-def]
+    x, y = arrays[split]
     return torch.from_numpy(x), torch.from_numpy(y)
 
 
@@ -71,9 +71,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as cache_dir:
         options = {"image_size": args.image_size, "cache_dir": cache_dir, "progress": False}
         start = time.perf_counter()
-        cache, passes = extract_datamodule(datamodule(args), "tf_efficientnet_lite0", "packaged", **options)
+        data = datamodule(args)
+        caches, passes = extract_datamodule(data, "tf_efficientnet_lite0", "packaged", **options)
         extraction = time.perf_counter() - start
-        train, val, test = (tensors(cache, s) for s in ("train", "val", "test"))
+        arrays = split_arrays(caches, data)
+        train, val, test = (tensors(arrays, s) for s in ("train", "val", "test"))
 
         start = time.perf_counter()
         one = sgd_probe(train, val, test, 10, lrs=(0.03,), wds=(0.0,), epochs=EPOCHS)
