@@ -109,6 +109,10 @@ def _feature_parser(command: str) -> ArgumentParser:
         parser.add_argument("--lrs", type=list[float] | None, default=None, help="sgd: learning rates swept")
         parser.add_argument("--wds", type=list[float] | None, default=None, help="sgd: L2 penalties swept")
         parser.add_argument("--c_grid_size", type=int, default=45, help="lbfgs: C values from 1e-6 to 1e5")
+        parser.add_argument(
+            "--class_weight", type=Literal["balanced"] | None, default=None,
+            help="balanced: weigh each class's loss by n / (C * n_c), for imbalanced data (both solvers)",
+        )  # fmt: skip
         parser.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -139,12 +143,18 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
     if init.protocol != "linear":
         _run_protocol(init, options)
         return
-    probe_options = {k: init[k] for k in ("output", "solver", "epochs", "lrs", "wds", "c_grid_size", "seed")}
+    keys = ("output", "solver", "epochs", "lrs", "wds", "c_grid_size", "seed", "class_weight")
+    probe_options = {k: init[k] for k in keys}
     result, checkpoint = probe_datamodule(init.data, init.backbone, init.weights, **options, **probe_options)
     print(f"solver      {result.solver}   chosen {result.chosen}")
-    print(f"val/acc     {result.val_acc:.4f}")
-    if result.test_acc is not None:
-        print(f"test/acc    {result.test_acc:.4f}   test/acc_top5 {result.test_acc_top5:.4f}")
+    if getattr(result, "task", "multiclass") == "multilabel":
+        print(f"val/map     {result.val_map:.4f}")  # type: ignore[attr-defined]
+        if result.test_map is not None:  # type: ignore[attr-defined]
+            print(f"test/map    {result.test_map:.4f}   test/f1_micro {result.test_f1_micro:.4f}")  # type: ignore[attr-defined]
+    else:
+        print(f"val/acc     {result.val_acc:.4f}")
+        if result.test_acc is not None:
+            print(f"test/acc    {result.test_acc:.4f}   test/acc_top5 {result.test_acc_top5:.4f}")
     print(f"checkpoint  {checkpoint.resolve()}   (vision-transfer predict --ckpt_path ...)")
 
 
@@ -206,6 +216,7 @@ def benchmark(argv: list[str]) -> None:
     parser.add_argument("--fewshot_shots", type=int, default=5, help="fewshot: training images per class")
     parser.add_argument("--fewshot_episodes", type=int, default=20, help="fewshot: episodes per seed")
     parser.add_argument("--knn_ks", type=list[int] | None, default=None, help="knn: k values (default 10..200)")
+    parser.add_argument("--class_weight", type=Literal["balanced"] | None, default=None, help="linear_probe: balanced")
     init = parser.instantiate_classes(parser.parse_args(argv))
     keys = (
         "cache_dir",

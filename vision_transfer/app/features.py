@@ -71,29 +71,60 @@ def probe_datamodule(
     wds: list[float] | None = None,
     c_grid_size: int = len(KORNBLITH_C_GRID),
     seed: int = 0,
+    class_weight: Literal["balanced"] | None = None,
     **extract_options: Any,
 ) -> tuple[ProbeResult, Path]:
-    """Linear probe on cached features; writes ``probe.json`` and a ``probe.ckpt`` for ``predict``."""
+    """Linear probe on cached features; writes ``probe.json`` and a ``probe.ckpt`` for ``predict``.
+
+    ``sgd`` on a single-label split without class weights streams minibatches from the memory-mapped
+    shards (never loading a split); otherwise the split is loaded, and ``lbfgs`` (full-batch) first
+    checks that it fits in memory, naming ``--solver sgd`` when it does not.
+    """
     caches, forward_passes = extract_datamodule(datamodule, backbone, weights, **extract_options)
     class_names = list(datamodule.class_names or [])
-    data = split_arrays(caches, datamodule)
-    options: dict[str, Any]
+    multilabel = datamodule.splits["train"].multilabel
+    torch.manual_seed(seed)
     if solver == "sgd":
-        options = {"lrs": tuple(lrs or DEFAULT_LRS), "wds": tuple(wds or DEFAULT_WDS), "epochs": epochs, "seed": seed}
+        options: dict[str, Any] = {
+            "lrs": tuple(lrs or DEFAULT_LRS),
+            "wds": tuple(wds or DEFAULT_WDS),
+            "epochs": epochs,
+            "seed": seed,
+        }
     else:
         options = {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
-    torch.manual_seed(seed)
-    result = run_probe(data["train"], data["val"], data.get("test"), len(class_names), solver, **options)
+    if solver == "sgd" and class_weight is None and not multilabel:
+        from vision_transfer.features.stream import stream_sgd_probe
+
+        splits = {name: shard_inputs(caches, datamodule, name)[:2] for name in caches}
+        result = stream_sgd_probe(splits["train"], splits["val"], splits.get("test"), len(class_names), **options)
+    else:
+        if solver == "lbfgs":
+            from vision_transfer.features.stream import require_fits_in_memory
+
+            rows = len(datamodule.splits["train"]) + len(datamodule.splits["val"])
+            require_fits_in_memory(rows, caches["train"].dim, num_classes=len(class_names))
+        data = split_arrays(caches, datamodule)
+        result = run_probe(
+            data["train"], data["val"], data.get("test"), len(class_names), solver, class_weight=class_weight, **options
+        )
 
     from vision_transfer.tasks import ImageClassifier  # Lightning only for the checkpoint
 
     model = ImageClassifier(
         backbone, weights=weights, mode="linear_probe", class_names=class_names,
-        image_size=extract_options.get("image_size"),
+        image_size=extract_options.get("image_size"), task="multilabel" if multilabel else "multiclass",
     )  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(result.weight)  # type: ignore[operator]
         model.head.bias.copy_(result.bias)  # type: ignore[operator]
+        model.set_class_counts(torch.as_tensor(datamodule.splits["train"].class_counts(len(class_names))))
+        if multilabel:  # per-class thresholds on val, as fit does after training
+            from vision_transfer.inference import best_f1_thresholds
+
+            features, labels = split_arrays({"val": caches["val"]}, datamodule)["val"]
+            probs = (torch.from_numpy(features) @ result.weight.T + result.bias).sigmoid()
+            model.thresholds.copy_(best_f1_thresholds(probs, torch.from_numpy(labels))[0])
     folder = Path(output)
     checkpoint = model.save_standalone_checkpoint(folder / "probe.ckpt", datamodule)
     report = {

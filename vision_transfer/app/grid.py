@@ -22,12 +22,12 @@ Protocol = Literal["linear_probe", "knn", "fewshot", "full", "gradual"]
 FEATURE_PROTOCOLS = ("linear_probe", "knn", "fewshot")  # on the feature cache: no backbone pass once warm
 GRID_OPTIONS = {
     "cache_dir", "solver", "c_grid_size", "probe_epochs", "finetune_epochs", "finetune_lr", "progress",
-    "fewshot_shots", "fewshot_episodes", "knn_ks",
+    "fewshot_shots", "fewshot_episodes", "knn_ks", "class_weight",
 }  # fmt: skip
 COLUMNS = [
     "run", "backbone", "architecture", "weights", "dataset", "protocol", "seed", "top1", "top5", "balanced_acc",
-    "f1_macro", "ci_low", "ci_high", "episode_scores", "chosen", "feature_dim", "params_m", "gmacs", "extract_s",
-    "train_s",
+    "f1_macro", "map", "f1_micro", "ci_low", "ci_high", "episode_scores", "chosen", "feature_dim", "params_m", "gmacs",
+    "extract_s", "train_s",
 ]  # fmt: skip
 
 
@@ -124,8 +124,12 @@ def _linear_probe(
     )
     torch.manual_seed(seed)
     start = time.perf_counter()
-    result = run_probe(train, val, test, classes, solver, **probe_options)
+    result = run_probe(train, val, test, classes, solver, class_weight=options.get("class_weight"), **probe_options)
     train_s = time.perf_counter() - start
+    if data.splits["train"].multilabel:  # mAP and micro-F1, never an accuracy
+        chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
+        return {"map": result.test_map, "f1_micro": result.test_f1_micro, "chosen": chosen,  # type: ignore[attr-defined]
+                "feature_dim": train[0].shape[1], "extract_s": extract_s, "train_s": train_s}  # fmt: skip
     logits = torch.from_numpy(test[0]) @ result.weight.T + result.bias
     predicted = logits.argmax(1).numpy()
     chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
@@ -214,6 +218,9 @@ def _fine_tune(
     trainer.fit(model, data)
     train_s = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
+    if model.multilabel:
+        scores = {k: metrics[f"test/{k}"] for k in ("map", "f1_micro", "f1_macro")}
+        return {**scores, "chosen": f"epochs={epochs}", "feature_dim": model.backbone.num_features, "train_s": train_s}
     return {"top1": metrics["test/acc"], "top5": metrics["test/acc_top5"], "balanced_acc": metrics["test/balanced_acc"],
             "f1_macro": metrics["test/f1_macro"], "chosen": f"epochs={epochs}",
             "feature_dim": model.backbone.num_features, "train_s": train_s}  # fmt: skip
@@ -258,6 +265,8 @@ def run_grid(
         if rid in done:
             continue
         data = _with_seed(dataset.data, seed)
+        if protocol in ("knn", "fewshot") and data.task == "multilabel":
+            raise ConfigError(f"{dataset.name} is multi-label: the {protocol} protocol is single-label only.")
         if protocol == "linear_probe":
             row = _linear_probe(backbone, data, seed, image_size, options)
         elif protocol == "knn":

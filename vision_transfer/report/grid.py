@@ -56,12 +56,17 @@ def mean_ci(values: list[float]) -> tuple[float, float]:
     return mean, float(stats.t.ppf(0.975, len(values) - 1)) * sem
 
 
+def headline(row: dict[str, str]) -> float:
+    """A row's score: test top-1, or mAP for a multi-label dataset (its rows have no accuracy)."""
+    return float(row["map"]) if row.get("map") not in (None, "") else float(row["top1"])
+
+
 def scores(row: dict[str, str]) -> dict[str, float]:
-    """A row's paired units and their top-1: ``seed`` (or ``seed/episode`` for few-shot rows)."""
+    """A row's paired units and their score: ``seed`` (or ``seed/episode`` for few-shot rows)."""
     episodes = row.get("episode_scores") or ""
     if episodes:
         return {f"{row['seed']}/{e}": float(v) for e, v in enumerate(episodes.split(";"))}
-    return {row["seed"]: float(row["top1"])}
+    return {row["seed"]: headline(row)}
 
 
 def grouped(rows: list[dict[str, str]]) -> dict[Key, dict[str, float]]:
@@ -163,7 +168,8 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     stats_f1 = aggregate(rows, "f1_macro")
     gains = transfer_gains(rows)
     costs = {r["backbone"]: (r["params_m"], r["gmacs"]) for r in rows}
-    header = ["dataset", "backbone", "protocol", "seeds", "top-1 (mean ± 95% CI)", "balanced acc.", "macro F1"]
+    multilabel = {r["dataset"] for r in rows if r.get("map") not in (None, "")}
+    header = ["dataset", "backbone", "protocol", "seeds", "top-1 or mAP* (mean ± 95% CI)", "balanced acc.", "macro F1"]
     header += ["gain over random init", "params (M)", "GMACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for key, (mean, ci, n) in sorted(stats_top1.items()):
@@ -173,12 +179,12 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         gain = gains.get(key)
         gain_text = "" if gain is None else f"{100 * gain[0]:+.2f} ± {100 * gain[1]:.2f} ({gain_verdict(*gain)})"
         params, gmacs = costs[backbone]
-        lines.append(
-            f"| {dataset} | {backbone} | {protocol} | {n} | {100 * mean:.2f} ± {100 * ci:.2f} | {balanced} | {f1} "
-            f"| {gain_text} | {params} | {gmacs} |"
-        )
+        score = f"{100 * mean:.2f} ± {100 * ci:.2f}{'*' if dataset in multilabel else ''}"
+        cells = [dataset, backbone, protocol, str(n), score, balanced, f1, gain_text, params, gmacs]
+        lines.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
+        "\\* mAP (macro average precision) of a multi-label dataset. "
         "CIs: Student t, 95%, over seeds (few-shot: over all episodes). Gains and rankings are paired "
         "(same seeds; few-shot: same episodes, the same shots for every backbone).",
         "",

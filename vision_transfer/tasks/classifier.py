@@ -502,8 +502,13 @@ class ImageClassifier(pl.LightningModule):
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Prediction logits of a normalised batch, averaged in probability over the TTA views
         (the same :class:`~vision_transfer.inference.PredictionHead` the exports bake in)."""
+        task: Any = self.task
         head = PredictionHead(
-            self, self.task, 1.0, self.logit_shift(), self.hparams.get("tta", "none")  # type: ignore[arg-type]
+            self,
+            task,
+            1.0,
+            self.logit_shift(),
+            self.hparams.get("tta", "none"),
         )
         head.temperature = self.temperature
         return head(images)
