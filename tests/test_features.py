@@ -227,7 +227,7 @@ def test_probe_command_writes_a_checkpoint_that_predict_uses(
     assert passes == 0  # the CLI's cache is reused
     assert run_cli(["probe", *common, "--output=probe_run", "--epochs=3", "--lrs=[0.1,1.0]", "--wds=[0.0]"]) == 0
     report = (tmp_path / "probe_run" / "probe.json").read_text()
-    assert '"forward_passes": 0' in report and '"solver": "sgd"' in report
+    assert '"forward_passes": 0' in report and '"solver": "sgd-stream"' in report  # streamed from the shards
     output = tmp_path / "preds.csv"
     predict = [
         "predict",

@@ -196,7 +196,6 @@ def benchmark(argv: list[str]) -> None:
         _merge_benchmarks(argv)
         return
     from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
-    from vision_transfer.report.grid import write_grid_summary
 
     parser = ArgumentParser(prog="vision-transfer benchmark", description="Backbones x datasets x seeds x protocols.")
     parser.add_argument("--config", action=ActionConfigFile)
@@ -231,9 +230,16 @@ def benchmark(argv: list[str]) -> None:
     results = run_grid(
         init.backbones, init.datasets, init.seeds, init.output, init.protocols, init.image_size, **options
     )
-    for path in write_grid_summary(results.parent):
+    _print_grid_summary(results.parent)
+
+
+def _print_grid_summary(folder: Path) -> None:
+    """Write the grid's summary.md and plots, and print the summary (its table and rankings)."""
+    from vision_transfer.report.grid import write_grid_summary
+
+    for path in write_grid_summary(folder):
         print(f"wrote {path.resolve()}")
-    print((results.parent / "summary.md").read_text())
+    print((folder / "summary.md").read_text())
 
 
 def _merge_benchmarks(argv: list[str]) -> None:
@@ -244,13 +250,10 @@ def _merge_benchmarks(argv: list[str]) -> None:
     parser.add_argument("--merge", nargs="+", required=True, help="results.csv files (or their folders)")
     parser.add_argument("--output", type=str, default="runs/benchmark")
     args = parser.parse_args(argv)
-    from vision_transfer.report.grid import merge_results, write_grid_summary
+    from vision_transfer.report.grid import merge_results
 
     inputs = [Path(p) / "results.csv" if Path(p).is_dir() else Path(p) for p in args.merge]
-    merged = merge_results(inputs, Path(args.output) / "results.csv")
-    for path in write_grid_summary(merged.parent):
-        print(f"wrote {path.resolve()}")
-    print((merged.parent / "summary.md").read_text())
+    _print_grid_summary(merge_results(inputs, Path(args.output) / "results.csv").parent)
 
 
 def check_data(argv: list[str]) -> None:
