@@ -105,9 +105,9 @@ def probe_datamodule(
             rows = len(datamodule.splits["train"]) + len(datamodule.splits["val"])
             require_fits_in_memory(rows, caches["train"].dim, num_classes=len(class_names))
         data = split_arrays(caches, datamodule)
-        result = run_probe(
-            data["train"], data["val"], data.get("test"), len(class_names), solver, class_weight=class_weight, **options
-        )
+        if class_weight is not None:
+            options["class_weight"] = class_weight
+        result = run_probe(data["train"], data["val"], data.get("test"), len(class_names), solver, **options)
 
     from vision_transfer.tasks import ImageClassifier  # Lightning only for the checkpoint
 

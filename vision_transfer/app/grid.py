@@ -124,7 +124,9 @@ def _linear_probe(
     )
     torch.manual_seed(seed)
     start = time.perf_counter()
-    result = run_probe(train, val, test, classes, solver, class_weight=options.get("class_weight"), **probe_options)
+    if options.get("class_weight"):
+        probe_options["class_weight"] = options["class_weight"]
+    result = run_probe(train, val, test, classes, solver, **probe_options)
     train_s = time.perf_counter() - start
     if data.splits["train"].multilabel:  # mAP and micro-F1, never an accuracy
         chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
