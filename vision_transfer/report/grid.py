@@ -217,7 +217,7 @@ def plot_accuracy(rows: list[dict[str, str]], out: Path) -> Path:
             hatch=PROTOCOL_HATCH.get(protocol, ""), edgecolor="white", label=f"{backbone} [{protocol}]",
         )  # fmt: skip
     ax.set_xticks(np.arange(len(datasets)) + width * (len(labels) - 1) / 2, datasets)
-    ax.set_ylabel("test top-1 (%)")
+    ax.set_ylabel("test top-1 (%); mAP for multi-label data")
     ax.set_ylim(0, 100)  # a wide interval (few seeds) is cut at the possible range, not the axes stretched
     ax.set_title("accuracy per backbone, protocol and dataset (error bars: 95% CI)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
