@@ -23,15 +23,25 @@ is plain cross-entropy, and comparable with the focal loss, which ignores label 
     focal_gamma2        --model.focal_gamma 2
 
 Test top-1, balanced accuracy (mean per-class recall), macro-F1 and the mean recall of the three
-rarest classes come from each run's ``run.json`` and ``per_class.csv``. On a balanced test set (the
-default) top-1 and balanced accuracy are the same number: every class has the same support. Everything lands in
-``--out`` (``results.json``, ``longtail.md``, the folder, the run folders and a log per run).
+rarest classes come from each run's ``run.json`` and ``confusion_matrix.csv``; for the
+post-hoc option, ``vision-transfer predict`` over the test folder must give the same confusion
+matrix (the adjustment acts at prediction time; a mismatch stops the script). On a balanced test
+set (the default) top-1 and balanced accuracy are the same number: every class has the same
+support. Everything lands in ``--out`` (``results.json``, ``longtail.md``, the folder, the run
+folders and a log per run).
 
-    nice -n 10 python benchmarks/longtail.py [--out runs/benchmarks/longtail] [--epochs 3]
-        [--image-size 64] [--options plain_ce focal_gamma2 ...] [--test-per-class N]
+    nice -n 10 python benchmarks/longtail.py [--out runs/benchmarks/longtail] [--epochs 2]
+        [--image-size 64] [--options plain_ce focal_gamma2 ...] [--test-per-class N] [--threads 1]
+        [--reuse]
 
-Tiny (the test): ``--max-per-class 60 --ratio 10 --val-per-class 10 --test-per-class 20
---image-size 32 --epochs 1 --options plain_ce logit_adj_posthoc``.
+Defaults: 2 epochs (about 8-10 min per option on the loaded 2-core development machine with
+``--threads 1``; 3 epochs would have taken the six runs past an hour there). ``--threads 1``: with
+other jobs on the 2 cores, torch's default of 2 threads made a training step about 10x slower.
+``--reuse`` keeps finished runs made by exactly the same ``fit`` command.
+
+Tiny (tests/test_benchmark_scripts.py): ``--max-per-class 40 --ratio 10 --val-per-class 5
+--test-per-class 10 --image-size 32 --epochs 1 --num-workers 0 --threads 1 --options plain_ce
+logit_adj_posthoc``.
 """
 
 from __future__ import annotations
@@ -220,13 +230,54 @@ def fit_once(command: list[str], folder: Path, log: Path, threads: int | None, r
     return seconds
 
 
+def read_confusion(folder: Path) -> tuple[list[str], np.ndarray]:
+    """A run's ``confusion_matrix.csv``: class names and counts (true class per row)."""
+    with (folder / "confusion_matrix.csv").open() as f:
+        rows = list(csv.reader(f))
+    return rows[0][1:], np.array([[int(v) for v in row[1:]] for row in rows[1:]], dtype=np.int64)
+
+
+def predicted_confusion(folder: Path, test_root: Path, names: list[str], out: Path, threads: int | None) -> np.ndarray:
+    """The test confusion matrix from ``vision-transfer predict`` (top-1 of the final, post-hoc
+    adjusted probabilities) over the test folder; the true class is each file's folder."""
+    output = out / "predictions" / f"{folder.name}_test.csv"
+    vision_transfer(
+        [
+            "predict",
+            f"--ckpt_path={folder / 'checkpoints' / 'best.ckpt'}",
+            f"--data.init_args.predict_paths={test_root}",
+            "--data.init_args.num_workers=0",
+            f"--prediction.output={output}",
+            "--prediction.top_k=1",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=false",
+            f"--trainer.default_root_dir={output.parent}",  # where its config.yaml goes
+        ],
+        log=out / "logs" / f"{folder.name}_predict.log",
+        threads=threads,
+    )
+    index = {name: i for i, name in enumerate(names)}
+    matrix = np.zeros((len(names), len(names)), dtype=np.int64)
+    with output.open() as f:
+        for row in csv.DictReader(f):
+            matrix[index[Path(row["path"]).parent.name], index[row["label_1"]]] += 1
+    return matrix
+
+
 def run_option(option: str, data_root: Path, out: Path, args: argparse.Namespace, rare: list[str]) -> dict[str, Any]:
     folder = run_folder(out, "longtail", option)
     command = fit_args(data_root, out, "longtail", option, args) + OPTIONS[option]
     seconds = fit_once(command, folder, out / "logs" / f"{option}.log", args.threads, args.reuse)
     facts = json.loads((folder / "run.json").read_text())
     test = facts["test"]
-    recall = read_per_class(folder)
+    names, matrix = read_confusion(folder)
+    source = "confusion_matrix.csv"
+    if "posthoc" in option:  # the adjustment acts at prediction time: predict must count the same
+        predicted = predicted_confusion(folder, data_root / "test", names, out, args.threads)
+        if not np.array_equal(predicted, matrix):
+            raise SystemExit(f"{option}: `vision-transfer predict` disagrees with {folder}/confusion_matrix.csv")
+        source = "confusion_matrix.csv, equal to vision-transfer predict's"
+    recall = dict(zip(names, (np.diag(matrix) / matrix.sum(axis=1).clip(min=1)).tolist(), strict=True))
     return {
         "option": option,
         "flags": " ".join(OPTIONS[option]) or "(none)",
@@ -235,6 +286,7 @@ def run_option(option: str, data_root: Path, out: Path, args: argparse.Namespace
         "f1_macro": test["test/f1_macro"],
         "rare_recall": float(np.mean([recall[c] for c in rare])),
         "per_class_recall": recall,
+        "confusion": {"classes": names, "matrix": matrix.tolist(), "source": source},
         "seconds": seconds,
         "fit_seconds": facts.get("fit", {}).get("seconds"),
         "run_dir": str(folder),
@@ -334,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{args.backbone} ({args.weights} weights), full fine-tune, {args.image_size} px, {args.epochs} epochs,",
             f"batch {args.batch_size}, lr {args.lr:g} / head {args.head_lr:g}, label smoothing 0, seed {args.seed};",
             "best epoch by val/acc (balanced val).",
-            f"{platform.machine()}, {os.cpu_count()} CPU cores ({threads} threads), {total / 60:.1f} min in all.",
+            f"{platform.machine()}, {os.cpu_count()} CPU cores ({threads} threads);",
+            f"the fits took {sum(r['seconds'] for r in rows) / 60:.1f} min, this invocation {total / 60:.1f} min.",
             f"Rarest classes: {', '.join(rare)}.",
         ]
     )

@@ -75,6 +75,27 @@ def test_posthoc_logit_adjustment_moves_predictions_to_the_rare_class() -> None:
     assert model.prediction_settings()["logit_shift"] == pytest.approx(adjusted[0].tolist())
 
 
+def test_the_test_confusion_matrix_counts_the_adjusted_predictions() -> None:
+    """per_class.csv, the confusion plot and summary.md's recall come from ``test_confusion``: it must
+    count the predictions the logged test metrics count (post-hoc adjustment applied)."""
+    from vision_transfer.tasks import ImageClassifier
+
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, logit_adjustment="posthoc", logit_adjustment_tau=50.0
+    )
+    model.set_class_names(["common", "rare"])
+    model.set_class_counts(torch.tensor([99.0, 1.0]))
+    model.eval()
+    images, labels = torch.randn(6, 3, TINY_SIZE, TINY_SIZE), torch.tensor([0, 0, 0, 1, 1, 1])
+    with torch.no_grad(), pytest.warns(UserWarning, match="trainer"):
+        logits = model.test_step((images, labels), 0)
+    predicted = model.prediction_logits(logits).argmax(1)
+    assert (predicted == 1).all()  # tau 50: the shift decides every prediction
+    matrix = model.test_confusion.compute()  # type: ignore[union-attr]
+    assert matrix.tolist() == [[0, 3], [0, 3]]
+    assert model.test_metrics.compute()["test/balanced_acc"] == pytest.approx(0.5)
+
+
 def _long_tailed_folder(root: Path) -> Path:
     for name, n, seed in (("circle", 24, 0), ("square", 6, 1), ("stripes", 3, 2)):
         write_folder(root, per_class=n, seed=seed, classes=(name,))
@@ -88,17 +109,26 @@ def _long_tailed_folder(root: Path) -> Path:
         "--model.class_weighting=balanced",
         "--model.logit_adjustment=loss",
         "--model.logit_adjustment=posthoc",
+        "--model.logit_adjustment=posthoc --model.logit_adjustment_tau=50",  # the shift decides every prediction
         "--model.focal_gamma=2",
     ],
 )
 def test_every_imbalance_option_trains_from_the_cli_and_logs_balanced_accuracy(tmp_path: Path, option: str) -> None:
     folder = _long_tailed_folder(tmp_path / "images")
     data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={folder}"]
-    assert run_cli(tiny_fit_args(data, tmp_path, option, "--trainer.max_epochs=2")) == 0
+    assert run_cli(tiny_fit_args(data, tmp_path, *option.split(), "--trainer.max_epochs=2")) == 0
     run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
     with (run / "metrics.csv").open() as f:
-        columns = set(next(csv.reader(f)))
-    assert {"val/balanced_acc", "test/balanced_acc", "val/f1_macro", "test/f1_macro"} <= columns
+        rows = list(csv.DictReader(f))
+    assert {"val/balanced_acc", "test/balanced_acc", "val/f1_macro", "test/f1_macro"} <= set(rows[0])
+    # the confusion matrix and per_class.csv come from the same predictions as the logged metrics
+    # (post-hoc adjustment included), for every option
+    test = next(r for r in rows if r.get("test/acc"))
+    with (run / "confusion_matrix.csv").open() as f:
+        matrix = np.array([[int(v) for v in row[1:]] for row in list(csv.reader(f))[1:]])
+    recall = matrix.diagonal() / matrix.sum(axis=1)
+    assert matrix.trace() / matrix.sum() == pytest.approx(float(test["test/acc"]), abs=1e-4)
+    assert recall.mean() == pytest.approx(float(test["test/balanced_acc"]), abs=1e-4)
     summary = (run / "summary.md").read_text()
     assert "Per-class recall on test, lowest first" in summary
 

@@ -2,12 +2,17 @@
 
 Both follow the Kornblith et al. (2019) / CLIP protocol: choose the regularisation on a
 validation split, refit on train+val with it, report the test split once.
+
+Labels are either a 1-D vector of class indices (multi-class: softmax cross-entropy, chosen on
+val accuracy) or an ``(N, C)`` 0/1 matrix (multi-label: one binary logistic regression per class,
+chosen on val mAP).
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -16,18 +21,37 @@ import torch
 from torch.nn import functional as F
 from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
+from vision_transfer.errors import DataError, VisionTransferError
+
 DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_WDS = (0.0, 1e-5, 1e-4, 1e-3)
 # Kornblith et al. 2019 / CLIP: inverse regularisation C on a log grid from 1e-6 to 1e5.
 KORNBLITH_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
+# L-BFGS's relative tolerance (see _Objective.converged): 1e-4 matched a 1e-12-gradient solve's
+# val accuracy at 44 of the 45 Cs on real features (one sample apart at the 45th), 1e-3 at 39.
+LBFGS_TOL = 1e-4
+
+Task = Literal["multiclass", "multilabel"]
+ClassWeight = Literal["balanced"] | None
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class ProbeOptionError(VisionTransferError, ValueError):
+    """A probe option with a value the probes do not support."""
 
 
 @dataclass
 class ProbeResult:
-    """What a probe chose and scored; ``weight``/``bias`` act on raw (unstandardised) features."""
+    """What a probe chose and scored; ``weight``/``bias`` act on raw (unstandardised) features.
+
+    Multi-class results fill the accuracy fields (``balanced_accuracy``: mean per-class recall of the
+    test split; ``f1_macro``: its macro F1); multi-label ones fill the mAP fields (macro average
+    precision over the classes with a positive example; micro-F1 of the logit > 0 predictions) and
+    leave the accuracies None. Test metrics are None without a test split.
+    """
 
     solver: str
-    val_acc: float
+    val_acc: float | None
     test_acc: float | None
     test_acc_top5: float | None
     chosen: dict[str, float]
@@ -35,6 +59,15 @@ class ProbeResult:
     seconds: float
     weight: torch.Tensor = field(repr=False)
     bias: torch.Tensor = field(repr=False)
+    task: Task = "multiclass"
+    class_weight: str | None = None
+    balanced_accuracy: float | None = None
+    f1_macro: float | None = None
+    val_map: float | None = None
+    test_map: float | None = None
+    val_f1_micro: float | None = None
+    test_f1_micro: float | None = None
+    test_ap_per_class: list[float | None] | None = None  # None for a class without a test positive
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("weight", "bias")}
@@ -56,9 +89,35 @@ class Standardizer:
         return raw_weight, bias - raw_weight @ self.mean
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
-    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
-    return float((top == labels[:, None]).any(-1).float().mean())
+def task_of(labels: torch.Tensor | np.ndarray) -> Task:
+    """``multilabel`` for an ``(N, C)`` label matrix, ``multiclass`` for a vector of class indices."""
+    return "multilabel" if labels.ndim == 2 else "multiclass"
+
+
+def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """scikit-learn's ``class_weight="balanced"`` as per-sample (multi-class, ``(N,)``) or per-entry
+    (multi-label, ``(N, C)``) loss weights.
+
+    Multi-class: class c weighs ``n_samples / (n_present_classes * count_c)``. Multi-label: each
+    class is its own binary problem (as in ``OneVsRestClassifier``), so its positives weigh
+    ``n / (2 * n_pos)`` and its negatives ``n / (2 * n_neg)``. Either way the weights sum to N per
+    problem, so the regularisation strength C keeps its meaning.
+    """
+    n = len(labels)
+    if labels.ndim == 2:
+        positives = labels.sum(0)
+        return torch.where(labels > 0, n / (2 * positives), n / (2 * (n - positives))).float()
+    counts = torch.bincount(labels, minlength=num_classes).double()
+    per_class = n / (int((counts > 0).sum()) * counts.clamp_min(1))
+    return per_class[labels].float()
+
+
+def _sample_weight(labels: torch.Tensor, num_classes: int, class_weight: ClassWeight) -> torch.Tensor | None:
+    if class_weight is None:
+        return None
+    if class_weight != "balanced":
+        raise ProbeOptionError(f"class_weight must be None or 'balanced', not {class_weight!r}.")
+    return class_weights(labels, num_classes)
 
 
 def train_heads(
@@ -71,6 +130,7 @@ def train_heads(
     epochs: int = 10,
     batch_size: int = 1024,
     seed: int = 0,
+    sample_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train ``len(lrs)`` linear heads at once on standardised features, one pass per epoch.
 
@@ -78,10 +138,16 @@ def train_heads(
     (DINOv2's linear evaluation). All heads are one ``D x (H*C)`` matrix, so a step is one matmul;
     a per-head learning rate is a per-head gradient scale, exact for SGD with momentum.
 
+    Args:
+        y: class indices ``(N,)`` (softmax cross-entropy) or an ``(N, C)`` 0/1 matrix (a binary
+            cross-entropy per class, summed over classes).
+        sample_weight: per-sample ``(N,)`` or, multi-label, per-entry ``(N, C)`` loss weights.
+
     Returns:
         weights ``(H, C, D)`` and biases ``(H, C)``.
     """
     heads = len(lrs)
+    multilabel = y.ndim == 2
     generator = torch.Generator().manual_seed(seed)
     weight = torch.zeros(x.shape[1], heads * num_classes, requires_grad=True)
     bias = torch.zeros(heads * num_classes, requires_grad=True)
@@ -96,9 +162,19 @@ def train_heads(
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
             logits = (x[index] @ weight + bias).view(len(index), heads, num_classes)
-            # (N, C, H) logits against (N, H) targets: one cross-entropy over every head, summed
-            targets = y[index, None].expand(-1, heads)
-            loss = F.cross_entropy(logits.transpose(1, 2), targets, reduction="sum") / len(index)
+            weights = None if sample_weight is None else sample_weight[index]
+            if multilabel:  # (N, H, C) logits against the (N, C) targets, repeated for every head
+                targets = y[index, None, :].expand(-1, heads, -1).float()
+                losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+                if weights is not None:
+                    losses = losses * weights[:, None, :]
+            else:  # (N, C, H) logits against (N, H) targets: one cross-entropy over every head
+                targets = y[index, None].expand(-1, heads)
+                losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+                if weights is not None:
+                    losses = losses * weights[:, None]
+            # balanced weights average 1 over the data set, so the per-sample scale (and lr) is unchanged
+            loss = losses.sum() / len(index)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             cosine = 0.5 * (1 + math.cos(math.pi * step / total))  # per-step cosine decay to 0
@@ -114,9 +190,9 @@ def train_heads(
 
 
 def sgd_probe(
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor] | None,
+    train: Pair,
+    val: Pair,
+    test: Pair | None,
     num_classes: int,
     *,
     lrs: tuple[float, ...] = DEFAULT_LRS,
@@ -124,84 +200,367 @@ def sgd_probe(
     epochs: int = 10,
     batch_size: int = 1024,
     seed: int = 0,
+    class_weight: ClassWeight = None,
 ) -> ProbeResult:
-    """Sweep ``lrs x wds`` heads in one run, pick on val, refit on train+val, test once."""
+    """Sweep ``lrs x wds`` heads in one run, pick on val (accuracy, or mAP for multi-label labels),
+    refit on train+val, test once. ``class_weight="balanced"`` weighs each sample's loss as
+    scikit-learn does (see :func:`class_weights`)."""
     start = time.perf_counter()
+    task = _check_labels(train, val, test, num_classes, "sgd")
     grid = [(lr, wd) for lr in lrs for wd in wds]
     scaler = Standardizer(train[0])
+    options = {"epochs": epochs, "batch_size": batch_size, "seed": seed}
     w, b = train_heads(
         scaler(train[0]), train[1], num_classes, [g[0] for g in grid], [g[1] for g in grid],
-        epochs=epochs, batch_size=batch_size, seed=seed,
+        sample_weight=_sample_weight(train[1], num_classes, class_weight), **options,
     )  # fmt: skip
     val_x = scaler(val[0])
-    sweep = []
-    for h, (lr, wd) in enumerate(grid):
-        sweep.append({"lr": lr, "wd": wd, "val_acc": _accuracy(val_x @ w[h].T + b[h], val[1])})
-    best = max(sweep, key=lambda r: (r["val_acc"], -r["wd"]))
+    sweep = [{"lr": lr, "wd": wd, **_val_score(val_x @ w[h].T + b[h], val[1])} for h, (lr, wd) in enumerate(grid)]
+    metric = _metric(task)
+    best = max(sweep, key=lambda r: (r[metric], -r["wd"]))
     scaler, both_x, both_y = _train_val(train, val)
     w, b = train_heads(
-        both_x, both_y, num_classes, [best["lr"]], [best["wd"]], epochs=epochs, batch_size=batch_size, seed=seed
-    )
+        both_x, both_y, num_classes, [best["lr"]], [best["wd"]],
+        sample_weight=_sample_weight(both_y, num_classes, class_weight), **options,
+    )  # fmt: skip
     weight, bias = scaler.fold(w[0], b[0])
-    return _finish("sgd", weight, bias, best, sweep, test, start)
+    return _finish("sgd", weight, bias, best, sweep, val, test, start, task, class_weight)
+
+
+class _Objective:
+    """scikit-learn's L2 logistic regression ``C * sum_i s_i * loss_i + ||W||^2 / 2`` (bias not
+    penalised) divided by ``C * sum_i s_i``: the mean loss plus ``||W||^2 / (2 C sum_i s_i)``.
+
+    Multi-class: softmax cross-entropy. Multi-label: one binary cross-entropy per class, summed, so
+    each class is scikit-learn's binary problem with that C. Value and gradient by hand: no graph.
+    """
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, sample_weight: torch.Tensor | None
+    ):
+        self.x, self.num_classes, self.labels = x, num_classes, y
+        self.multilabel = y.ndim == 2
+        self.targets = y.to(x.dtype) if self.multilabel else F.one_hot(y, num_classes).to(x.dtype)
+        self.weight = None if sample_weight is None else sample_weight.to(x.dtype)
+        # sum of weights per sample: N for unweighted and for balanced weights alike, as in scikit-learn
+        total = (
+            float(len(x))
+            if sample_weight is None
+            else float(sample_weight.sum()) / (num_classes if self.multilabel else 1)
+        )
+        self.scale = 1.0 / total
+        self.l2 = 1.0 / (c * total)
+
+    def split(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        d = self.x.shape[1]
+        return theta[: self.num_classes * d].view(self.num_classes, d), theta[self.num_classes * d :]
+
+    def converged(self, theta: torch.Tensor, grad: torch.Tensor, tol: float) -> bool:
+        """Whether ``theta`` is optimal to a relative ``tol``.
+
+        The W gradient is ``l2 * W`` minus the loss gradient that W balances at the optimum: below
+        ``tol * l2 * max|W|`` it is a relative error, whatever C is (an absolute bound on the gradient
+        of the divided objective is met at once at small C, and far from the optimum at large C).
+        The bias gradient is the mean residual (predicted minus true frequency), bounded absolutely.
+        """
+        weight, _ = self.split(theta)
+        grad_w, grad_b = self.split(grad)
+        w_bound = max(tol * self.l2 * float(weight.abs().max()), 1e-15)
+        return float(grad_w.abs().max()) <= w_bound and float(grad_b.abs().max()) <= 1e-5 * tol
+
+    def __call__(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+        weight, bias = self.split(theta)
+        logits = torch.addmm(bias, self.x, weight.T)
+        if self.multilabel:  # binary cross-entropy softplus(z) - t * z, and its gradient sigmoid(z) - t
+            # softplus written out: F.softplus returns z itself above 20, 2e-9 off, which misleads the line search
+            losses = logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - self.targets * logits
+            residual = torch.sigmoid(logits) - self.targets
+        else:
+            log_p = logits.log_softmax(1)
+            losses = -log_p.gather(1, self.labels[:, None])
+            residual = log_p.exp() - self.targets
+        if self.weight is not None:
+            weights = self.weight if self.multilabel else self.weight[:, None]
+            losses, residual = losses * weights, residual * weights
+        residual *= self.scale
+        grad_w = torch.addmm(weight, residual.T, self.x, beta=self.l2)
+        value = float(losses.sum()) * self.scale + 0.5 * self.l2 * float(weight.pow(2).sum())
+        return value, torch.cat([grad_w.flatten(), residual.sum(0)])
+
+
+def _lbfgs(
+    objective: _Objective, theta: torch.Tensor, max_iter: int, tol: float, history: int = 20
+) -> tuple[torch.Tensor, int, bool]:
+    """Minimise the (convex) objective by L-BFGS until it has converged to a relative ``tol``.
+
+    Written out rather than ``torch.optim.LBFGS``, whose absolute thresholds (it drops curvature pairs
+    with ``s.y <= 1e-10`` and stops on loss changes under ``tolerance_change``) halt it far from the
+    optimum once the steps get small, e.g. at very small C. A backtracking line search suffices on a
+    convex function: every pair has ``s.y > 0``. Returns the point, iterations and whether it converged.
+    """
+    value, grad = objective(theta)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # the last steps s, gradient changes y, 1/s.y
+    for iteration in range(max_iter):
+        if objective.converged(theta, grad, tol):
+            return theta, iteration, True
+        direction = -grad  # two-loop recursion: direction = -H grad
+        alphas = []
+        for s, y, rho in reversed(pairs):
+            alphas.append(rho * float(s @ direction))
+            direction = direction - alphas[-1] * y
+        if pairs:
+            s, y, _ = pairs[-1]
+            direction = direction * (float(s @ y) / float(y @ y))
+        else:  # first step: at most 1 in the largest coordinate; the line search fixes the scale
+            direction = direction / max(1.0, float(grad.abs().max()))
+        for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
+            direction = direction + s * (alpha - rho * float(y @ direction))
+        slope = float(grad @ direction)
+        if slope >= 0:  # not a descent direction (rounding): restart from the gradient
+            pairs.clear()
+            direction = -grad / max(1.0, float(grad.abs().max()))
+            slope = float(grad @ direction)
+        step = 1.0
+        while True:
+            new_value, new_grad = objective(theta + step * direction)
+            new_slope = float(new_grad @ direction)
+            # Armijo; or, where rounding hides the decrease in the value (tiny steps), the slope's
+            # decrease (Hager & Zhang's approximate Wolfe condition)
+            if new_value <= value + 1e-4 * step * slope:
+                break
+            if new_value <= value + 1e-13 * abs(value) and new_slope <= 0.1 * abs(slope):
+                break
+            # the secant step on the slope (exact on a quadratic), kept within [0.1, 0.5] of the step
+            secant = step * slope / (slope - new_slope) if new_slope > slope else 0.5 * step
+            step = min(0.5 * step, max(0.1 * step, secant))
+            if step < 1e-16:
+                return theta, iteration, False
+        s, y = step * direction, new_grad - grad
+        sy = float(s @ y)
+        if sy > 1e-12 * float(s.norm()) * float(y.norm()):  # relative, unlike torch's 1e-10
+            pairs.append((s, y, 1.0 / sy))
+            if len(pairs) > history:
+                pairs.pop(0)
+        theta, value, grad = theta + s, new_value, new_grad
+    return theta, max_iter, objective.converged(theta, grad, tol)
+
+
+def _lbfgs_fit(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    num_classes: int,
+    c: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    max_iter: int,
+    sample_weight: torch.Tensor | None,
+    tol: float,
+) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    if y.ndim == 1 and num_classes == 2:
+        # scikit-learn fits one binary model for 2 classes; the softmax pair (w, -w) with C/2 is the
+        # same model (||w1||^2 + ||w2||^2 = ||w1 - w2||^2 / 2 at the optimum), so C means the same
+        c = c / 2
+    objective = _Objective(x, y, num_classes, c, sample_weight)
+    theta = torch.cat([init[0].flatten(), init[1]]).to(x.dtype) if init else x.new_zeros(num_classes * (x.shape[1] + 1))
+    theta, iterations, converged = _lbfgs(objective, theta, max_iter, tol)
+    weight, bias = objective.split(theta)
+    return weight, bias, iterations, converged
 
 
 def lbfgs_logistic_regression(
     x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 200,
+    max_iter: int = 2000, *, sample_weight: torch.Tensor | None = None, tol: float = LBFGS_TOL,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Multinomial logistic regression minimising ``C * sum(CE) + ||W||^2 / 2`` (scikit-learn's
-    objective; the bias is not penalised), by full-batch L-BFGS on standardised features."""
-    weight = (init[0].clone() if init else torch.zeros(num_classes, x.shape[1])).requires_grad_(True)
-    bias = (init[1].clone() if init else torch.zeros(num_classes)).requires_grad_(True)
-    optimizer = torch.optim.LBFGS(
-        [weight, bias], lr=1, max_iter=max_iter, tolerance_grad=1e-6, tolerance_change=1e-9,
-        history_size=20, line_search_fn="strong_wolfe",
-    )  # fmt: skip
-    penalty = 1.0 / (c * len(x))  # the objective divided by C * N, better conditioned
+    """L2 logistic regression with scikit-learn's objective ``C * sum(loss) + ||W||^2 / 2`` (the bias
+    is not penalised), by full-batch L-BFGS in float64 on standardised features.
 
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y) + 0.5 * penalty * weight.pow(2).sum()
-        loss.backward()
-        return loss
+    Args:
+        y: class indices (multinomial, or scikit-learn's binary model for 2 classes) or an ``(N, C)``
+            0/1 matrix (one-vs-rest: an independent binary problem per class).
+        init: a warm start ``(W, b)``.
+        sample_weight: per-sample ``(N,)`` or, multi-label, per-entry ``(N, C)`` loss weights.
+        tol: relative tolerance: W within about ``tol`` of its optimum, relative to its largest entry.
 
-    optimizer.step(closure)
-    return weight.detach(), bias.detach()
+    Returns:
+        ``W (C, D)`` and ``b (C,)`` in ``x``'s dtype; warns when ``max_iter`` ran out first.
+    """
+    weight, bias, iterations, converged = _lbfgs_fit(x.double(), y, num_classes, c, init, max_iter, sample_weight, tol)
+    if not converged:
+        warnings.warn(f"L-BFGS at C={c:g} stopped after {iterations} iterations before converging.", stacklevel=2)
+    return weight.to(x.dtype), bias.to(x.dtype)
 
 
 def lbfgs_probe(
-    train: tuple[torch.Tensor, torch.Tensor],
-    val: tuple[torch.Tensor, torch.Tensor],
-    test: tuple[torch.Tensor, torch.Tensor] | None,
+    train: Pair,
+    val: Pair,
+    test: Pair | None,
     num_classes: int,
     *,
     c_grid: tuple[float, ...] = KORNBLITH_C_GRID,
-    max_iter: int = 200,
+    max_iter: int = 2000,
+    class_weight: ClassWeight = None,
+    tol: float = LBFGS_TOL,
 ) -> ProbeResult:
     """The classic protocol: L2 logistic regression over a C grid (warm-started from strong to
-    weak regularisation), C chosen on val, refit on train+val, test once."""
+    weak regularisation), C chosen on val (accuracy, or mAP for multi-label labels), refit on
+    train+val, test once. Agrees with scikit-learn's ``LogisticRegression(C)`` (multinomial) or
+    ``OneVsRestClassifier(LogisticRegression(C))`` (multi-label), ``class_weight`` included."""
     start = time.perf_counter()
-    scaler = Standardizer(train[0])
-    x, val_x = scaler(train[0]), scaler(val[0])
+    task = _check_labels(train, val, test, num_classes, "lbfgs")
+    # float64: at small C the optimum is a tiny correction to the bias and W; float32 rounding hides it
+    scaler = Standardizer(train[0].double())
+    x, val_x = scaler(train[0].double()), scaler(val[0].double())
+    sample_weight = _sample_weight(train[1], num_classes, class_weight)
     sweep: list[dict[str, float]] = []
-    init = best_params = None
+    path: list[tuple[float, tuple[torch.Tensor, torch.Tensor]]] = []  # (log C, solution) so far
+    best_params = None
     best: dict[str, float] = {}
+    metric = _metric(task)
+    unconverged = []
     # ascending C: on a tie the first (most regularised) value stays best
     for c in tqdm(sorted(c_grid), desc="probe: C sweep", unit="C", leave=False, disable=None):
-        init = lbfgs_logistic_regression(x, train[1], num_classes, c, init, max_iter)
-        sweep.append({"C": c, "val_acc": _accuracy(val_x @ init[0].T + init[1], val[1])})
-        if not best or sweep[-1]["val_acc"] > best["val_acc"]:
-            best, best_params = sweep[-1], init
-    scaler, both_x, both_y = _train_val(train, val)
-    w, b = lbfgs_logistic_regression(both_x, both_y, num_classes, best["C"], best_params, max_iter)
-    weight, bias = scaler.fold(w, b)
-    return _finish("lbfgs", weight, bias, best, sweep, test, start)
+        init = _extrapolate(path, math.log(c))
+        weight, bias, iterations, converged = _lbfgs_fit(
+            x, train[1], num_classes, c, init, max_iter, sample_weight, tol
+        )
+        path.append((math.log(c), (weight, bias)))
+        unconverged += [] if converged else [c]
+        sweep.append({"C": c, **_val_score(val_x @ weight.T + bias, val[1]), "iterations": float(iterations)})
+        if not best or sweep[-1][metric] > best[metric]:
+            best, best_params = sweep[-1], (weight, bias)
+    assert best_params is not None
+    raw_weight, raw_bias = scaler.fold(*best_params)
+    scaler, both_x, both_y = _train_val((train[0].double(), train[1]), (val[0].double(), val[1]))
+    init = raw_weight * scaler.std, raw_bias + raw_weight @ scaler.mean  # the chosen model, restandardised
+    both_weight = _sample_weight(both_y, num_classes, class_weight)
+    weight, bias, _, converged = _lbfgs_fit(both_x, both_y, num_classes, best["C"], init, max_iter, both_weight, tol)
+    unconverged += [] if converged else [best["C"]]
+    if unconverged:
+        warnings.warn(
+            f"L-BFGS ran out of iterations (max_iter={max_iter}) before converging at C = "
+            f"{', '.join(f'{c:.3g}' for c in unconverged)}; the scores there may be off.",
+            stacklevel=2,
+        )
+    weight, bias = scaler.fold(weight, bias)
+    return _finish("lbfgs", weight.float(), bias.float(), best, sweep, val, test, start, task, class_weight)
 
 
-def _train_val(
-    train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[Standardizer, torch.Tensor, torch.Tensor]:
+def _extrapolate(
+    path: list[tuple[float, tuple[torch.Tensor, torch.Tensor]]], log_c: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A warm start at ``log_c``: the quadratic in log C through the last three solutions (the path is
+    smooth in log C; this halves the L-BFGS iterations over the Kornblith grid), else the last one."""
+    if len(path) < 3 or len({t for t, _ in path[-3:]}) < 3:
+        return path[-1][1] if path else None
+    times = [t for t, _ in path[-3:]]
+    coefficients = [
+        math.prod((log_c - other) / (t - other) for other in times if other != t) for t in times
+    ]  # Lagrange basis at log_c
+    if max(abs(a) for a in coefficients) > 10:  # far beyond the last step: extrapolation is no guide
+        return path[-1][1]
+    weight, bias = (
+        sum(a * solution[i] for a, (_, solution) in zip(coefficients, path[-3:], strict=True)) for i in (0, 1)
+    )
+    return weight, bias  # type: ignore[return-value]  # sums of tensors
+
+
+def _check_labels(train: Pair, val: Pair, test: Pair | None, num_classes: int, solver: str) -> Task:
+    """The task the labels describe; DataError for labels a probe cannot use."""
+    task = task_of(train[1])
+    for name, pair in (("train", train), ("val", val), ("test", test)):
+        if pair is None:
+            continue
+        features, labels = pair
+        if len(features) != len(labels):
+            raise DataError(f"probe: {name} has {len(features)} feature rows but {len(labels)} labels.")
+        if task_of(labels) != task:
+            raise DataError(f"probe: train labels are {task} but {name} labels are not; use one kind for every split.")
+        if task == "multilabel":
+            if labels.shape[1] != num_classes:
+                raise DataError(f"probe: {name} label matrix has {labels.shape[1]} columns for {num_classes} classes.")
+            if len(labels) and not bool(((labels == 0) | (labels == 1)).all()):
+                raise DataError(f"probe: {name} multi-label targets must be 0 or 1.")
+        elif len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise DataError(
+                f"probe: {name} labels must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}."
+            )
+    if len(train[1]) == 0 or len(val[1]) == 0:
+        raise DataError("probe: the train and val splits need at least one sample each.")
+    labels = train[1]
+    if task == "multilabel":
+        positives = labels.sum(0)
+        missing = torch.nonzero((positives == 0) | (positives == len(labels))).flatten().tolist()
+        if missing:
+            raise DataError(
+                f"probe: multi-label class(es) {missing} have no positive or no negative training example, "
+                "so no probe can learn them; drop those columns."
+            )
+    elif solver == "lbfgs":
+        missing = torch.nonzero(torch.bincount(labels, minlength=num_classes) == 0).flatten().tolist()
+        if missing:
+            # its bias would run to minus infinity: logistic regression then has no optimum
+            raise DataError(f"probe: class(es) {missing} have no training example; the L-BFGS probe needs every class.")
+    return task
+
+
+def _metric(task: Task) -> str:
+    return "val_map" if task == "multilabel" else "val_acc"
+
+
+def _val_score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    if labels.ndim == 2:
+        return {"val_map": mean_average_precision(logits, labels)[0], "val_f1_micro": f1_micro(logits, labels)}
+    return {"val_acc": _accuracy(logits, labels)}
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
+    top = logits.topk(min(k, logits.shape[-1]), dim=-1).indices
+    return float((top == labels[:, None]).any(-1).float().mean())
+
+
+def balanced_accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean recall over the classes present in ``labels`` (scikit-learn's ``balanced_accuracy_score``)."""
+    classes = labels.unique()
+    return float(torch.stack([(predictions[labels == c] == c).double().mean() for c in classes]).mean())
+
+
+def f1_macro(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Macro F1 over the classes in ``labels`` or ``predictions`` (scikit-learn's ``f1_score(average="macro")``)."""
+    scores = []
+    for c in torch.cat([labels, predictions]).unique():
+        true_positives = int(((predictions == c) & (labels == c)).sum())
+        scores.append(2 * true_positives / (int((predictions == c).sum()) + int((labels == c).sum())))
+    return float(np.mean(scores))
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the precision-recall steps (scikit-learn's ``average_precision_score``): the
+    precision at each distinct score, weighted by the recall it adds; tied scores form one step."""
+    order = np.argsort(-scores, kind="stable")
+    scores, hits = scores[order], np.cumsum(targets[order])
+    last = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # the end of each run of equal scores
+    precision, recall = hits[last] / (last + 1), hits[last] / hits[-1]
+    return float(np.sum(np.diff(recall, prepend=0.0) * precision))
+
+
+def mean_average_precision(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float | None]]:
+    """Macro mAP over the classes with a positive target, and each class's AP (None: no positive)."""
+    scores, truth = logits.double().numpy(), targets.double().numpy()
+    per_class = [
+        average_precision(scores[:, k], truth[:, k]) if truth[:, k].any() else None for k in range(truth.shape[1])
+    ]
+    present = [ap for ap in per_class if ap is not None]
+    return (float(np.mean(present)) if present else float("nan")), per_class
+
+
+def f1_micro(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Micro-F1 of the predictions ``logit > 0`` (probability above 0.5) over every (sample, class)."""
+    predicted, truth = logits > 0, targets > 0
+    true_positives = int((predicted & truth).sum())
+    denominator = int(predicted.sum()) + int(truth.sum())
+    return 2 * true_positives / denominator if denominator else 0.0
+
+
+def _train_val(train: Pair, val: Pair) -> tuple[Standardizer, torch.Tensor, torch.Tensor]:
     """The refit data: train+val, standardised with its own statistics (folded into the head later)."""
     x, y = torch.cat([train[0], val[0]]), torch.cat([train[1], val[1]])
     scaler = Standardizer(x)
@@ -214,17 +573,32 @@ def _finish(
     bias: torch.Tensor,
     best: dict[str, float],
     sweep: list[dict[str, float]],
-    test: tuple[torch.Tensor, torch.Tensor] | None,
+    val: Pair,
+    test: Pair | None,
     start: float,
+    task: Task,
+    class_weight: ClassWeight,
 ) -> ProbeResult:
-    test_acc = test_top5 = None
-    if test is not None:
-        logits = test[0] @ weight.T + bias
-        test_acc, test_top5 = _accuracy(logits, test[1]), _accuracy(logits, test[1], 5)
-    chosen = {k: float(v) for k, v in best.items() if k != "val_acc"}
-    return ProbeResult(
-        solver, best["val_acc"], test_acc, test_top5, chosen, sweep, time.perf_counter() - start, weight, bias
+    chosen = {k: float(v) for k, v in best.items() if not k.startswith("val_") and k != "iterations"}
+    result = ProbeResult(
+        solver, None, None, None, chosen, sweep, 0.0, weight, bias, task=task, class_weight=class_weight
     )
+    if task == "multilabel":
+        result.val_map, result.val_f1_micro = best["val_map"], best["val_f1_micro"]  # the chosen sweep model
+        if test is not None:
+            logits = test[0] @ weight.T + bias
+            result.test_map, result.test_ap_per_class = mean_average_precision(logits, test[1])
+            result.test_f1_micro = f1_micro(logits, test[1])
+    else:
+        result.val_acc = best["val_acc"]
+        if test is not None:
+            logits = test[0] @ weight.T + bias
+            predictions = logits.argmax(1)
+            result.test_acc, result.test_acc_top5 = _accuracy(logits, test[1]), _accuracy(logits, test[1], 5)
+            result.balanced_accuracy = balanced_accuracy(predictions, test[1])
+            result.f1_macro = f1_macro(predictions, test[1])
+    result.seconds = time.perf_counter() - start
+    return result
 
 
 Solver = Literal["sgd", "lbfgs"]
@@ -236,12 +610,23 @@ def run_probe(
     test: tuple[np.ndarray, np.ndarray] | None,
     num_classes: int,
     solver: Solver = "sgd",
+    *,
+    class_weight: ClassWeight = None,
     **options: Any,
 ) -> ProbeResult:
-    """Probe numpy features with ``solver`` (see :func:`sgd_probe` and :func:`lbfgs_probe`)."""
+    """Probe numpy features with ``solver`` (see :func:`sgd_probe` and :func:`lbfgs_probe`).
 
-    def tensors(pair: tuple[np.ndarray, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.as_tensor(np.asarray(pair[0], dtype=np.float32)), torch.as_tensor(pair[1], dtype=torch.long)
+    The labels pick the task: a vector of class indices is multi-class, an ``(N, num_classes)`` 0/1
+    matrix multi-label.
+    """
+    if solver not in ("sgd", "lbfgs"):
+        raise ProbeOptionError(f"solver must be 'sgd' or 'lbfgs', not {solver!r}.")
+
+    def tensors(pair: tuple[np.ndarray, np.ndarray]) -> Pair:
+        labels = np.asarray(pair[1])
+        dtype = torch.float32 if labels.ndim == 2 else torch.long
+        return torch.as_tensor(np.asarray(pair[0], dtype=np.float32)), torch.as_tensor(labels, dtype=dtype)
 
     args = (tensors(train), tensors(val), tensors(test) if test is not None else None, num_classes)
-    return sgd_probe(*args, **options) if solver == "sgd" else lbfgs_probe(*args, **options)
+    probe = sgd_probe if solver == "sgd" else lbfgs_probe
+    return probe(*args, class_weight=class_weight, **options)

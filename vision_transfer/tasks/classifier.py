@@ -469,10 +469,10 @@ class ImageClassifier(pl.LightningModule):
         if self.multilabel:
             self.test_ap.update(logits.float().sigmoid(), labels.long())  # type: ignore[union-attr]
         else:
-            probs = self.prediction_logits(logits).softmax(dim=1)
-            self.test_calibration.update(probs, labels)
+            adjusted = self.prediction_logits(logits)  # what the metrics and predict count
+            self.test_calibration.update(adjusted.softmax(dim=1), labels)
             self.log("test/ece", self.test_calibration)
-            self.test_confusion.update(logits, labels)  # type: ignore[union-attr]
+            self.test_confusion.update(adjusted, labels)  # type: ignore[union-attr]
         tta = self.hparams.get("tta", "none")
         if tta != "none" and not isinstance(batch, FeatureBatch):
             self._update(self.tta_metrics, self.tta_logits(batch[0]), labels)

@@ -172,7 +172,12 @@ class TuningPolicy:
             )
 
     def _check_trainable_reached(self, level: int) -> None:
-        missing = [n for names in self.groups[level:] for n in names if self._params[n].grad is None]
+        missing = [  # a parameter its model declares requires_grad=False (efficientvim's `weights`) never trains
+            n
+            for names in self.groups[level:]
+            for n in names
+            if self._params[n].requires_grad and self._params[n].grad is None
+        ]
         if not missing or self._last_input is None:
             return
         unused = self._unused_parameters(self._last_input, missing)
