@@ -15,7 +15,7 @@ from tests.test_cli import run_cli
 from vision_transfer import connect
 from vision_transfer.app.features import extract_datamodule
 from vision_transfer.datamodules import CsvDataModule, ImageFolderDataModule
-from vision_transfer.features import FeatureCache, extract, lbfgs_probe, sgd_probe
+from vision_transfer.features import FeatureCache, extract
 from vision_transfer.features.extract import build_spec, extract_splits, feature_spec
 
 
@@ -169,42 +169,6 @@ def test_probe_reuses_the_shards_a_cached_fit_extracted(image_folder: Path, tmp_
     caches, passes = extract_datamodule(datamodule, TINY_BACKBONE, "none", image_size=TINY_SIZE, cache_dir=str(cache))
     assert {caches["train"].key, caches["val"].key} == after_fit  # shared, not extracted again
     assert passes == -(-len(datamodule.splits["test"]) // 256)  # only the test split ran
-
-
-def _blobs(n: int, dim: int = 16, classes: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(0, 2.0, (classes, dim))
-    labels = rng.integers(0, classes, n)
-    features = centers[labels] + rng.normal(0, 1.5, (n, dim)) + 5.0  # offset: standardisation matters
-    return torch.tensor(features, dtype=torch.float32), torch.tensor(labels)
-
-
-def test_sgd_sweep_picks_on_val_and_beats_chance() -> None:
-    x, y = _blobs(1200)
-    train, val, test = (x[:600], y[:600]), (x[600:800], y[600:800]), (x[800:], y[800:])
-    result = sgd_probe(train, val, test, 3, lrs=(1e-4, 0.1, 1.0), wds=(0.0, 10.0), epochs=10, batch_size=64)
-    assert len(result.sweep) == 6
-    assert result.chosen["lr"] != 1e-4 and result.chosen["wd"] == 0.0  # tiny lr / huge wd lose on val
-    assert result.val_acc == max(r["val_acc"] for r in result.sweep)
-    assert result.test_acc is not None and result.test_acc > 0.8
-    assert result.weight.shape == (3, 16)
-
-
-def test_lbfgs_matches_scikit_learn_logistic_regression() -> None:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.preprocessing import StandardScaler
-
-    x, y = _blobs(900)
-    train, val, test = (x[:500], y[:500]), (x[500:650], y[500:650]), (x[650:], y[650:])
-    grid = (1e-3, 1e-2, 1e-1, 1.0)
-    ours = lbfgs_probe(train, val, test, 3, c_grid=grid)
-    both_x, both_y = torch.cat([train[0], val[0]]).numpy(), torch.cat([train[1], val[1]]).numpy()
-    scaler = StandardScaler().fit(both_x)
-    reference = LogisticRegression(C=ours.chosen["C"], max_iter=2000).fit(scaler.transform(both_x), both_y)
-    sk_acc = reference.score(scaler.transform(test[0].numpy()), test[1].numpy())
-    assert ours.test_acc == pytest.approx(sk_acc, abs=0.005)
-    ours_pred = (test[0] @ ours.weight.T + ours.bias).argmax(1).numpy()
-    assert (ours_pred == reference.predict(scaler.transform(test[0].numpy()))).mean() > 0.98
 
 
 def test_probe_command_writes_a_checkpoint_that_predict_uses(

@@ -145,3 +145,32 @@ def test_check_data_reports_the_imbalance_ratio_and_names_the_options(
     out = capsys.readouterr().out
     assert "imbalance ratio (largest / smallest class in train): 13.3" in out
     assert "warning: imbalance above 10" in out and "balanced_sampling" in out and "logit_adjustment" in out
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "sgd"])
+def test_probe_command_weighs_classes_and_reports_balanced_metrics(
+    tmp_path: Path, solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    folder = _long_tailed_folder(tmp_path / "images")
+    common = [
+        "probe", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+        "--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.root={folder}", "--data.num_workers=0",
+        f"--cache_dir={tmp_path / 'cache'}", f"--solver={solver}", "--c_grid_size=5", "--epochs=3", "--lrs=[0.1]",
+        "--wds=[0.0]",
+    ]  # fmt: skip
+    reports = {}
+    for weighting in ("plain", "balanced"):
+        extra = ["--class_weight=balanced"] if weighting == "balanced" else []
+        assert run_cli([*common, f"--output={weighting}", *extra]) == 0
+        reports[weighting] = json.loads((tmp_path / weighting / "probe.json").read_text())
+    assert reports["plain"]["class_weight"] is None and reports["balanced"]["class_weight"] == "balanced"
+    for report in reports.values():
+        assert 0 <= report["balanced_accuracy"] <= 1 and 0 <= report["f1_macro"] <= 1
+    # the weights change the fit (the same features, the same grid)
+    assert reports["plain"]["chosen"] != reports["balanced"]["chosen"] or (
+        reports["plain"]["val_acc"] != reports["balanced"]["val_acc"]
+        or reports["plain"]["test_acc"] != reports["balanced"]["test_acc"]
+    )

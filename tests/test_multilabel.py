@@ -153,3 +153,68 @@ def test_multilabel_fit_predict_load_and_export_agree(
     assert max(report["max_abs_diff"].values()) <= report["tolerance"]
     exported = load_classifier(tmp_path / "exported")
     assert exported.predict(images) == classifier.predict(images)
+
+
+@pytest.mark.parametrize("solver", ["lbfgs", "sgd"])
+def test_probe_command_on_multilabel_data_reports_map_and_predict_uses_its_thresholds(
+    tmp_path: Path, multilabel_csv: Path, solver: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.conftest import TINY_BACKBONE, TINY_SIZE
+
+    monkeypatch.chdir(tmp_path)
+    probe = [
+        "probe", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+        "--data=vision_transfer.datamodules.CsvDataModule", f"--data.csv_path={multilabel_csv}",
+        "--data.num_workers=0", f"--cache_dir={tmp_path / 'cache'}", "--output=probe_run", f"--solver={solver}",
+        "--class_weight=balanced", "--c_grid_size=5", "--epochs=3", "--lrs=[0.1]", "--wds=[0.0]",
+    ]  # fmt: skip
+    assert run_cli(probe) == 0
+    report = json.loads((tmp_path / "probe_run" / "probe.json").read_text())
+    assert report["task"] == "multilabel" and report["class_weight"] == "balanced"
+    assert 0 <= report["val_map"] <= 1 and 0 <= report["test_map"] <= 1 and report["val_acc"] is None
+    output = tmp_path / "preds.csv"
+    predict = [
+        "predict", f"--ckpt_path={tmp_path / 'probe_run' / 'probe.ckpt'}",
+        f"--data.init_args.predict_paths={multilabel_csv.parent}", f"--prediction.output={output}",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    assert run_cli(predict) == 0
+    checkpoint = torch.load(tmp_path / "probe_run" / "probe.ckpt", weights_only=True)
+    thresholds = checkpoint["vision_transfer"]["prediction"]["thresholds"]
+    with output.open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 60
+    for row in rows:  # every label at or above its class's threshold, and only those
+        probabilities = dict(zip(CLASSES, map(float, row["all_probabilities"].split(";")), strict=True))
+        expected = {c for c, p in probabilities.items() if p >= thresholds[CLASSES.index(c)]}
+        assert set(filter(None, row["labels"].split(";"))) == expected
+
+
+def test_benchmark_grid_reports_map_for_a_multilabel_dataset(tmp_path: Path, multilabel_csv: Path) -> None:
+    from tests.conftest import TINY_BACKBONE
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        f"""
+backbones:
+  - {{name: {TINY_BACKBONE}, weights: none}}
+datasets:
+  - name: shapes_multilabel
+    data:
+      class_path: vision_transfer.datamodules.CsvDataModule
+      init_args: {{csv_path: {multilabel_csv}, num_workers: 0}}
+seeds: [0]
+protocols: [linear_probe]
+image_size: 32
+solver: lbfgs
+c_grid_size: 5
+class_weight: balanced
+output: {tmp_path / "bench"}
+cache_dir: {tmp_path / "cache"}
+"""
+    )
+    assert run_cli(["benchmark", f"--config={config}"]) == 0
+    with (tmp_path / "bench" / "results.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert 0 <= float(row["map"]) <= 1 and row["top1"] == "" and row["balanced_acc"] == ""
+    assert "mAP" in (tmp_path / "bench" / "summary.md").read_text()

@@ -321,6 +321,9 @@ def test_streamed_probe_agrees_with_the_in_memory_probe(splits: dict[str, Split]
     assert in_memory.test_acc is not None and streamed.test_acc is not None
     assert abs(streamed.test_acc - in_memory.test_acc) <= 0.003
     assert streamed.test_acc > 0.75
+    assert in_memory.balanced_accuracy is not None and streamed.balanced_accuracy is not None
+    assert abs(streamed.balanced_accuracy - in_memory.balanced_accuracy) <= 0.003
+    assert abs(streamed.f1_macro - in_memory.f1_macro) <= 0.003  # type: ignore[operator]
     assert relative < 0.1
 
 

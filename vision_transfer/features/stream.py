@@ -23,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 from vision_transfer.errors import DataError, VisionTransferError
-from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, ProbeResult
+from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, ProbeResult, balanced_accuracy, f1_macro
 
 # Rows converted to float32 at once when a pass reads a split (16384 x 1280 x 4 B = 84 MB).
 CHUNK_ROWS = 16384
@@ -279,13 +279,25 @@ def stream_sgd_probe(
     # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
     weight = w[0] / torch.as_tensor(np.maximum(std, MIN_STD), dtype=torch.float32)
     bias = b[0] - weight @ torch.as_tensor(mean, dtype=torch.float32)
-    test_acc = test_top5 = None
+    chosen = {"lr": best["lr"], "wd": best["wd"]}
+    result = ProbeResult("sgd-stream", best["val_acc"], None, None, chosen, sweep, 0.0, weight, bias)
     if test is not None:
         top1, top5 = stream_accuracy(test[0], test[1], weight[None], bias[None])
-        test_acc, test_top5 = float(top1[0]), float(top5[0])
-    chosen = {"lr": best["lr"], "wd": best["wd"]}
-    seconds = time.perf_counter() - start
-    return ProbeResult("sgd-stream", best["val_acc"], test_acc, test_top5, chosen, sweep, seconds, weight, bias)
+        result.test_acc, result.test_acc_top5 = float(top1[0]), float(top5[0])
+        predictions = torch.from_numpy(stream_predictions(test[0], weight, bias))
+        labels = torch.from_numpy(np.asarray(test[1], dtype=np.int64))
+        result.balanced_accuracy = balanced_accuracy(predictions, labels)
+        result.f1_macro = f1_macro(predictions, labels)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def stream_predictions(shards: Sequence[np.ndarray], weight: torch.Tensor, bias: torch.Tensor) -> np.ndarray:
+    """The top-1 class of every row of a streamed split under one head ``(C, D)`` / ``(C,)``
+    (one int64 a row in memory, never the features)."""
+    out = [(torch.from_numpy(chunk) @ weight.T + bias).argmax(1).numpy() for _, chunk in iter_chunks(shards, 1024)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
 # -- the full-batch path's memory check ---------------------------------------------------------
