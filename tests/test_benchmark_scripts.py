@@ -119,7 +119,7 @@ def test_multilabel_script_end_to_end_tiny(tmp_path: Path) -> None:
     output = run_script(
         "multilabel.py",
         *("--out", str(out), "--train", "160", "--val", "40", "--test", "40", "--image-size", "32"),
-        *("--epochs", "1", "--num-workers", "0", "--threads", "1", "--no-probe"),
+        *("--epochs", "1", "--num-workers", "0", "--threads", "1"),
     )
     with (out / "data" / "labels.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -131,7 +131,8 @@ def test_multilabel_script_end_to_end_tiny(tmp_path: Path) -> None:
         assert image.size == (56, 56)
 
     table = table_rows(output, "| model |")
-    assert list(table) == ["fine-tune (1 epochs)"]
+    names = list(table)
+    assert names[0] == "fine-tune (1 epochs)" and names[1].startswith("linear probe (sgd")
     values = [float(v) for v in table["fine-tune (1 epochs)"][:5]]  # mAP, micro/macro-F1 at 0.5 and tuned
     assert all(0.0 <= v <= 1.0 for v in values), values
     results = json.loads((out / "results.json").read_text())
@@ -141,3 +142,5 @@ def test_multilabel_script_end_to_end_tiny(tmp_path: Path) -> None:
     assert row["f1_macro_tuned"] == pytest.approx(fit["test/f1_macro"], abs=1e-3)
     assert row["map"] == pytest.approx(fit["test/map"], abs=2e-3)
     assert len(results["per_class_ap"]) == 10
+    # the probe's row, from `vision-transfer predict` with probe.ckpt, is the probe's own test mAP
+    assert results["rows"][1]["map"] == pytest.approx(results["probe"]["result"]["test_map"], abs=2e-3)
