@@ -147,10 +147,10 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
     probe_options = {k: init[k] for k in keys}
     result, checkpoint = probe_datamodule(init.data, init.backbone, init.weights, **options, **probe_options)
     print(f"solver      {result.solver}   chosen {result.chosen}")
-    if getattr(result, "task", "multiclass") == "multilabel":
-        print(f"val/map     {result.val_map:.4f}")  # type: ignore[attr-defined]
-        if result.test_map is not None:  # type: ignore[attr-defined]
-            print(f"test/map    {result.test_map:.4f}   test/f1_micro {result.test_f1_micro:.4f}")  # type: ignore[attr-defined]
+    if result.task == "multilabel":
+        print(f"val/map     {result.val_map:.4f}")
+        if result.test_map is not None:
+            print(f"test/map    {result.test_map:.4f}   test/f1_micro {result.test_f1_micro:.4f}")
     else:
         print(f"val/acc     {result.val_acc:.4f}")
         if result.test_acc is not None:

@@ -118,11 +118,10 @@ def _linear_probe(
         probe_options["class_weight"] = options["class_weight"]
     result = run_probe(train, val, test, classes, solver, **probe_options)
     train_s = time.perf_counter() - start
+    chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
     if data.splits["train"].multilabel:  # mAP and micro-F1, never an accuracy
-        chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
         return {"map": result.test_map, "f1_micro": result.test_f1_micro, "chosen": chosen,
                 "feature_dim": train[0].shape[1], "extract_s": extract_s, "train_s": train_s}  # fmt: skip
-    chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
     return {"top1": result.test_acc, "top5": result.test_acc_top5, "balanced_acc": result.balanced_accuracy,
             "f1_macro": result.f1_macro, "chosen": chosen, "feature_dim": train[0].shape[1],
             "extract_s": extract_s, "train_s": train_s}  # fmt: skip
