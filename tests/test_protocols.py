@@ -19,7 +19,7 @@ from scipy import stats
 from vision_transfer.data.sources import read_fashion_mnist, stratified_subset
 from vision_transfer.errors import VisionTransferError
 from vision_transfer.features.extract import extract
-from vision_transfer.features.fewshot import ONE_SHOT_C, few_shot
+from vision_transfer.features.fewshot import ONE_SHOT_C, _folds, class_rows, draw_shots, few_shot, fit_shots, in_span
 from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate, nearest_neighbours
 from vision_transfer.features.probe import Standardizer, sgd_probe, train_heads
 from vision_transfer.features.stats import mean_ci, paired_comparison
@@ -216,6 +216,37 @@ def test_few_shot_episodes_come_from_train_only_and_are_seeded(splits: dict[str,
     blind = few_shot((train.shards, train.labels, train.ids), (test.shards, scrambled), CLASSES, seed=0, **options)
     assert [(e.ids, e.c, e.cv_acc) for e in blind.episodes] == [(e.ids, e.c, e.cv_acc) for e in run.episodes]
     assert blind.mean < 0.2
+
+
+@pytest.mark.parametrize("shots", [1, 2, 5, 10])
+def test_few_shot_fits_in_the_span_of_the_shots_are_the_full_fits(splits: dict[str, Split], shots: int) -> None:
+    """Fitting on the shots' coordinates in their span (fewer rows than features) gives the same C,
+    cross-validated accuracies and weights as fitting all 1,280 features, for every shot count."""
+    train = splits["train"]
+    rng = np.random.default_rng((7, shots))
+    rows = draw_shots(class_rows(train.labels), shots, rng, train.labels)
+    y = train.labels[rows]
+    folds = _folds(y, shots, rng) if shots > 1 else None
+    x, labels = torch.from_numpy(train.dense[rows]).float(), torch.from_numpy(y)
+    grid = (1e-4, 1e-2, 1.0, 100.0)
+    fast = fit_shots(x, labels, CLASSES, folds, grid)
+    full = fit_shots(x, labels, CLASSES, folds, grid, span=False)
+    assert fast[2:] == full[2:]  # C and every C's cross-validated accuracy
+    for a, b in zip(fast[:2], full[:2], strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-3 * float(b.abs().max()))
+    predictions = [(torch.from_numpy(splits["test"].dense).float() @ w.T + b).argmax(1) for w, b, *_ in (fast, full)]
+    assert float((predictions[0] == predictions[1]).float().mean()) > 0.995
+
+
+def test_in_span_keeps_inner_products_and_leaves_tall_matrices_alone() -> None:
+    x = torch.randn(12, 40, dtype=torch.float64)
+    coordinates, basis = in_span(x)
+    assert basis is not None and coordinates.shape == (12, 12)
+    torch.testing.assert_close(coordinates @ coordinates.T, x @ x.T)
+    torch.testing.assert_close(coordinates @ basis, x)  # x lies in the span
+    tall = torch.randn(50, 40)
+    assert in_span(tall)[1] is None and in_span(tall)[0] is tall
 
 
 @pytest.mark.slow

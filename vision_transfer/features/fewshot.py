@@ -123,6 +123,20 @@ def _folds(labels: np.ndarray, shots: int, rng: np.random.Generator) -> np.ndarr
     return folds
 
 
+def in_span(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``x``'s rows in an orthonormal basis ``V`` of their span, and ``V``; ``(x, None)`` unless rows < features.
+
+    L2 logistic regression's weights lie in the span of its training rows (their loss gradient does,
+    and the penalty only shrinks), and ``X V^T`` with ``||W V^T|| = ||W||`` makes fitting on the
+    coordinates the same problem: weights ``B`` there are ``W = B V``. A few-shot fit of 40 rows in
+    1,280 dimensions then works on 40 coordinates: the same iterates, ~2.5x faster here.
+    """
+    if len(x) >= x.shape[1]:
+        return x, None
+    basis = torch.linalg.svd(x.double(), full_matrices=False).Vh  # (rows, features), orthonormal rows
+    return x.double() @ basis.T, basis
+
+
 def fit_shots(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -130,11 +144,14 @@ def fit_shots(
     folds: np.ndarray | None,
     c_grid: Sequence[float] = FEW_SHOT_C_GRID,
     fixed_c: float = ONE_SHOT_C,
+    *,
+    span: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, float, dict[float, float] | None]:
     """Logistic regression on the shots ``x`` (raw features), C chosen by cross-validation over ``folds``.
 
     Each fold standardises with its own training part; C values are fitted in ascending order,
-    warm-started, and ties go to the smaller C. ``folds`` None uses ``fixed_c``.
+    warm-started, and ties go to the smaller C. ``folds`` None uses ``fixed_c``. ``span`` fits in the
+    span of the (standardised) training rows (:func:`in_span`): the same model, fewer coordinates.
 
     Returns:
         weight ``(C, D)`` and bias on raw features, the C used and every C's cross-validated accuracy.
@@ -145,7 +162,8 @@ def fit_shots(
         for fold in np.unique(folds):
             held = torch.from_numpy(folds == fold)
             scaler = Standardizer(x[~held])
-            fit_x, held_x = scaler(x[~held]), scaler(x[held])
+            fit_x, basis = in_span(scaler(x[~held])) if span else (scaler(x[~held]), None)
+            held_x = scaler(x[held]) if basis is None else scaler(x[held]).double() @ basis.T
             init = None
             for i, value in enumerate(sorted(c_grid)):
                 init = lbfgs_logistic_regression(fit_x, y[~held], num_classes, value, init)
@@ -154,7 +172,11 @@ def fit_shots(
         c = grid[int(np.argmax(correct))]  # the first maximum: the smallest C among ties
         cv_acc = {value: float(n / len(y)) for value, n in zip(grid, correct, strict=True)}
     scaler = Standardizer(x)
-    weight, bias = lbfgs_logistic_regression(scaler(x), y, num_classes, c)
+    fit_x, basis = in_span(scaler(x)) if span else (scaler(x), None)
+    weight, bias = lbfgs_logistic_regression(fit_x, y, num_classes, c)
+    if basis is not None:
+        weight = (weight.double() @ basis).to(x.dtype)
+        bias = bias.to(x.dtype)
     weight, bias = scaler.fold(weight, bias)
     return weight, bias, c, cv_acc
 

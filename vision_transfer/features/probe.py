@@ -297,12 +297,23 @@ def _lbfgs(
     with ``s.y <= 1e-10`` and stops on loss changes under ``tolerance_change``) halt it far from the
     optimum once the steps get small, e.g. at very small C. A backtracking line search suffices on a
     convex function: every pair has ``s.y > 0``. Returns the point, iterations and whether it converged.
+    The vector algebra runs in numpy (zero-copy views of the CPU tensors): on few-shot problems of a
+    few hundred parameters, torch's per-operation overhead was most of the time.
     """
-    value, grad = objective(theta)
-    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # the last steps s, gradient changes y, 1/s.y
+
+    def evaluate(point: np.ndarray) -> tuple[float, np.ndarray]:
+        value, grad = objective(torch.from_numpy(point))
+        return value, grad.numpy()
+
+    def converged(point: np.ndarray, grad: np.ndarray) -> bool:
+        return objective.converged(torch.from_numpy(point), torch.from_numpy(grad), tol)
+
+    x = theta.detach().cpu().numpy().copy()
+    value, grad = evaluate(x)
+    pairs: list[tuple[np.ndarray, np.ndarray, float]] = []  # the last steps s, gradient changes y, 1/s.y
     for iteration in range(max_iter):
-        if objective.converged(theta, grad, tol):
-            return theta, iteration, True
+        if converged(x, grad):
+            return torch.from_numpy(x), iteration, True
         direction = -grad  # two-loop recursion: direction = -H grad
         alphas = []
         for s, y, rho in reversed(pairs):
@@ -312,17 +323,17 @@ def _lbfgs(
             s, y, _ = pairs[-1]
             direction = direction * (float(s @ y) / float(y @ y))
         else:  # first step: at most 1 in the largest coordinate; the line search fixes the scale
-            direction = direction / max(1.0, float(grad.abs().max()))
+            direction = direction / max(1.0, float(np.abs(grad).max()))
         for (s, y, rho), alpha in zip(pairs, reversed(alphas), strict=True):
             direction = direction + s * (alpha - rho * float(y @ direction))
         slope = float(grad @ direction)
         if slope >= 0:  # not a descent direction (rounding): restart from the gradient
             pairs.clear()
-            direction = -grad / max(1.0, float(grad.abs().max()))
+            direction = -grad / max(1.0, float(np.abs(grad).max()))
             slope = float(grad @ direction)
         step = 1.0
         while True:
-            new_value, new_grad = objective(theta + step * direction)
+            new_value, new_grad = evaluate(x + step * direction)
             new_slope = float(new_grad @ direction)
             # Armijo; or, where rounding hides the decrease in the value (tiny steps), the slope's
             # decrease (Hager & Zhang's approximate Wolfe condition)
@@ -334,15 +345,15 @@ def _lbfgs(
             secant = step * slope / (slope - new_slope) if new_slope > slope else 0.5 * step
             step = min(0.5 * step, max(0.1 * step, secant))
             if step < 1e-16:
-                return theta, iteration, False
+                return torch.from_numpy(x), iteration, False
         s, y = step * direction, new_grad - grad
         sy = float(s @ y)
-        if sy > 1e-12 * float(s.norm()) * float(y.norm()):  # relative, unlike torch's 1e-10
+        if sy > 1e-12 * float(np.linalg.norm(s)) * float(np.linalg.norm(y)):  # relative, unlike torch's 1e-10
             pairs.append((s, y, 1.0 / sy))
             if len(pairs) > history:
                 pairs.pop(0)
-        theta, value, grad = theta + s, new_value, new_grad
-    return theta, max_iter, objective.converged(theta, grad, tol)
+        x, value, grad = x + s, new_value, new_grad
+    return torch.from_numpy(x), max_iter, converged(x, grad)
 
 
 def _lbfgs_fit(
