@@ -356,6 +356,12 @@ def test_streamed_probe_agrees_with_the_in_memory_probe(splits: dict[str, Split]
     assert abs(streamed.balanced_accuracy - in_memory.balanced_accuracy) <= 0.003
     assert abs(streamed.f1_macro - in_memory.f1_macro) <= 0.003  # type: ignore[operator]
     assert relative < 0.1
+    # its test numbers, read in one streamed pass, are those of the head it returns, computed densely
+    logits = torch.from_numpy(test.dense).float() @ streamed.weight.T + streamed.bias
+    labels = torch.from_numpy(test.labels)
+    assert streamed.test_acc == pytest.approx(float((logits.argmax(1) == labels).double().mean()), abs=1e-9)
+    top5 = (logits.topk(5, dim=1).indices == labels[:, None]).any(1)
+    assert streamed.test_acc_top5 == pytest.approx(float(top5.double().mean()), abs=1e-9)
 
 
 def test_full_batch_memory_check_names_size_memory_and_the_way_out() -> None:
