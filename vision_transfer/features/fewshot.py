@@ -129,7 +129,8 @@ def in_span(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     L2 logistic regression's weights lie in the span of its training rows (their loss gradient does,
     and the penalty only shrinks), and ``X V^T`` with ``||W V^T|| = ||W||`` makes fitting on the
     coordinates the same problem: weights ``B`` there are ``W = B V``. A few-shot fit of 40 rows in
-    1,280 dimensions then works on 40 coordinates: the same iterates, ~2.5x faster here.
+    1,280 dimensions then works on 40 coordinates: the same iterates, about 2x faster a few-shot episode
+    here (5 Fashion-MNIST lite0 episodes: 15.8 s -> 7.6 s).
     """
     if len(x) >= x.shape[1]:
         return x, None
