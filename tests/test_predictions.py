@@ -46,15 +46,16 @@ def test_mixup_blends_images_and_one_hot_targets_with_the_same_ratio() -> None:
     assert torch.allclose(targets.sum(1), torch.ones(6))
 
 
-def test_cutmix_targets_follow_the_pasted_area_and_odd_batches_pass_unmixed() -> None:
+def test_cutmix_targets_follow_the_pasted_area() -> None:
     mixer = BatchMixer(3, cutmix_alpha=1.0, label_smoothing=0.0)
     images = torch.zeros(4, 1, 10, 10)
     images[:2] = 1.0  # the mirror of image 0 is image 3 (zeros): the pasted box is where image 0 became 0
     mixed, targets = mixer(images.clone(), torch.tensor([0, 0, 1, 1]))
     kept = float(mixed[0].mean())  # lam: the share of image 0 left
     assert targets[0, 0] == pytest.approx(kept, abs=1e-6) and targets[0, 1] == pytest.approx(1 - kept, abs=1e-6)
+    # odd batches are mixed too (tests/test_trust.py sweeps the sizes): the middle one meets itself
     _, odd_targets = mixer(torch.randn(3, 1, 4, 4), torch.tensor([0, 1, 2]))
-    assert torch.equal(odd_targets, torch.eye(3))
+    assert odd_targets[1, 1] == 1 and not torch.equal(odd_targets, torch.eye(3))
 
 
 class FlipInvariant(nn.Module):

@@ -7,6 +7,7 @@ from typing import TypeVar
 import torch
 
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
+from vision_transfer.errors import DataError
 from vision_transfer.tasks import ImageClassifier
 
 DataModule = TypeVar("DataModule", ImageDataModule, CachedFeatureDataModule)
@@ -33,9 +34,19 @@ def connect(
     datamodule.data_config = model.data_config
     model._handed_out = True
     model.record_datamodule(datamodule)
-    if model.class_names is not None:  # a trained model: the data follows it (nothing is read yet)
+    if model.class_names is not None:  # classes given or trained: the data follows them
         datamodule.fixed_classes = list(model.class_names)
         datamodule.fixed_task = model.task
+        if model.needs_class_counts and not model.has_class_counts:
+            # classes given by name: the prior still comes from this data. A checkpoint restored later
+            # replaces them with the counts it was trained with; data that cannot be read here (predict
+            # on another machine) leaves that to the checkpoint, and fit reads it again at setup.
+            try:
+                datamodule.prepare_splits()
+            except DataError:
+                pass
+            else:
+                model.set_class_counts(torch.as_tensor(datamodule.class_counts()))
     else:
         datamodule.prepare_splits()
         model.set_task(datamodule.task)

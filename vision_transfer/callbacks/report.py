@@ -105,18 +105,20 @@ class RunReport(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         images, labels = batch[0], batch[1]
+        multilabel = labels.ndim == 2
+        if multilabel:  # per_class.csv's positives: counted whether or not images are drawn
+            self._positives = labels.sum(0).cpu() + (self._positives if self._positives is not None else 0)
         if self.worst_images <= 0 or not isinstance(outputs, torch.Tensor) or images.ndim != 4:
             return
         logits = outputs.float()
-        multilabel = labels.ndim == 2
-        if multilabel:
-            self._positives = labels.sum(0).cpu() + (self._positives if self._positives is not None else 0)
         if multilabel:
             losses = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1)
             predicted = logits.sigmoid() >= getattr(pl_module, "thresholds", 0.5)
         else:
             losses = F.cross_entropy(logits, labels, reduction="none")
-            predicted = logits.argmax(1)
+            # the class the metrics and predict count (post-hoc adjustment applied), not the raw argmax
+            adjust = getattr(pl_module, "prediction_logits", None)
+            predicted = (adjust(logits) if adjust is not None else logits).argmax(1)
         top = torch.topk(losses, min(self.worst_images, len(losses))).indices
         for i, pixels in zip(top.tolist(), _to_uint8(images[top], pl_module), strict=True):
             if multilabel:

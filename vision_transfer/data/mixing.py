@@ -11,7 +11,8 @@ class BatchMixer:
     Mixup (Zhang et al. 2018) blends two images and their targets; CutMix (Yun et al. 2019) pastes
     a box of one into the other, targets by area. With both set, each batch uses one of them (50/50).
     Label smoothing is applied to the mixed targets (timm's convention; multi-label targets are
-    smoothed towards 0.5). A batch of odd size (timm mixes the batch with its mirror) passes unmixed.
+    smoothed towards 0.5). Every batch size is mixed: the batch is mixed with its mirror, so in a
+    batch of odd size the middle sample meets itself (its target stays its own, smoothed).
 
     Args:
         num_classes: classes of the head.
@@ -41,7 +42,12 @@ class BatchMixer:
         )  # fmt: skip
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if len(images) % 2:
-            targets = labels.float() if self.multilabel else torch.nn.functional.one_hot(labels, self.num_classes)
-            return images, targets.float()
-        return self.mixup(images, labels.float() if self.multilabel else labels)
+        from timm.data.mixup import mixup_target
+
+        # timm's Mixup.__call__ refuses odd batches; its batch-mode mixing (with the mirror) does not need them even
+        lam = self.mixup._mix_batch(images)
+        target = mixup_target(
+            labels.float() if self.multilabel else labels, self.num_classes, lam, self.mixup.label_smoothing,
+            self.multilabel,
+        )  # fmt: skip
+        return images, target

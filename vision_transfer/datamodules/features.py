@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vision_transfer.backbones import DataConfig, state_fingerprint
 from vision_transfer.data.dataset import FeatureBatch
-from vision_transfer.datamodules.image import EpochShuffleSampler, ImageDataModule
-from vision_transfer.errors import CacheError, DataError
+from vision_transfer.datamodules.image import ImageDataModule, augmentation_settings
+from vision_transfer.errors import CacheError, ConfigError, DataError
 from vision_transfer.features.cache import FeatureCache
 from vision_transfer.features.extract import FeatureExtractor, build_spec, extract_splits, feature_caches
 
@@ -60,7 +60,9 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     those weights' provenance and checked against the backbone's content fingerprint recorded at
     extraction; a mismatch is refused. Missing splits are extracted on the Trainer's device, at
     the precision matching the Trainer's, and shared with ``vision-transfer extract``/``probe``.
-    Labels always come from ``images`` (the cache holds features only).
+    Labels always come from ``images`` (the cache holds features only), and so does the training
+    order (``balanced_sampling``). The features are of the eval transform: training augmentation
+    beyond the default light one is refused (the default one is not applied).
 
     Args:
         images: the image datamodule whose splits are served.
@@ -77,6 +79,14 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         extract_batch_size: int = 256,
     ) -> None:
         super().__init__()
+        hp: Any = images.hparams
+        changed = augmentation_settings(scale_min=hp.scale_min, hflip=hp.hflip, color_jitter=hp.color_jitter)
+        if images.augment_preset not in ("none", "light") or changed:
+            setting = ", ".join([f"augment={hp.augment!r}"] if images.augment_preset not in ("none", "light") else changed)
+            raise ConfigError(
+                f"{setting}: cached features are extracted once, with the eval transform, so training "
+                "augmentation cannot apply; drop it, or train without cache_features."
+            )
         self.images = images
         self.cache_dir = cache_dir
         self.batch_size = batch_size or images.batch_size
@@ -141,7 +151,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
     def _feature_loader(self, split: str, shuffle: bool) -> DataLoader:
         features = torch.from_numpy(self._cache(split).load())
         labels = torch.from_numpy(self.images.splits[split].labels)
-        sampler = EpochShuffleSampler(len(labels), self.images.hparams["split_seed"]) if shuffle else None
+        sampler = self.images.train_sampler(labels.numpy()) if shuffle else None
         return DataLoader(_Features(features, labels), batch_size=self.batch_size, sampler=sampler, collate_fn=_collate)
 
     def _cache(self, split: str) -> FeatureCache:

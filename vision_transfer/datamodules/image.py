@@ -123,6 +123,14 @@ def _label_text(label: np.ndarray, names: list[str]) -> str:
     return names[int(label)]
 
 
+_AUGMENT_DEFAULTS = {"scale_min": 0.35, "hflip": 0.5, "color_jitter": 0.0}
+
+
+def augmentation_settings(**values: float) -> list[str]:
+    """``name=value`` of the augmentation settings that differ from their defaults."""
+    return [f"{k}={v}" for k, v in values.items() if k in _AUGMENT_DEFAULTS and v != _AUGMENT_DEFAULTS[k]]
+
+
 class ImageDataModule(pl.LightningDataModule):
     """Base class: reads a source, splits it (seeded, stratified) and serves DataLoaders.
 
@@ -178,6 +186,11 @@ class ImageDataModule(pl.LightningDataModule):
                 raise ConfigError(f"{name}={fraction}: must be in [0, 1).")
         if augment not in (True, False, *AUGMENT_PRESETS):
             raise ConfigError(f"augment={augment!r}: use one of {', '.join(AUGMENT_PRESETS)} (or true/false).")
+        changed = augmentation_settings(scale_min=scale_min, hflip=hflip, color_jitter=color_jitter)
+        if augment in (False, "none") and changed:
+            raise ConfigError(f"{', '.join(changed)}: augment={augment!r} trains on the eval transform; drop them.")
+        if augment == "strong" and "scale_min" in changed:
+            raise ConfigError(f"scale_min={scale_min}: augment='strong' crops from 8% of the area; drop one of them.")
         if val_fraction + test_fraction >= 1:
             raise ConfigError(
                 f"val_fraction={val_fraction} + test_fraction={test_fraction} = {val_fraction + test_fraction:g}: "
@@ -394,10 +407,15 @@ class ImageDataModule(pl.LightningDataModule):
         )
 
     def _sampler(self, dataset: Dataset) -> Sampler[int]:
+        return self.train_sampler(dataset.samples.labels)  # type: ignore[attr-defined]
+
+    def train_sampler(self, labels: np.ndarray) -> Sampler[int]:
+        """The training order for these labels: balanced or shuffled, seeded by ``(split_seed, epoch)``.
+        Every path that trains on this data's samples (images or cached features) draws with it."""
         seed = self.hparams["split_seed"]
-        if self.hparams.get("balanced_sampling") and isinstance(dataset, ImageDataset):
-            return BalancedSampler(dataset.samples.labels, seed)
-        return EpochShuffleSampler(len(dataset), seed)  # type: ignore[arg-type]
+        if self.hparams.get("balanced_sampling"):
+            return BalancedSampler(labels, seed)
+        return EpochShuffleSampler(len(labels), seed)
 
     def _split_loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if split not in self.datasets:

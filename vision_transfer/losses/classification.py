@@ -38,8 +38,8 @@ class ClassificationLoss(nn.Module):
 
     Args:
         task: ``multiclass`` (softmax) or ``multilabel`` (one sigmoid per class).
-        label_smoothing: multiclass: cross-entropy label smoothing (hard targets only: mixed
-            targets are already soft).
+        label_smoothing: smoothing of every target, hard or mixed: towards ``1/C`` (multiclass, also
+            under focal loss) or towards 0.5 (multilabel).
         class_weight: multiclass: a weight per class, or None.
         logit_prior: multiclass: ``tau * log prior`` added to the logits inside the loss (logit
             adjustment), or None.
@@ -74,24 +74,29 @@ class ClassificationLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
+        eps = self.label_smoothing
         if self.task == "multilabel":
-            target = target.float()
+            target = target.float() * (1 - eps) + 0.5 * eps  # towards 0.5 (timm's multi-label convention)
             if self.asymmetric is not None:
                 # timm's ASL sums over the batch ("batchmean" in name only); per sample, as BCE's mean
                 return self.asymmetric(logits, target) / len(logits)
             return F.binary_cross_entropy_with_logits(logits, target)
         if self.logit_prior is not None:
             logits = logits + self.logit_prior
+        hard = target.ndim == 1
+        if hard and self.focal_gamma == 0:
+            return F.cross_entropy(logits, target, weight=self.class_weight, label_smoothing=eps)
+        # one definition for every other case, the same loss as F.cross_entropy's at gamma 0:
+        # smoothing towards 1/C on hard and soft (mixed) targets alike, then class weights
+        num_classes = logits.shape[1]
+        soft = F.one_hot(target, num_classes).float() if hard else target.float()
+        soft = soft * (1 - eps) + eps / num_classes
         log_probs = logits.log_softmax(dim=1)
-        soft = target.ndim == 2
+        per_class = -soft * log_probs
         if self.focal_gamma > 0:
-            one_hot = target.float() if soft else F.one_hot(target, logits.shape[1]).float()
-            focal = (1 - log_probs.exp()).pow(self.focal_gamma)
-            weight = self.class_weight if self.class_weight is not None else 1.0
-            return -(one_hot * weight * focal * log_probs).sum(dim=1).mean()
-        if soft:
-            per_class = -(target * log_probs)
-            if self.class_weight is not None:
-                per_class = per_class * self.class_weight
-            return per_class.sum(dim=1).mean()
-        return F.cross_entropy(logits, target, weight=self.class_weight, label_smoothing=self.label_smoothing)
+            per_class = per_class * (1 - log_probs.exp()).pow(self.focal_gamma)
+        if self.class_weight is not None:
+            per_class = per_class * self.class_weight
+            if hard:  # F.cross_entropy's weighted mean: over the weights of the samples' classes
+                return per_class.sum() / self.class_weight[target].sum()
+        return per_class.sum(dim=1).mean()

@@ -53,7 +53,8 @@ class ImageClassifier(pl.LightningModule):
         image_size: square input size replacing the backbone's pretrained one.
         task: ``multiclass`` (softmax, one class per image), ``multilabel`` (a sigmoid per class,
             any number of classes per image) or ``auto`` (the datamodule's, set by ``connect``).
-        label_smoothing: cross-entropy label smoothing (multiclass).
+        label_smoothing: smoothing of every training target, mixed or not, focal loss included: towards
+            ``1/C`` (multiclass) or 0.5 (multilabel); None: 0.1 for multiclass, 0 for multilabel heads.
         class_weighting: ``balanced`` weights the loss of each class by n / (C * n_c) (multiclass).
         logit_adjustment: for long-tailed classes (Menon et al. 2021): ``loss`` adds ``tau * log
             prior`` to the logits inside the loss (raw logits then score classes as if balanced);
@@ -110,7 +111,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: float = _D.warmup_epochs,
         min_lr_ratio: float = _D.min_lr_ratio,
         task: Task = "auto",
-        label_smoothing: float = 0.1,
+        label_smoothing: float | None = None,
         class_weighting: Literal["none", "balanced"] = "none",
         logit_adjustment: Literal["none", "loss", "posthoc"] = "none",
         logit_adjustment_tau: float = 1.0,
@@ -154,7 +155,6 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError(f"ema_decay={ema_decay}: must be in (0, 1).")
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
         self.save_hyperparameters()
-        self.label_smoothing = label_smoothing
         kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.backbone, implied = create_backbone(backbone, weights, image_size=image_size, **kwargs)
         self.data_config = DataConfig.from_dict(data_config) if data_config else implied
@@ -186,6 +186,12 @@ class ImageClassifier(pl.LightningModule):
     @property
     def multilabel(self) -> bool:
         return self.task == "multilabel"
+
+    @property
+    def label_smoothing(self) -> float:
+        """The ``label_smoothing`` option, or its per-task default when unset."""
+        value = self.hparams.get("label_smoothing")
+        return float(value) if value is not None else 0.0 if self.multilabel else 0.1
 
     def set_task(self, task: str) -> None:
         """Resolve ``task='auto'`` to the data's (``connect`` calls it); a set task must match the data."""
@@ -249,6 +255,16 @@ class ImageClassifier(pl.LightningModule):
         self._loss_fn = None
 
     @property
+    def needs_class_counts(self) -> bool:
+        """Whether the loss or the predictions use the training class counts (the prior)."""
+        hp: Any = self.hparams
+        return hp.get("class_weighting", "none") != "none" or hp.get("logit_adjustment", "none") != "none"
+
+    @property
+    def has_class_counts(self) -> bool:
+        return self.class_names is not None and bool(self.class_counts.sum() > 0)
+
+    @property
     def monitor(self) -> str:
         """The validation metric that chooses the best checkpoint and drives the plateau scheduler."""
         return "val/map" if self.multilabel else "val/acc"
@@ -262,7 +278,7 @@ class ImageClassifier(pl.LightningModule):
                 raise ConfigError("class_weighting / logit_adjustment need the training class counts: use connect().")
             self._loss_fn = ClassificationLoss(
                 "multilabel" if self.multilabel else "multiclass",
-                label_smoothing=hp.label_smoothing,
+                label_smoothing=self.label_smoothing,
                 class_weight=balanced_class_weights(counts) if hp.class_weighting == "balanced" else None,
                 logit_prior=hp.logit_adjustment_tau * log_prior(counts) if hp.logit_adjustment == "loss" else None,
                 focal_gamma=hp.focal_gamma,
@@ -278,7 +294,7 @@ class ImageClassifier(pl.LightningModule):
         if self._mixer is None:
             self._mixer = BatchMixer(
                 len(self.class_names or []), hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob,
-                label_smoothing=0.0 if self.multilabel else hp.label_smoothing, multilabel=self.multilabel,
+                multilabel=self.multilabel,  # unsmoothed: the loss smooths every target, mixed or not
             )  # fmt: skip
         return self._mixer(images, labels)
 
@@ -442,15 +458,16 @@ class ImageClassifier(pl.LightningModule):
             "bf16-mixed instead of 16-mixed."
         )
 
-    def _update(self, metrics: MetricCollection, logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Metrics from logits: probabilities for mAP, per-class thresholds for multi-label F1."""
+    def _update(self, metrics: MetricCollection, logits: torch.Tensor, labels: torch.Tensor, final: bool = False) -> None:
+        """Metrics from raw logits (``final``: logits already adjusted, as :meth:`tta_logits` returns):
+        probabilities for mAP, per-class thresholds for multi-label F1."""
         if self.multilabel:
             probs = logits.float().sigmoid()
             for name, metric in metrics.items(keep_base=True):
                 target = labels.long()
                 metric.update(probs if name.endswith("map") else (probs >= self.thresholds).float(), target)
         else:
-            metrics.update(self.prediction_logits(logits), labels)
+            metrics.update(logits.float() if final else self.prediction_logits(logits), labels)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         labels = batch[1]
@@ -475,7 +492,7 @@ class ImageClassifier(pl.LightningModule):
             self.test_confusion.update(adjusted, labels)  # type: ignore[union-attr]
         tta = self.hparams.get("tta", "none")
         if tta != "none" and not isinstance(batch, FeatureBatch):
-            self._update(self.tta_metrics, self.tta_logits(batch[0]), labels)
+            self._update(self.tta_metrics, self.tta_logits(batch[0]), labels, final=True)
             self.log_dict(self.tta_metrics)
         return logits
 
@@ -491,6 +508,8 @@ class ImageClassifier(pl.LightningModule):
         hp: Any = self.hparams
         if hp.get("logit_adjustment") != "posthoc":
             return None
+        if not self.has_class_counts:  # a constant shift would adjust nothing, silently
+            raise ConfigError("logit_adjustment='posthoc' needs the training class counts: use connect().")
         return -hp.logit_adjustment_tau * log_prior(self.class_counts)  # type: ignore[arg-type]
 
     def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
