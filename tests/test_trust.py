@@ -17,7 +17,7 @@ from vision_transfer.losses import ClassificationLoss
 from vision_transfer.tasks import ImageClassifier
 
 
-def _quiet(fn, *args):  # noqa: ANN001, ANN202 - steps run without a Trainer warn about self.log
+def _quiet(fn, *args):  # type: ignore[no-untyped-def]  # steps without a Trainer warn about self.log
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return fn(*args)
@@ -166,7 +166,9 @@ def test_label_smoothing_default_is_per_task() -> None:
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("soft", [False, True])
-def test_focal_loss_at_gamma_zero_is_the_cross_entropy_it_replaces(smoothing: float, weighted: bool, soft: bool) -> None:
+def test_focal_loss_at_gamma_zero_is_the_cross_entropy_it_replaces(
+    smoothing: float, weighted: bool, soft: bool
+) -> None:
     """Finding 12: focal loss ignored ``label_smoothing``; with gamma -> 0 it must be the same loss as
     cross-entropy with every option (smoothing, class weights, soft targets)."""
     generator = torch.Generator().manual_seed(0)

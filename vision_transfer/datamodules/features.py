@@ -82,7 +82,9 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         hp: Any = images.hparams
         changed = augmentation_settings(scale_min=hp.scale_min, hflip=hp.hflip, color_jitter=hp.color_jitter)
         if images.augment_preset not in ("none", "light") or changed:
-            setting = ", ".join([f"augment={hp.augment!r}"] if images.augment_preset not in ("none", "light") else changed)
+            setting = ", ".join(
+                [f"augment={hp.augment!r}"] if images.augment_preset not in ("none", "light") else changed
+            )
             raise ConfigError(
                 f"{setting}: cached features are extracted once, with the eval transform, so training "
                 "augmentation cannot apply; drop it, or train without cache_features."

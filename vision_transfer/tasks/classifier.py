@@ -145,12 +145,29 @@ class ImageClassifier(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.tuning = TuningConfig.from_options(locals())
+        inert = self.tuning.inert_options() + [
+            f"{text} (acts only with {context})"
+            for text, cannot_act, context in (
+                (f"logit_adjustment_tau={logit_adjustment_tau}",
+                 logit_adjustment == "none" and logit_adjustment_tau != 1, "logit_adjustment='loss' or 'posthoc'"),
+                (f"mix_prob={mix_prob}", not (mixup_alpha or cutmix_alpha) and mix_prob != 1,
+                 "mixup_alpha or cutmix_alpha > 0"),
+                (f"cache_dir={cache_dir!r}", cache_dir is not None and not cache_features, "cache_features=True"),
+                (f"drop_path_rate={drop_path_rate}", bool(drop_path_rate and cache_features),
+                 "a backbone that runs in training (cached features are extracted in eval mode)"),
+                (f"grad_checkpointing={grad_checkpointing}", bool(grad_checkpointing and mode == "linear_probe"),
+                 "a mode that trains the backbone"),
+            )
+            if cannot_act
+        ]  # fmt: skip
+        if inert:
+            raise ConfigError(f"{'; '.join(inert)}: set where it would change nothing; drop it or set what it needs.")
         if cache_features and mode != "linear_probe":
             raise ConfigError(f"cache_features=True needs mode='linear_probe' (got mode={mode!r}).")
         if not 0 <= drop_rate < 1:
             raise ConfigError(f"drop_rate={drop_rate}: must be in [0, 1).")
         if cache_features and (mixup_alpha or cutmix_alpha):
-            raise ConfigError("mixup/cutmix mix images: they cannot be used with cache_features=True.")
+            raise ConfigError("mixup_alpha/cutmix_alpha mix images: they cannot be used with cache_features=True.")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"ema_decay={ema_decay}: must be in (0, 1).")
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
@@ -158,6 +175,11 @@ class ImageClassifier(pl.LightningModule):
         kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.backbone, implied = create_backbone(backbone, weights, image_size=image_size, **kwargs)
         self.data_config = DataConfig.from_dict(data_config) if data_config else implied
+        if drop_path_rate and not _stochastic_depth_acts(self.backbone):
+            raise ConfigError(
+                f"drop_path_rate={drop_path_rate}: {backbone} has no residual block where stochastic depth "
+                "applies (it would change nothing); drop it, or use drop_rate."
+            )
         self.weights_source: dict[str, Any] = dict(self.backbone.pretrained_cfg["weights"])  # type: ignore[index]
         if grad_checkpointing:
             try:
@@ -219,6 +241,8 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError("class_weighting and focal_gamma are for multiclass heads (multilabel: asymmetric_loss).")
         if self.multilabel and self.hparams.get("logit_adjustment") != "none":
             raise ConfigError("logit_adjustment is for multiclass heads (multilabel: per-class thresholds).")
+        if not self.multilabel and self.hparams.get("asymmetric_loss"):
+            raise ConfigError("asymmetric_loss is for multilabel heads (multiclass: focal_gamma, class_weighting).")
         n = len(class_names)
         self.class_names = list(class_names)
         self.hparams["class_names"] = self.class_names
@@ -458,7 +482,9 @@ class ImageClassifier(pl.LightningModule):
             "bf16-mixed instead of 16-mixed."
         )
 
-    def _update(self, metrics: MetricCollection, logits: torch.Tensor, labels: torch.Tensor, final: bool = False) -> None:
+    def _update(
+        self, metrics: MetricCollection, logits: torch.Tensor, labels: torch.Tensor, final: bool = False
+    ) -> None:
         """Metrics from raw logits (``final``: logits already adjusted, as :meth:`tta_logits` returns):
         probabilities for mAP, per-class thresholds for multi-label F1."""
         if self.multilabel:
@@ -680,6 +706,19 @@ class ImageClassifier(pl.LightningModule):
         memory_format = self.normalize.memory_format
         self.data_config = config
         self.normalize = Normalize(config, memory_format).to(self.normalize.mean.device)
+
+
+def _stochastic_depth_acts(backbone: nn.Module) -> bool:
+    """Whether a timm ``DropPath`` with a rate sits where it runs: timm builds one in every block, but a
+    block without a skip connection (``has_skip`` False, e.g. EfficientNet's stride/width changes) skips it.
+    A backbone with no ``DropPath`` module (stochastic depth written as a function) is given the benefit."""
+    from timm.layers import DropPath
+
+    modules = dict(backbone.named_modules())
+    droppers = [name for name, m in modules.items() if isinstance(m, DropPath) and m.drop_prob > 0]
+    return not droppers or any(
+        getattr(modules.get(name.rpartition(".")[0]), "has_skip", True) is not False for name in droppers
+    )
 
 
 def _show(names: list[str]) -> str:

@@ -87,6 +87,31 @@ class TuningConfig:
         if self.unfreeze_milestones is not None and any(m < 0 for m in self.unfreeze_milestones):
             raise ConfigError(f"unfreeze_milestones={self.unfreeze_milestones}: milestones must be >= 0.")
 
+    def inert_options(self) -> list[str]:
+        """``name=value (acts only with ...)`` for each option set away from its default where it
+        cannot act: accepting it would change nothing, silently, so the classifier refuses it."""
+        gradual = self.mode == "gradual"
+        where = {
+            "trainable_groups": (self.mode == "partial", "mode='partial'"),
+            "unfreeze_every": (gradual, "mode='gradual'"),
+            "unfreeze_milestones": (gradual, "mode='gradual'"),
+            "milestone_unit": (gradual, "mode='gradual'"),
+            "lp_epochs": (self.mode == "lp_ft", "mode='lp_ft'"),
+            "rewarm": (self.mode in ("gradual", "lp_ft") and self.scheduler == "cosine", "mode='gradual' or 'lp_ft'"),
+            "layer_decay": (self.mode != "linear_probe", "a mode that trains the backbone"),
+            "bn": (self.mode != "full" or self.bn == "frozen", "a mode that freezes stage groups (or bn='frozen')"),
+            "momentum": (self.optimizer == "sgd", "optimizer='sgd'"),
+            "warmup_epochs": (self.scheduler == "cosine", "scheduler='cosine'"),
+            "min_lr_ratio": (self.scheduler == "cosine", "scheduler='cosine'"),
+            "plateau_factor": (self.scheduler == "plateau", "scheduler='plateau'"),
+            "plateau_patience": (self.scheduler == "plateau", "scheduler='plateau'"),
+        }
+        return [
+            f"{name}={getattr(self, name)!r} (acts only with {context})"
+            for name, (acts, context) in where.items()
+            if not acts and getattr(self, name) != getattr(DEFAULTS, name)
+        ]
+
     @property
     def effective_head_lr(self) -> float:
         return self.lr if self.head_lr is None else self.head_lr
