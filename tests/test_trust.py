@@ -207,3 +207,44 @@ def test_multilabel_per_class_csv_counts_positives_without_worst_images(tmp_path
     positives = [int(float(r["positives"])) for r in rows[0]]
     assert positives == [3, 1, 2]
     assert rows[0] == rows[4]
+
+
+@pytest.mark.parametrize("tta", ["none", "flip", "flip_zoom"])
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_calibration_is_fitted_on_the_probabilities_predict_returns(tta: str, multilabel: bool) -> None:
+    """Also-check item: temperature and thresholds were tuned on single-view outputs but applied to
+    TTA-averaged ones. The fitted temperature minimises the NLL of predict's probabilities; the
+    thresholds are chosen on predict's probabilities."""
+    from vision_transfer.app.calibrate import calibrate_model, collect_logits
+    from vision_transfer.inference.thresholds import best_f1_thresholds
+
+    kwargs: dict = {"task": "multilabel"} if multilabel else {}
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["a", "b", "c"], tta=tta, **kwargs
+    )
+    model.forward = _pixel_logits  # type: ignore[method-assign]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (96, 3, 8, 8), generator=generator, dtype=torch.uint8)
+    # labels that follow the mirrored view's logits more than the plain view's: TTA matters
+    first = model.preprocess(images)
+    labels = (first.flip(-1)[:, :, 0, 0] + 0.8 * torch.randn(96, 3, generator=generator)).argmax(1)
+    if multilabel:
+        labels = F.one_hot(labels, 3) | (torch.rand(96, 3, generator=generator) < 0.3).long()
+    loader = [(images[i : i + 32], labels[i : i + 32]) for i in range(0, 96, 32)]
+    logits, collected = collect_logits(model, loader, torch.device("cpu"))
+    calibrate_model(model, logits, collected)
+    with torch.no_grad():
+        probs = _quiet(model.predict_step, (first, labels), 0)
+    if multilabel:
+        assert torch.allclose(model.thresholds, best_f1_thresholds(probs, labels)[0], atol=1e-5)
+        return
+    fitted = float(model.temperature)
+
+    def nll_at(t: float) -> float:
+        model.temperature.fill_(t)
+        with torch.no_grad():
+            p = _quiet(model.predict_step, (first, labels), 0)
+        return float(F.nll_loss(p.clamp_min(1e-12).log(), labels))
+
+    best = nll_at(fitted)
+    assert best <= nll_at(fitted * 0.97) and best <= nll_at(fitted * 1.03), fitted

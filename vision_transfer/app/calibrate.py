@@ -23,30 +23,35 @@ from vision_transfer.data.dataset import FeatureBatch
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.errors import DataError
 from vision_transfer.files import write_atomic
-from vision_transfer.inference.calibration import calibration_error, fit_temperature, nll, reliability
+from vision_transfer.inference.calibration import calibration_error, fit_temperature, nll, reliability, view_log_probs
+from vision_transfer.inference.outputs import tta_views
 from vision_transfer.inference.thresholds import best_f1_thresholds
 from vision_transfer.tasks import ImageClassifier
 
 
 @torch.no_grad()  # not inference_mode: the logits then feed an autograd fit
 def collect_logits(model: ImageClassifier, loader: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw logits and labels of every batch of ``loader`` (the model in eval mode)."""
+    """Raw logits and labels of every batch of ``loader`` (the model in eval mode). With test-time
+    augmentation, ``(views, N, C)``: one row of logits per view, as predictions average them."""
     model.eval().to(device)
+    tta = model.hparams.get("tta", "none")
     logits, labels = [], []
     for batch in loader:
         if isinstance(batch, FeatureBatch):
-            out = model.forward_head(batch.features.to(device).float())
+            out = model.forward_head(batch.features.to(device).float())[None]
         else:
-            out = model(model.preprocess(batch[0].to(device)))
+            images = model.preprocess(batch[0].to(device))
+            out = torch.stack([model(view) for view in tta_views(images, tta)])
         logits.append(out.float().cpu())
         labels.append(batch[1])
-    return torch.cat(logits), torch.cat(labels)
+    return torch.cat(logits, dim=1).squeeze(0), torch.cat(labels)
 
 
 def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """Fit the temperature (multiclass) or thresholds (multilabel) from validation logits into ``model``."""
+    """Fit the temperature (multiclass) or thresholds (multilabel) from validation logits into ``model``,
+    on the probabilities predictions use (``(views, N, C)`` logits: their test-time augmentation average)."""
     if model.multilabel:
-        probs = logits.sigmoid()
+        probs = logits.sigmoid().mean(0) if logits.ndim == 3 else logits.sigmoid()
         thresholds, no_positive = best_f1_thresholds(probs, labels)
         model.thresholds.copy_(thresholds)
         return {
@@ -58,9 +63,10 @@ def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.
     shifted = logits if (shift := model.logit_shift()) is None else logits + shift
     temperature = fit_temperature(shifted, labels)
     model.temperature.fill_(temperature)
-    before, after = shifted.softmax(dim=1), (shifted / temperature).softmax(dim=1)
+    before, after = view_log_probs(shifted).exp(), view_log_probs(shifted, temperature).exp()
     return {
         "temperature": temperature,
+        "tta": model.hparams.get("tta", "none"),
         "nll_before": nll(shifted, labels),
         "nll_after": nll(shifted, labels, temperature),
         "ece_before": calibration_error(before, labels),
@@ -95,7 +101,10 @@ def calibrate_checkpoint(
     if "val" not in datamodule.splits:
         raise DataError(f"{path}: calibration needs a validation split, and this data has none.")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    logits, labels = collect_logits(model, datamodule.val_dataloader(), device)
+    loader = datamodule.val_dataloader()
+    if isinstance(datamodule, CachedFeatureDataModule) and model.hparams.get("tta", "none") != "none":
+        loader = datamodule.images.val_dataloader()  # predictions average views of images, not cached features
+    logits, labels = collect_logits(model, loader, device)
     report = calibrate_model(model.cpu(), logits, labels)
     content = safe_torch_load(path)
     for name in ("temperature", "thresholds"):
