@@ -96,3 +96,37 @@ def test_unknown_command_lists_the_commands(capsys: pytest.CaptureFixture[str]) 
         main(["fti"])
     assert exit_info.value.code == 2
     assert "unknown command 'fti'" in capsys.readouterr().err
+
+
+def _imports() -> dict[str, set[tuple[str, str]]]:
+    """module -> {(imported module, name)} of every ``vision_transfer`` import in it, at any depth."""
+    import ast
+
+    out: dict[str, set[tuple[str, str]]] = {}
+    for path in (REPO / "vision_transfer").rglob("*.py"):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        found: set[tuple[str, str]] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vision_transfer"):
+                found |= {(node.module or "", alias.name) for alias in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {(alias.name, "") for alias in node.names if alias.name.startswith("vision_transfer")}
+        out[module] = found
+    return out
+
+
+def test_no_module_imports_a_private_name_of_another() -> None:
+    private = sorted(
+        f"{module} imports {source}.{name}"
+        for module, names in _imports().items()
+        for source, name in names
+        if name.startswith("_") and not name.startswith("__") and source != module
+    )
+    assert not private, private
+
+
+def test_no_two_modules_import_each_other() -> None:
+    imports = _imports()
+    edges = {(module, source) for module, names in imports.items() for source, _ in names if source in imports}
+    cycles = sorted(f"{a} <-> {b}" for a, b in edges if (b, a) in edges and a < b)
+    assert not cycles, cycles

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from vision_transfer.app.checkpoints import checkpoint_defaults
 from vision_transfer.app.connect import connect
 from vision_transfer.backbones.weights import safe_torch_load
 from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
@@ -76,6 +77,19 @@ def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.
     }
 
 
+def calibration_line(report: dict[str, Any]) -> str:
+    """The one line ``fit`` and ``calibrate`` print about what calibration did."""
+    if "temperature" in report:
+        return (
+            f"calibrated on val: temperature {report['temperature']:.3f}, NLL {report['nll_before']:.4f} -> "
+            f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
+        )
+    return (
+        f"per-class thresholds tuned on val: micro-F1 {report['f1_micro_at_0.5']:.4f} at 0.5 -> "
+        f"{report['f1_micro_tuned']:.4f}"
+    )
+
+
 def _micro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
     predicted, labels = predicted.bool(), labels.bool()
     tp = float((predicted & labels).sum())
@@ -123,8 +137,6 @@ def calibrate_checkpoint(
 
 
 def _recorded_datamodule(path: Path) -> ImageDataModule:
-    from vision_transfer.app.lightning_cli import checkpoint_defaults
-
     data = checkpoint_defaults(path).get("data")
     if not data:
         raise DataError(f"{path}: records no datamodule; give the data (--data ...).")

@@ -74,10 +74,9 @@ def calibrate(argv: list[str]) -> None:
     parser.add_argument("checkpoint", help="a vision-transfer .ckpt (rewritten in place, atomically)")
     parser.add_argument("--output", default=None, help="folder of reliability.png and calibration.json")
     args = parser.parse_args(argv)
-    from vision_transfer.app.calibrate import calibrate_checkpoint
-    from vision_transfer.app.lightning_cli import _calibration_line
+    from vision_transfer.app.calibrate import calibrate_checkpoint, calibration_line
 
-    print(_calibration_line(calibrate_checkpoint(args.checkpoint, output=args.output)))
+    print(calibration_line(calibrate_checkpoint(args.checkpoint, output=args.output)))
 
 
 def _feature_parser(command: str) -> ArgumentParser:

@@ -31,8 +31,7 @@ def connect(
     """
     if model.hparams.get("cache_features") and not isinstance(datamodule, CachedFeatureDataModule):
         datamodule = CachedFeatureDataModule(datamodule, cache_dir=model.hparams.get("cache_dir"))
-    datamodule.data_config = model.data_config
-    model._handed_out = True
+    datamodule.data_config = model.hand_out_data_config()
     model.record_datamodule(datamodule)
     if model.class_names is not None:  # classes given or trained: the data follows them
         datamodule.fixed_classes = list(model.class_names)

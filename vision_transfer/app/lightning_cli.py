@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
-import inspect
 import json
 import logging
 import re
@@ -21,8 +19,8 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
+from vision_transfer.app.checkpoints import checkpoint_defaults, read_checkpoint
 from vision_transfer.app.connect import connect
-from vision_transfer.backbones.weights import safe_torch_load
 from vision_transfer.callbacks import (
     AtomicCheckpointIO,
     OutOfMemoryAdvice,
@@ -193,10 +191,10 @@ class VisionTransferCLI(LightningCLI):
         best = getattr(checkpoint, "best_model_path", "") or None
         if best and self.model.hparams.get("calibrate", True) and "val" in self.datamodule.splits:
             if self.trainer.global_rank == 0:
-                from vision_transfer.app.calibrate import calibrate_checkpoint
+                from vision_transfer.app.calibrate import calibrate_checkpoint, calibration_line
 
                 report = calibrate_checkpoint(best, self.datamodule, device=self.trainer.strategy.root_device)
-                _print_once(_calibration_line(report))
+                _print_once(calibration_line(report))
             self.trainer.strategy.barrier()  # every rank tests the calibrated checkpoint
         results = self.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
         log_dir = self.trainer.log_dir  # a collective under DDP: every rank must ask
@@ -223,18 +221,6 @@ def _expected_warnings(resumed: bool = False) -> Iterator[None]:
         yield
 
 
-def _calibration_line(report: dict[str, Any]) -> str:
-    if "temperature" in report:
-        return (
-            f"calibrated on val: temperature {report['temperature']:.3f}, NLL {report['nll_before']:.4f} -> "
-            f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
-        )
-    return (
-        f"per-class thresholds tuned on val: micro-F1 {report['f1_micro_at_0.5']:.4f} at 0.5 -> "
-        f"{report['f1_micro_tuned']:.4f}"
-    )
-
-
 def default_precision(accelerator: Any) -> str | None:
     """bf16-mixed on a CUDA GPU with bf16 (16-mixed without), None (32-true) elsewhere."""
     if not torch.cuda.is_available() or (isinstance(accelerator, str) and accelerator not in ("auto", "gpu", "cuda")):
@@ -256,63 +242,6 @@ def _flag_value(argv: list[str], flag: str) -> str | None:
         if arg.startswith(flag + "="):
             return arg.split("=", 1)[1]
     return None
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A vision-transfer checkpoint's content, or an error that says what the file is instead."""
-    content = safe_torch_load(path)
-    if not isinstance(content, dict) or "state_dict" not in content:
-        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict in it).")
-    if "vision_transfer" not in content:
-        raise CheckpointError(
-            f"{path}: a Lightning checkpoint, but not one vision-transfer wrote (no 'vision_transfer' entry)."
-        )
-    return content
-
-
-def checkpoint_defaults(checkpoint: str | Path | Mapping[str, Any], with_data: bool = True) -> dict[str, Any]:
-    """Model and (with ``with_data``) datamodule settings stored in one of our checkpoints (a path or
-    its content), as a config.
-
-    Only settings ``ImageClassifier`` still takes are kept (older checkpoints may hold others), and
-    only datamodule classes of vision-transfer are accepted: a checkpoint must not choose which
-    module gets imported.
-    """
-    content = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, Path)) else checkpoint
-    accepted = set(inspect.signature(ImageClassifier.__init__).parameters) - {"self"}
-    hparams = content.get("hyper_parameters", {})
-    dropped = sorted(k for k in hparams if k not in accepted and not k.startswith("_"))
-    if dropped:
-        log.warning("checkpoint settings no longer used, ignored: %s", ", ".join(dropped))
-    model = {k: v for k, v in hparams.items() if k in accepted}
-    meta = content.get("vision_transfer", {})
-    if "data_config" not in model and meta.get("data_config"):  # checkpoints written before data_config was an argument
-        model["data_config"] = meta["data_config"]
-    defaults: dict[str, Any] = {"model": model}
-    datamodule = meta.get("datamodule")
-    if datamodule and with_data:
-        class_path = datamodule["class_path"]
-        _check_datamodule_class(class_path)
-        init_args = {k: v for k, v in datamodule.get("init_args", {}).items() if not k.startswith("_")}
-        defaults["data"] = {"class_path": class_path, "init_args": init_args}
-    return defaults
-
-
-def _check_datamodule_class(class_path: str) -> None:
-    module_name, _, name = class_path.rpartition(".")
-    if not module_name.startswith("vision_transfer.") or not re.fullmatch(r"[\w.]+", class_path):
-        raise CheckpointError(
-            f"the checkpoint names datamodule class {class_path!r}, outside vision-transfer; refusing to import it. "
-            "Give the data explicitly with --data."
-        )
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise CheckpointError(
-            f"the checkpoint's datamodule class {class_path!r} does not exist here; use --data."
-        ) from e
-    if not (inspect.isclass(cls) and issubclass(cls, ImageDataModule)):
-        raise CheckpointError(f"the checkpoint's datamodule class {class_path!r} is not a datamodule; use --data.")
 
 
 def last_checkpoint(config: Namespace) -> tuple[Path | None, int | None, str]:

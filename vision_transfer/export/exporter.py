@@ -12,7 +12,7 @@ from torch import nn
 
 from vision_transfer.backbones import create_model
 from vision_transfer.errors import ExportError
-from vision_transfer.export.loading import Classifier, _Plain, load_classifier
+from vision_transfer.export.loading import Classifier, PlainClassifier, load_classifier
 from vision_transfer.export.timm_format import timm_state_dict, write_export
 
 FORMATS = ("timm", "torchscript", "onnx")
@@ -68,7 +68,7 @@ def export_classifier(
     head = classifier.prediction_head(tta)
     prediction = {**classifier.prediction, "tta": head.tta}
     trivial = head.tta == "none" and float(head.temperature) == 1.0 and not prediction.get("logit_shift")
-    graph: nn.Module = _Plain(classifier) if trivial else head.eval()
+    graph: nn.Module = PlainClassifier(classifier) if trivial else head.eval()
     _, height, width = classifier.data_config.input_size
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():

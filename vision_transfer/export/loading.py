@@ -74,7 +74,7 @@ class Classifier(nn.Module):
         shift = self.prediction.get("logit_shift")
         temperature = self.prediction.get("temperature") or 1.0
         return PredictionHead(
-            _Plain(self), "multilabel" if self.multilabel else "multiclass", temperature,
+            PlainClassifier(self), "multilabel" if self.multilabel else "multiclass", temperature,
             torch.tensor(shift) if shift else None, tta if tta is not None else self.prediction.get("tta", "none"),
         )  # fmt: skip
 
@@ -113,7 +113,7 @@ class Classifier(nn.Module):
         ]
 
 
-class _Plain(nn.Module):
+class PlainClassifier(nn.Module):
     """Just backbone + head (no Python-side preprocessing): what TorchScript and ONNX trace."""
 
     def __init__(self, classifier: Classifier) -> None:
@@ -226,9 +226,3 @@ def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> Cla
     )
     classifier.provenance = loaded.provenance
     return classifier.to(device)
-
-
-def describe(path: str | Path) -> dict[str, Any]:
-    """What an export folder holds, from its ``config.json``."""
-    config, _ = read_export(path)
-    return config

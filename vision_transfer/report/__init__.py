@@ -13,12 +13,3 @@ __all__ = [
     "write_grid_summary",
     "write_run_summary",
 ]
-
-
-def __getattr__(name: str) -> object:
-    # configs written before the callbacks/ folder name ``vision_transfer.report.RunLogger`` (and RunReport)
-    if name in ("RunLogger", "RunReport"):
-        import vision_transfer.callbacks as callbacks
-
-        return getattr(callbacks, name)
-    raise AttributeError(name)

@@ -278,6 +278,11 @@ class ImageClassifier(pl.LightningModule):
         self.class_counts.copy_(torch.as_tensor(counts, dtype=torch.float32))  # type: ignore[operator]
         self._loss_fn = None
 
+    def hand_out_data_config(self) -> DataConfig:
+        """The preprocessing a datamodule will use; from now on a checkpoint may not replace it."""
+        self._handed_out = True
+        return self.data_config
+
     @property
     def needs_class_counts(self) -> bool:
         """Whether the loss or the predictions use the training class counts (the prior)."""
