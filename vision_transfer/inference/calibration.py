@@ -9,7 +9,11 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-ECE_BINS = 15  # Guo et al. 2017's reliability diagrams and ECE use 15 equal-width bins
+# The calibration metrics live with the others (one definition each); these names stay importable here.
+from vision_transfer.evaluation.metrics import ECE_BINS, reliability
+from vision_transfer.evaluation.metrics import expected_calibration_error as calibration_error
+
+__all__ = ["ECE_BINS", "calibration_error", "fit_temperature", "reliability"]
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
@@ -26,32 +30,3 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 
     optimizer.step(closure)
     return float(log_t.detach().exp())
-
-
-def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
-    return float(F.cross_entropy(logits.float() / temperature, labels.long()))
-
-
-def calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """Expected calibration error (L1, top-label, equal-width bins), as torchmetrics computes it."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
-    return float(multiclass_calibration_error(probs.float(), labels.long(), probs.shape[1], n_bins=bins, norm="l1"))
-
-
-def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list[float]]:
-    """Per confidence bin: mean confidence, accuracy and sample count (the reliability diagram's data)."""
-    confidence, predicted = probs.float().max(dim=1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    index = torch.bucketize(confidence, edges[1:-1], right=True)
-    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": [], "lower": [], "upper": []}
-    for b in range(bins):
-        mask = index == b
-        n = int(mask.sum())
-        out["lower"].append(float(edges[b]))
-        out["upper"].append(float(edges[b + 1]))
-        out["count"].append(float(n))
-        out["confidence"].append(float(confidence[mask].mean()) if n else float("nan"))
-        out["accuracy"].append(float(correct[mask].mean()) if n else float("nan"))
-    return out
