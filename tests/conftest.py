@@ -44,6 +44,37 @@ def image_folder(tmp_path: Path) -> Path:
     return write_folder(tmp_path / "images")
 
 
+def make_multilabel_image(present: set[str], rng: np.random.Generator, size: int = 40) -> np.ndarray:
+    image = rng.integers(0, 50, (size, size, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    if "stripes" in present:
+        image[(xx // 4) % 2 == 0] = (90, 90, 200)
+    if "circle" in present:
+        image[(yy - 12) ** 2 + (xx - 12) ** 2 < 64] = (250, 60, 60)
+    if "square" in present:
+        image[(abs(yy - 28) < 6) & (abs(xx - 28) < 6)] = (60, 250, 60)
+    return image
+
+
+@pytest.fixture
+def multilabel_csv(tmp_path: Path) -> Path:
+    """60 images with any subset of three shapes, a ``labels`` column of ``;``-separated names."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "multilabel"
+    root.mkdir()
+    rows = []
+    for i in range(60):
+        present = {c for c in CLASSES if rng.random() < 0.5} or {CLASSES[i % 3]}
+        Image.fromarray(make_multilabel_image(present, rng)).save(root / f"{i}.png")
+        rows.append({"path": f"{i}.png", "labels": ";".join(sorted(present))})
+    path = root / "labels.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "labels"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
 @pytest.fixture
 def split_folder(tmp_path: Path) -> Path:
     """``train/``, ``val/`` and ``test/`` folders, each with the three classes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -312,3 +313,56 @@ def test_cached_linear_probe_checkpoint_validates_and_resumes_on_its_own_feature
     assert _cache_folders(cache) == folders  # no extraction with other weights
     resumed = VisionTransferCLI(args=[*fit, "--ckpt_path=last", "--trainer.max_epochs=3"])
     assert resumed.trainer.current_epoch == 3 and _cache_folders(cache) == folders
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_probe_checkpoint_is_tuned_on_val_rows_its_head_never_trained_on(
+    solver: str, task: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit finding 7: ``probe.ckpt``'s thresholds, and the temperature ``calibrate probe.ckpt`` fits, are
+    tuned on val, so its head must never have trained on val. With one grid point val chooses nothing:
+    a smaller val split must leave the saved head exactly as it was."""
+    from vision_transfer.app import calibrate
+    from vision_transfer.app.features import probe_datamodule, split_arrays
+    from vision_transfer.inference import best_f1_thresholds
+
+    source = request.getfixturevalue("image_folder" if task == "multiclass" else "multilabel_csv")
+
+    def datamodule(**options: Any) -> ImageFolderDataModule | CsvDataModule:
+        if task == "multiclass":
+            return ImageFolderDataModule(str(source), num_workers=0, **options)
+        return CsvDataModule(str(source), num_workers=0, **options)
+
+    full = datamodule()
+    splits = full.prepare_splits()
+    assert set(splits["val"].ids).isdisjoint(splits["train"].ids)
+    options = {"image_size": TINY_SIZE, "cache_dir": str(tmp_path / "cache"), "progress": False, "solver": solver}
+    options |= {"epochs": 3, "lrs": [0.1], "wds": [1e-4], "c_grid_size": 1}
+    saved = {}
+    for name, data in (("full", full), ("smaller_val", datamodule(max_val_samples=len(splits["val"]) - 1))):
+        _, checkpoint = probe_datamodule(data, TINY_BACKBONE, "none", output=tmp_path / name, **options)
+        saved[name] = torch.load(checkpoint, weights_only=True)["state_dict"]
+    for key in ("head.weight", "head.bias"):
+        assert torch.equal(saved["full"][key], saved["smaller_val"][key]), key
+    head = saved["full"]["head.weight"], saved["full"]["head.bias"]
+    checkpoint = tmp_path / "full" / "probe.ckpt"
+    if task == "multilabel":  # the thresholds in probe.ckpt: the saved head's best F1 on the val rows
+        caches, _ = extract_datamodule(
+            full, TINY_BACKBONE, "none", image_size=TINY_SIZE, cache_dir=options["cache_dir"]
+        )
+        features, labels = split_arrays(caches, full)["val"]
+        probs = (torch.from_numpy(features) @ head[0].T + head[1]).sigmoid()
+        expected = best_f1_thresholds(probs, torch.from_numpy(labels))[0]
+        torch.testing.assert_close(saved["full"]["thresholds"], expected)
+        return
+    tuned_on = []  # what `vision-transfer calibrate probe.ckpt` fits the temperature on
+    original = calibrate.calibrate_model
+
+    def spy(model: Any, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        tuned_on.append(labels)
+        return original(model, logits, labels)
+
+    monkeypatch.setattr(calibrate, "calibrate_model", spy)
+    report = calibrate.calibrate_checkpoint(checkpoint, datamodule(), output=tmp_path / "calibration")
+    assert torch.equal(tuned_on[0], torch.as_tensor(splits["val"].labels)) and report["temperature"] > 0

@@ -13,7 +13,8 @@ import pytest
 from vision_transfer.app.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARY = ("backbones", "data", "tuning", "losses", "inference", "features", "export", "report")  # no Lightning
+# no Lightning
+LIBRARY = ("backbones", "data", "tuning", "losses", "evaluation", "inference", "features", "export", "report")
 PACKAGES = (*LIBRARY, "datamodules", "tasks", "callbacks", "app")
 # what each package may load of ours; `app` (the command line and runners) sits on top of everything
 MAY_LOAD = {
@@ -21,13 +22,14 @@ MAY_LOAD = {
     "data": {"backbones"},
     "tuning": set(),
     "losses": set(),
-    "inference": set(),
-    "features": {"backbones", "data"},
-    "export": {"backbones", "data", "inference"},
-    "report": set(),
-    "datamodules": {"backbones", "data", "features"},
-    "callbacks": {"report"},
-    "tasks": {"backbones", "data", "tuning", "losses", "inference", "callbacks", "report"},
+    "evaluation": set(),  # the metrics: one definition of each number, for every package above
+    "inference": {"evaluation"},
+    "features": {"backbones", "data", "evaluation"},
+    "export": {"backbones", "data", "evaluation", "inference"},
+    "report": {"evaluation"},
+    "datamodules": {"backbones", "data", "evaluation", "features"},
+    "callbacks": {"evaluation", "report"},
+    "tasks": {"backbones", "data", "tuning", "losses", "evaluation", "inference", "callbacks", "report"},
     "app": set(PACKAGES),
 }
 
@@ -130,3 +132,10 @@ def test_no_two_modules_import_each_other() -> None:
     edges = {(module, source) for module, names in imports.items() for source, _ in names if source in imports}
     cycles = sorted(f"{a} <-> {b}" for a, b in edges if (b, a) in edges and a < b)
     assert not cycles, cycles
+
+
+def test_the_metrics_and_the_report_load_no_torch() -> None:
+    """The report redraws a run folder without torch; it shares the metrics, so they are numpy only."""
+    code = "import sys, vision_transfer.evaluation, vision_transfer.report\n"
+    code += "print('torch' in sys.modules, 'torchmetrics' in sys.modules)"
+    assert _python(code).split() == ["False", "False"]

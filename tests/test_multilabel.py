@@ -9,46 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from tests.conftest import tiny_fit_args
+from tests.conftest import CLASSES, tiny_fit_args
 from tests.test_cli import run_cli
 from vision_transfer.data.sources import read_csv, stratification_key, stratified_split
 from vision_transfer.errors import DataError
 from vision_transfer.inference import best_f1_thresholds
-
-CLASSES = ("circle", "square", "stripes")
-
-
-def _image(present: set[str], rng: np.random.Generator, size: int = 40) -> np.ndarray:
-    image = rng.integers(0, 50, (size, size, 3), dtype=np.uint8)
-    yy, xx = np.mgrid[:size, :size]
-    if "stripes" in present:
-        image[(xx // 4) % 2 == 0] = (90, 90, 200)
-    if "circle" in present:
-        image[(yy - 12) ** 2 + (xx - 12) ** 2 < 64] = (250, 60, 60)
-    if "square" in present:
-        image[(abs(yy - 28) < 6) & (abs(xx - 28) < 6)] = (60, 250, 60)
-    return image
-
-
-@pytest.fixture
-def multilabel_csv(tmp_path: Path) -> Path:
-    """60 images with any subset of three shapes, a ``labels`` column of ``;``-separated names."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "multilabel"
-    root.mkdir()
-    rows = []
-    for i in range(60):
-        present = {c for c in CLASSES if rng.random() < 0.5} or {CLASSES[i % 3]}
-        Image.fromarray(_image(present, rng)).save(root / f"{i}.png")
-        rows.append({"path": f"{i}.png", "labels": ";".join(sorted(present))})
-    path = root / "labels.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["path", "labels"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def test_labels_column_and_one_column_per_class_read_the_same(multilabel_csv: Path) -> None:

@@ -23,8 +23,9 @@ from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
 from vision_transfer.data.dataset import FeatureBatch
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.errors import DataError
+from vision_transfer.evaluation.metrics import expected_calibration_error, f1_micro, reliability
 from vision_transfer.files import write_atomic
-from vision_transfer.inference.calibration import calibration_error, fit_temperature, nll, reliability, view_log_probs
+from vision_transfer.inference.calibration import fit_temperature, nll, view_log_probs
 from vision_transfer.inference.outputs import tta_views
 from vision_transfer.inference.thresholds import best_f1_thresholds
 from vision_transfer.tasks import ImageClassifier
@@ -58,8 +59,8 @@ def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.
         return {
             "thresholds": [round(float(t), 4) for t in thresholds],
             "classes_without_val_positive": [model.class_names[c] for c in no_positive] if model.class_names else [],
-            "f1_micro_at_0.5": _micro_f1(probs >= 0.5, labels),
-            "f1_micro_tuned": _micro_f1(probs >= thresholds, labels),
+            "f1_micro_at_0.5": f1_micro(probs >= 0.5, labels),
+            "f1_micro_tuned": f1_micro(probs >= thresholds, labels),
         }
     shifted = logits if (shift := model.logit_shift()) is None else logits + shift
     temperature = fit_temperature(shifted, labels)
@@ -70,8 +71,8 @@ def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.
         "tta": model.hparams.get("tta", "none"),
         "nll_before": nll(shifted, labels),
         "nll_after": nll(shifted, labels, temperature),
-        "ece_before": calibration_error(before, labels),
-        "ece_after": calibration_error(after, labels),
+        "ece_before": expected_calibration_error(before, labels),
+        "ece_after": expected_calibration_error(after, labels),
         "reliability_before": reliability(before, labels),
         "reliability_after": reliability(after, labels),
     }
@@ -88,13 +89,6 @@ def calibration_line(report: dict[str, Any]) -> str:
         f"per-class thresholds tuned on val: micro-F1 {report['f1_micro_at_0.5']:.4f} at 0.5 -> "
         f"{report['f1_micro_tuned']:.4f}"
     )
-
-
-def _micro_f1(predicted: torch.Tensor, labels: torch.Tensor) -> float:
-    predicted, labels = predicted.bool(), labels.bool()
-    tp = float((predicted & labels).sum())
-    denominator = float(predicted.sum() + labels.sum())
-    return 2 * tp / denominator if denominator else 0.0
 
 
 def calibrate_checkpoint(

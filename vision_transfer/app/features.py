@@ -119,7 +119,7 @@ def probe_datamodule(
         model.head.weight.copy_(result.weight)  # type: ignore[operator]
         model.head.bias.copy_(result.bias)  # type: ignore[operator]
         model.set_class_counts(torch.as_tensor(datamodule.splits["train"].class_counts(len(class_names))))
-        if multilabel:  # per-class thresholds on val, as fit does after training
+        if multilabel:  # per-class thresholds on val, which the train-only head never saw (as fit does)
             from vision_transfer.inference import best_f1_thresholds
 
             features, labels = split_arrays({"val": caches["val"]}, datamodule)["val"]

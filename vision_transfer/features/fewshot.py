@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from vision_transfer.errors import DataError
+from vision_transfer.evaluation.metrics import accuracy
 from vision_transfer.features.probe import Standardizer, lbfgs_logistic_regression
 from vision_transfer.features.stats import mean_ci
 from vision_transfer.features.stream import iter_chunks, split_rows, take_rows
@@ -230,12 +231,12 @@ def few_shot(
     weights = torch.stack([f[2] for f in fitted])  # (E, C, D): every episode scored in one pass
     biases = torch.stack([f[3] for f in fitted])
     flat_w, flat_b = weights.reshape(-1, weights.shape[-1]).T.contiguous(), biases.reshape(-1)
-    correct = np.zeros(episodes)
+    predicted = np.zeros((len(test_labels), episodes), dtype=np.int64)  # every episode's test predictions
     for row, chunk in iter_chunks(test[0], chunk_rows):
-        predicted = (torch.from_numpy(chunk) @ flat_w + flat_b).view(len(chunk), episodes, num_classes).argmax(-1)
-        correct += (predicted.numpy() == test_labels[row : row + len(chunk), None]).sum(0)
+        logits = (torch.from_numpy(chunk) @ flat_w + flat_b).view(len(chunk), episodes, num_classes)
+        predicted[row : row + len(chunk)] = logits.argmax(-1).numpy()
     results = [
-        Episode(e, (seed, e), rows, [ids[i] for i in rows], c, cv_acc, float(correct[e] / len(test_labels)), folds)
+        Episode(e, (seed, e), rows, [ids[i] for i in rows], c, cv_acc, accuracy(predicted[:, e], test_labels), folds)
         for e, (rows, folds, _, _, c, cv_acc) in enumerate(fitted)
     ]
     mean, low, high = mean_ci([r.test_acc for r in results])

@@ -21,6 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from vision_transfer.errors import DataError
+from vision_transfer.evaluation.metrics import accuracy, balanced_accuracy, top_k_classes, top_k_hits
 from vision_transfer.features.stream import iter_chunks, split_rows
 
 # DINO's eval_knn.py: --nb_knn 10 20 100 200, --temperature 0.07; 50 fills the gap between 20 and 100.
@@ -132,17 +133,20 @@ def knn_scores(
     neighbours, DINO's sort fills the rest with unvoted classes in arbitrary order (a lottery).
     Ties between class scores go to the lower class index.
     """
-    hit1 = np.zeros(len(labels), dtype=bool)
+    predictions = np.zeros(len(labels), dtype=np.int64)
     hit5 = np.zeros(len(labels), dtype=bool)
     for start in range(0, len(labels), rows):
         part = slice(start, start + rows)
         votes = knn_votes(similarities[part], neighbour_labels[part], num_classes, temperature)
-        ranked = np.argsort(-votes, axis=1, kind="stable")[:, :5]
-        voted = np.take_along_axis(votes, ranked, 1) > 0
-        hit1[part] = ranked[:, 0] == labels[part]
-        hit5[part] = ((ranked == labels[part, None]) & voted).any(1)
-    recalls = [hit1[labels == c].mean() for c in np.unique(labels)]
-    return {"top1": float(hit1.mean()), "top5": float(hit5.mean()), "balanced": float(np.mean(recalls))}
+        ranked = top_k_classes(votes, 5)
+        predictions[part] = ranked[:, 0]
+        voted = np.take_along_axis(votes, labels[part, None], 1)[:, 0] > 0  # the true class had a vote
+        hit5[part] = top_k_hits(ranked, labels[part]) & voted
+    return {
+        "top1": accuracy(predictions, labels),
+        "top5": float(hit5.mean()),
+        "balanced": balanced_accuracy(predictions, labels),
+    }
 
 
 def knn_evaluate(

@@ -23,7 +23,8 @@ import torch
 from torch.nn import functional as F
 
 from vision_transfer.errors import DataError, VisionTransferError
-from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, ProbeResult, balanced_accuracy, f1_macro
+from vision_transfer.evaluation.metrics import accuracy, balanced_accuracy, f1_macro, top_k_classes, top_k_hits
+from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, ProbeResult
 
 # Rows converted to float32 at once when a pass reads a split (16384 x 1280 x 4 B = 84 MB).
 CHUNK_ROWS = 16384
@@ -235,11 +236,11 @@ def stream_accuracy(
                 np.maximum(std, MIN_STD), dtype=torch.float32
             )
         y = torch.from_numpy(np.asarray(labels[start : start + len(x)], dtype=np.int64))
-        logits = (x @ flat_w + flat_b).view(len(x), heads, num_classes)
-        top = logits.topk(min(5, num_classes), dim=-1).indices  # (N, H, 5)
-        hits = top == y[:, None, None]
-        top1 += hits[..., 0].sum(0)
-        top5 += hits.any(-1).sum(0)
+        logits = (x @ flat_w + flat_b).view(len(x) * heads, num_classes)
+        ranked = top_k_classes(logits.numpy(), 5)  # (N * H, 5), metrics' tie rule
+        row_labels = y.repeat_interleave(heads).numpy()
+        top1 += torch.from_numpy(top_k_hits(ranked[:, :1], row_labels).reshape(len(x), heads).sum(0))
+        top5 += torch.from_numpy(top_k_hits(ranked, row_labels).reshape(len(x), heads).sum(0))
     total = max(1, len(labels))
     return (top1 / total).numpy(), (top5 / total).numpy()
 
@@ -256,8 +257,8 @@ def stream_sgd_probe(
     batch_size: int = 1024,
     seed: int = 0,
 ) -> ProbeResult:
-    """``probe.sgd_probe`` on ``(shards, labels)`` splits: sweep ``lrs x wds`` heads in one streamed run,
-    pick on val, refit on train+val (streamed, its own statistics), test once.
+    """``probe.sgd_probe`` on ``(shards, labels)`` splits: sweep ``lrs x wds`` heads on train in one
+    streamed run, pick on val, test that train-only head once (no refit: see ``features.probe``).
 
     Ties on val accuracy go to the smaller weight decay, then the earlier grid entry, as in ``sgd_probe``.
     The returned ``weight``/``bias`` act on raw features.
@@ -271,24 +272,19 @@ def stream_sgd_probe(
     )
     val_top1, _ = stream_accuracy(val[0], val[1], w, b, mean=mean, std=std)
     sweep = [{"lr": lr, "wd": wd, "val_acc": float(a)} for (lr, wd), a in zip(grid, val_top1, strict=True)]
-    best = max(sweep, key=lambda r: (r["val_acc"], -r["wd"]))
-    both = [*train[0], *val[0]]
-    both_labels = np.concatenate([np.asarray(train[1]), np.asarray(val[1])])
-    mean, std = stream_moments(both)
-    w, b = stream_train_heads(both, both_labels, mean, std, num_classes, [best["lr"]], [best["wd"]], **options)
+    chosen_head = max(range(len(grid)), key=lambda h: (sweep[h]["val_acc"], -sweep[h]["wd"]))  # ties: the first
+    best = sweep[chosen_head]
     # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
-    weight = w[0] / torch.as_tensor(np.maximum(std, MIN_STD), dtype=torch.float32)
-    bias = b[0] - weight @ torch.as_tensor(mean, dtype=torch.float32)
+    weight = w[chosen_head] / torch.as_tensor(np.maximum(std, MIN_STD), dtype=torch.float32)
+    bias = b[chosen_head] - weight @ torch.as_tensor(mean, dtype=torch.float32)
     chosen = {"lr": best["lr"], "wd": best["wd"]}
     result = ProbeResult("sgd-stream", best["val_acc"], None, None, chosen, sweep, 0.0, weight, bias)
     if test is not None:
         split_rows(test[0], test[1])
-        top = torch.from_numpy(stream_top_classes(test[0], weight, bias, min(5, num_classes)))  # one pass
-        labels = torch.from_numpy(np.asarray(test[1], dtype=np.int64))
-        hits = top == labels[:, None]
-        total = max(1, len(labels))
-        result.test_acc, result.test_acc_top5 = float(hits[:, 0].sum()) / total, float(hits.any(1).sum()) / total
+        top = stream_top_classes(test[0], weight, bias, 5)  # one pass: the top-5 classes of every row
+        labels = np.asarray(test[1], dtype=np.int64)
         predictions = top[:, 0]
+        result.test_acc, result.test_acc_top5 = accuracy(predictions, labels), float(top_k_hits(top, labels).mean())
         result.balanced_accuracy = balanced_accuracy(predictions, labels)
         result.f1_macro = f1_macro(predictions, labels)
     result.seconds = time.perf_counter() - start
@@ -299,13 +295,13 @@ def stream_sgd_probe(
 def stream_top_classes(
     shards: Sequence[np.ndarray], weight: torch.Tensor, bias: torch.Tensor, k: int = 1
 ) -> np.ndarray:
-    """The ``k`` highest-scoring classes ``(N, k)``, best first, of every row of a streamed split under
-    one head ``(C, D)`` / ``(C,)`` (k int64 a row in memory, never the features)."""
+    """The ``min(k, C)`` highest-scoring classes ``(N, min(k, C))``, best first (ties: the lower index,
+    ``evaluation.metrics.top_k_classes``), of every row of a streamed split under one head ``(C, D)`` /
+    ``(C,)`` (k int64 a row in memory, never the features)."""
     out = [
-        (torch.from_numpy(chunk) @ weight.T + bias).topk(k, dim=1).indices.numpy()
-        for _, chunk in iter_chunks(shards, 1024)
+        top_k_classes((torch.from_numpy(chunk) @ weight.T + bias).numpy(), k) for _, chunk in iter_chunks(shards, 1024)
     ]
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
+    return np.concatenate(out) if out else np.zeros((0, min(k, len(bias))), dtype=np.int64)
 
 
 # -- the full-batch path's memory check ---------------------------------------------------------
@@ -339,7 +335,7 @@ def require_fits_in_memory(rows: int, dim: int, available_bytes: int | None = No
     """Raise :class:`InsufficientMemoryError` when the full-batch L-BFGS probe would not fit.
 
     Args:
-        rows: feature rows the solver holds at once (train+val for the refit).
+        rows: feature rows the solver holds at once (train and val: the sweep scores val as it goes).
         dim: feature dimension.
         available_bytes: memory to fit in; ``None`` reads it from the system (:func:`available_memory`).
         num_classes: classes, for the logits' working memory.

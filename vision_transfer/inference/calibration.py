@@ -11,7 +11,11 @@ import math
 import torch
 from torch.nn import functional as F
 
-ECE_BINS = 15  # Guo et al. 2017's reliability diagrams and ECE use 15 equal-width bins
+# The calibration metrics live with the others (one definition each); these names stay importable here.
+from vision_transfer.evaluation.metrics import ECE_BINS, reliability
+from vision_transfer.evaluation.metrics import expected_calibration_error as calibration_error
+
+__all__ = ["ECE_BINS", "calibration_error", "fit_temperature", "nll", "reliability", "view_log_probs"]
 
 
 def view_log_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -44,28 +48,3 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 
 def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
     """Negative log-likelihood of ``(N, C)`` or ``(views, N, C)`` logits at this temperature."""
     return float(F.nll_loss(view_log_probs(logits, temperature), labels.long()))
-
-
-def calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """Expected calibration error (L1, top-label, equal-width bins), as torchmetrics computes it."""
-    from torchmetrics.functional.classification import multiclass_calibration_error
-
-    return float(multiclass_calibration_error(probs.float(), labels.long(), probs.shape[1], n_bins=bins, norm="l1"))
-
-
-def reliability(probs: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> dict[str, list[float]]:
-    """Per confidence bin: mean confidence, accuracy and sample count (the reliability diagram's data)."""
-    confidence, predicted = probs.float().max(dim=1)
-    correct = (predicted == labels).float()
-    edges = torch.linspace(0, 1, bins + 1)
-    index = torch.bucketize(confidence, edges[1:-1], right=True)
-    out: dict[str, list[float]] = {"confidence": [], "accuracy": [], "count": [], "lower": [], "upper": []}
-    for b in range(bins):
-        mask = index == b
-        n = int(mask.sum())
-        out["lower"].append(float(edges[b]))
-        out["upper"].append(float(edges[b + 1]))
-        out["count"].append(float(n))
-        out["confidence"].append(float(confidence[mask].mean()) if n else float("nan"))
-        out["accuracy"].append(float(correct[mask].mean()) if n else float("nan"))
-    return out

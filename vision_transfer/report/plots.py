@@ -85,13 +85,6 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str], out: str |
     return out
 
 
-def per_class_accuracy(matrix: np.ndarray) -> np.ndarray:
-    """Recall of each class; NaN for classes absent from the data."""
-    matrix = np.asarray(matrix, dtype=float)
-    totals = matrix.sum(axis=1)
-    return np.array([matrix[i, i] / totals[i] if totals[i] else math.nan for i in range(len(matrix))])
-
-
 def plot_per_class(class_names: list[str], values: np.ndarray, out: str | Path, metric: str = "recall") -> Path:
     """Horizontal bars of each class's test ``metric`` (recall, or AP for multi-label), worst at the top."""
     order = np.argsort(np.nan_to_num(np.asarray(values, dtype=float), nan=-1.0))

@@ -16,12 +16,8 @@ from typing import Any
 import numpy as np
 
 from vision_transfer.errors import VisionTransferError
-from vision_transfer.report.plots import (
-    per_class_accuracy,
-    plot_confusion_matrix,
-    plot_per_class,
-    plot_training_curves,
-)
+from vision_transfer.evaluation.metrics import recall_from_confusion
+from vision_transfer.report.plots import plot_confusion_matrix, plot_per_class, plot_training_curves
 
 PLOTS = ("curves", "confusion", "per_class")
 
@@ -43,7 +39,7 @@ def write_confusion(folder: Path, matrix: np.ndarray, class_names: list[str]) ->
     with (folder / "per_class.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["class", "support", "recall"])
-        for name, support, recall in zip(class_names, matrix.sum(axis=1), per_class_accuracy(matrix), strict=True):
+        for name, support, recall in zip(class_names, matrix.sum(axis=1), recall_from_confusion(matrix), strict=True):
             writer.writerow([name, int(support), f"{recall:.4f}"])
 
 

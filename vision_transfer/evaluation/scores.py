@@ -1,0 +1,118 @@
+"""EpochScores: a torchmetrics accumulator whose numbers are :mod:`vision_transfer.evaluation.metrics`'.
+
+torchmetrics' own classification metrics define balanced accuracy and mAP differently from
+scikit-learn and the probes when a class is absent from the split (a predicted-but-absent class as
+recall 0, a column without positives as AP 0); this keeps every logit of the epoch and scores them
+once, with the same functions the probes and reports use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
+
+from vision_transfer.evaluation import metrics
+from vision_transfer.evaluation.metrics import ECE_BINS, MetricInputError
+
+MULTICLASS_KEYS = ("acc", "acc_top5", "balanced_acc", "f1_macro", "ece", "nll")
+MULTILABEL_KEYS = ("map", "f1_micro", "f1_macro")
+
+
+class EpochScores(Metric):
+    """Every logit and target of an epoch, scored at ``compute()``.
+
+    ``update(logits, targets)`` takes the logits predictions come from (after any post-hoc logit
+    adjustment and temperature, e.g. ``ImageClassifier.prediction_logits``) and class indices
+    ``(N,)`` (multi-class) or a 0/1 matrix ``(N, C)`` (multi-label). The states are concatenated
+    (``dist_reduce_fx="cat"``), so under DDP ``compute()`` scores the whole epoch, gathered on every
+    rank; they hold ``N x C`` float32 logits (50,000 x 1,000: 200 MB).
+
+    ``compute()`` returns 0-d float64 CPU tensors, keyed as the classifier logs them
+    (``self.log_dict({f"val/{k}": v for k, v in scores.compute().items()})``):
+
+    - multiclass: ``acc`` (top-1), ``acc_top5`` (top-``min(top_k, C)``), ``balanced_acc``,
+      ``f1_macro``, ``ece`` (of ``softmax(logits)``, ``ECE_BINS`` bins) and ``nll``;
+    - multilabel: ``map``, ``f1_micro`` and ``f1_macro``, the F1s of ``sigmoid(logits) >= thresholds``.
+
+    With ``per_class=True`` it adds ``confusion_matrix`` ``(C, C)`` int64 and ``recall_per_class``
+    ``(C,)`` (multiclass) or ``ap_per_class`` ``(C,)`` (multilabel); NaN marks a class absent from
+    the targets (no recall, no AP). Definitions: :mod:`vision_transfer.evaluation.metrics`.
+
+    Args:
+        task: ``multiclass`` or ``multilabel``.
+        num_classes: C.
+        thresholds: multilabel per-class probability thresholds ``(C,)`` (default 0.5 each). A buffer:
+            it moves with the metric, and ``scores.thresholds.copy_(model.thresholds)`` after a
+            calibration makes the next ``compute()`` use the new values.
+        top_k: the k of ``acc_top5``.
+        per_class: add the per-class arrays above (not loggable as scalars).
+        ece_bins: the ECE's equal-width bins.
+    """
+
+    is_differentiable = False
+    higher_is_better = None
+    full_state_update = False
+    thresholds: torch.Tensor
+    logits: list[torch.Tensor]  # one tensor once synced across processes; dim_zero_cat reads both
+    targets: list[torch.Tensor]
+
+    def __init__(
+        self,
+        task: Literal["multiclass", "multilabel"],
+        num_classes: int,
+        thresholds: torch.Tensor | None = None,
+        *,
+        top_k: int = 5,
+        per_class: bool = False,
+        ece_bins: int = ECE_BINS,
+        **kwargs: Any,
+    ) -> None:
+        # no cached result: thresholds changed in place must count at the next compute()
+        super().__init__(**{"compute_with_cache": False, **kwargs})
+        if task not in ("multiclass", "multilabel"):
+            raise MetricInputError(f"task must be 'multiclass' or 'multilabel', not {task!r}.")
+        if thresholds is not None and tuple(thresholds.shape) != (num_classes,):
+            raise MetricInputError(f"thresholds have shape {tuple(thresholds.shape)}, not ({num_classes},).")
+        self.task, self.num_classes, self.top_k = task, num_classes, top_k
+        self.per_class, self.ece_bins = per_class, ece_bins
+        default = torch.full((num_classes,), 0.5) if thresholds is None else thresholds.detach().float().clone()
+        self.register_buffer("thresholds", default)
+        self.add_state("logits", default=[], dist_reduce_fx="cat")
+        self.add_state("targets", default=[], dist_reduce_fx="cat")
+
+    def update(self, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        self.logits.append(logits.detach().float())
+        self.targets.append(targets.detach())
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        # on the CPU once: the metrics are numpy
+        logits, targets = dim_zero_cat(self.logits).cpu(), dim_zero_cat(self.targets).cpu()
+        out: dict[str, Any]
+        if self.task == "multilabel":
+            # the comparison predict makes: float32 sigmoid against the thresholds
+            predicted = logits.sigmoid() >= self.thresholds.cpu()
+            out = {
+                "map": metrics.mean_average_precision(logits, targets),
+                "f1_micro": metrics.f1_micro(predicted, targets),
+                "f1_macro": metrics.f1_macro(predicted, targets),
+            }
+            if self.per_class:
+                out["ap_per_class"] = metrics.average_precision_per_class(logits, targets)
+        else:
+            predictions = logits.argmax(1)  # ties to the lower index, as metrics.top_k_classes
+            out = {
+                "acc": metrics.top_k_accuracy(logits, targets, 1),
+                "acc_top5": metrics.top_k_accuracy(logits, targets, self.top_k),
+                "balanced_acc": metrics.balanced_accuracy(predictions, targets),
+                "f1_macro": metrics.f1_macro(predictions, targets),
+                "ece": metrics.expected_calibration_error(logits.softmax(1), targets, self.ece_bins),
+                "nll": metrics.nll(logits, targets),
+            }
+            if self.per_class:
+                out["confusion_matrix"] = metrics.confusion_matrix(predictions, targets, self.num_classes)
+                out["recall_per_class"] = metrics.per_class_recall(predictions, targets, self.num_classes)
+        return {name: torch.as_tensor(np.asarray(value)) for name, value in out.items()}  # floats as float64
