@@ -68,7 +68,7 @@ def test_cached_features_keep_balanced_sampling(tmp_path: Path) -> None:
     for cached in (False, True):
         model = ImageClassifier(
             TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe",
-            cache_features=cached, cache_dir=str(tmp_path / "cache"),
+            cache_features=cached, cache_dir=str(tmp_path / "cache") if cached else None,
         )  # fmt: skip
         data = ImageFolderDataModule(
             str(root), batch_size=4, num_workers=0, balanced_sampling=True, val_fraction=0.2, test_fraction=0.2
