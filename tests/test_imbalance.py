@@ -76,7 +76,7 @@ def test_posthoc_logit_adjustment_moves_predictions_to_the_rare_class() -> None:
 
 
 def test_the_test_confusion_matrix_counts_the_adjusted_predictions() -> None:
-    """per_class.csv, the confusion plot and summary.md's recall come from ``test_confusion``: it must
+    """per_class.csv, the confusion plot and summary.md's recall come from ``test_scores``: it must
     count the predictions the logged test metrics count (post-hoc adjustment applied)."""
     from vision_transfer.tasks import ImageClassifier
 
@@ -91,9 +91,9 @@ def test_the_test_confusion_matrix_counts_the_adjusted_predictions() -> None:
         logits = model.test_step((images, labels), 0)
     predicted = model.prediction_logits(logits).argmax(1)
     assert (predicted == 1).all()  # tau 50: the shift decides every prediction
-    matrix = model.test_confusion.compute()  # type: ignore[union-attr]
-    assert matrix.tolist() == [[0, 3], [0, 3]]
-    assert model.test_metrics.compute()["test/balanced_acc"] == pytest.approx(0.5)
+    scores = model.test_scores.compute()
+    assert scores["confusion_matrix"].tolist() == [[0, 3], [0, 3]]
+    assert scores["balanced_acc"] == pytest.approx(0.5)
 
 
 def _long_tailed_folder(root: Path) -> Path:

@@ -401,10 +401,8 @@ def _predictions(settings: dict[str, Any], path: str, tmp_path: Path) -> torch.T
             return model.predict_step((images, labels), 0)
         if path == TEST:
             model.test_step((images, labels), 0)
-            metrics = model.tta_metrics if tta != "none" else model.test_metrics
-            out = metrics.compute()
-            ece = model.test_calibration.compute()
-            return torch.stack([*(v.float() for v in out.values()), ece])
+            scores = model.tta_scores if tta != "none" else model.test_scores
+            return torch.stack([v.float() for v in scores.compute().values() if v.ndim == 0])
         checkpoint = model.save_standalone_checkpoint(tmp_path / f"{abs(hash(str(settings)))}.ckpt")
         return load_classifier(checkpoint).prediction_head().probabilities(images)
 

@@ -53,9 +53,10 @@ def test_tta_metrics_count_what_predict_returns(tta: str, adjustment: str, tempe
     with torch.no_grad():
         _quiet(model.test_step, (images, labels), 0)
         probs = _quiet(model.predict_step, (images, labels), 0)
-    metrics = model.tta_metrics.compute()
+    metrics = model.tta_scores.compute()
     expected = float((probs.argmax(1) == labels).float().mean())
-    assert float(metrics["test/tta/acc"]) == pytest.approx(expected, abs=1e-6)
+    assert float(metrics["acc"]) == pytest.approx(expected, abs=1e-6)
+    assert float(metrics["nll"]) == pytest.approx(float(F.nll_loss(probs.log(), labels)), abs=1e-5)
 
 
 def test_cached_features_keep_balanced_sampling(tmp_path: Path) -> None:
@@ -196,7 +197,7 @@ def test_multilabel_per_class_csv_counts_positives_without_worst_images(tmp_path
     for worst in (0, 4):
         report = RunReport(worst_images=worst)
         report._folder = lambda trainer, folder=tmp_path / str(worst): (folder.mkdir(exist_ok=True), folder)[1]
-        model.test_ap.reset()  # type: ignore[union-attr]
+        model.test_scores.reset()
         report.on_test_epoch_start(None, model)  # type: ignore[arg-type]
         with torch.no_grad():
             logits = _quiet(model.test_step, (images, labels), 0)

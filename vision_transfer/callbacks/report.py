@@ -93,7 +93,6 @@ class RunReport(pl.Callback):
     # -- test ------------------------------------------------------------------------------
     def on_test_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._worst = []
-        self._positives: Any = None
 
     def on_test_batch_end(
         self,
@@ -106,8 +105,6 @@ class RunReport(pl.Callback):
     ) -> None:
         images, labels = batch[0], batch[1]
         multilabel = labels.ndim == 2
-        if multilabel:  # per_class.csv's positives: counted whether or not images are drawn
-            self._positives = labels.sum(0).cpu() + (self._positives if self._positives is not None else 0)
         if self.worst_images <= 0 or not isinstance(outputs, torch.Tensor) or images.ndim != 4:
             return
         logits = outputs.float()
@@ -132,26 +129,21 @@ class RunReport(pl.Callback):
                 heapq.heapreplace(self._worst, item)
 
     def on_test_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        confusion = getattr(pl_module, "test_confusion", None)
-        average_precision = getattr(pl_module, "test_ap", None)
-        if confusion is None and average_precision is None:
+        scores = getattr(pl_module, "test_scores", None)
+        if scores is None or not scores.update_count:
             return
-        if confusion is not None:
-            matrix = confusion.compute().cpu().numpy()  # every rank joins the sync
-            confusion.reset()
-        else:
-            ap = average_precision.compute().cpu().numpy()  # type: ignore[union-attr]
-            average_precision.reset()  # type: ignore[union-attr]
+        if getattr(pl_module, "multilabel", False):
+            scores.thresholds.copy_(pl_module.thresholds)  # type: ignore[operator]
+        values = scores.compute()  # every rank joins the gather; the module logs and resets them after
         folder = self._folder(trainer)
         if folder is None:
             return
         names = [str(n) for n in (getattr(pl_module, "class_names", None) or [])]
-        if confusion is not None:
-            write_confusion(folder, matrix, names)
+        if "confusion_matrix" in values:
+            write_confusion(folder, values["confusion_matrix"].numpy(), names)
             self.files.extend(draw_plots(folder, only=("confusion", "per_class")))
         else:
-            positives = self._positives
-            write_average_precision(folder, ap, names, positives)
+            write_average_precision(folder, values["ap_per_class"].numpy(), names, values["positives"].numpy())
             self.files.extend(draw_plots(folder, only=("per_class",)))
         if self._worst:
             from vision_transfer.report.plots import plot_image_grid

@@ -39,7 +39,7 @@ class EpochScores(Metric):
     - multilabel: ``map``, ``f1_micro`` and ``f1_macro``, the F1s of ``sigmoid(logits) >= thresholds``.
 
     With ``per_class=True`` it adds ``confusion_matrix`` ``(C, C)`` int64 and ``recall_per_class``
-    ``(C,)`` (multiclass) or ``ap_per_class`` ``(C,)`` (multilabel); NaN marks a class absent from
+    ``(C,)`` (multiclass) or ``ap_per_class`` and ``positives`` ``(C,)`` (multilabel); NaN marks a class absent from
     the targets (no recall, no AP). Definitions: :mod:`vision_transfer.evaluation.metrics`.
 
     Args:
@@ -102,6 +102,7 @@ class EpochScores(Metric):
             }
             if self.per_class:
                 out["ap_per_class"] = metrics.average_precision_per_class(logits, targets)
+                out["positives"] = targets.sum(0).numpy()
         else:
             predictions = logits.argmax(1)  # ties to the lower index, as metrics.top_k_classes
             out = {

@@ -10,16 +10,6 @@ from typing import Any, Literal
 import pytorch_lightning as pl
 import torch
 from torch import nn
-from torchmetrics import Metric, MetricCollection
-from torchmetrics.classification import (
-    MulticlassAccuracy,
-    MulticlassCalibrationError,
-    MulticlassConfusionMatrix,
-    MulticlassF1Score,
-    MulticlassRecall,
-    MultilabelAveragePrecision,
-    MultilabelF1Score,
-)
 
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
@@ -27,7 +17,7 @@ from vision_transfer.data.dataset import FeatureBatch
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import CheckpointError, ConfigError, DataError, VisionTransferError
-from vision_transfer.inference.calibration import ECE_BINS
+from vision_transfer.evaluation import EpochScores
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import ClassificationLoss, balanced_class_weights, log_prior
 from vision_transfer.tuning import TuningConfig, TuningPolicy, build_param_groups
@@ -251,27 +241,12 @@ class ImageClassifier(pl.LightningModule):
         self.register_buffer("class_counts", torch.zeros(n))
         self.register_buffer("temperature", torch.ones(()))
         self.register_buffer("thresholds", torch.full((n,), 0.5))
-        metrics: dict[str, Metric | MetricCollection]
-        if self.multilabel:
-            metrics = {
-                "map": MultilabelAveragePrecision(n, average="macro"),
-                "f1_micro": MultilabelF1Score(n, average="micro"),
-                "f1_macro": MultilabelF1Score(n, average="macro"),
-            }
-        else:
-            metrics = {
-                "acc": MulticlassAccuracy(n, average="micro"),
-                "acc_top5": MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
-                "balanced_acc": MulticlassRecall(n, average="macro"),
-                "f1_macro": MulticlassF1Score(n, average="macro"),
-            }
-        self.val_metrics = MetricCollection(metrics, prefix="val/")
-        self.test_metrics = self.val_metrics.clone(prefix="test/")
-        if not self.multilabel:
-            self.test_calibration = MulticlassCalibrationError(n, n_bins=ECE_BINS, norm="l1")
-        self.tta_metrics = self.val_metrics.clone(prefix="test/tta/")
-        self.test_confusion = MulticlassConfusionMatrix(n) if not self.multilabel else None
-        self.test_ap = MultilabelAveragePrecision(n, average=None) if self.multilabel else None
+        # one definition per number (evaluation.metrics), the same the probes, the grid and report use;
+        # the scores gather every batch's logits (across DDP ranks too) and are computed once per epoch
+        task: Any = self.task
+        self.val_scores = EpochScores(task, n)
+        self.test_scores = EpochScores(task, n, per_class=True)
+        self.tta_scores = EpochScores(task, n)
 
     def set_class_counts(self, counts: torch.Tensor) -> None:
         """Training samples (multilabel: positives) per class: the prior for class weights and logit adjustment."""
@@ -487,45 +462,47 @@ class ImageClassifier(pl.LightningModule):
             "bf16-mixed instead of 16-mixed."
         )
 
-    def _update(
-        self, metrics: MetricCollection, logits: torch.Tensor, labels: torch.Tensor, final: bool = False
-    ) -> None:
-        """Metrics from raw logits (``final``: logits already adjusted, as :meth:`tta_logits` returns):
-        probabilities for mAP, per-class thresholds for multi-label F1."""
+    def _scores_input(self, logits: torch.Tensor, final: bool = False) -> torch.Tensor:
+        """What the scores count: the logits predictions come from (multiclass: post-hoc adjustment and
+        temperature; ``final``: already applied, as :meth:`tta_logits` returns). Multi-label: raw logits,
+        whose sigmoid the scores compare with the thresholds."""
+        if self.multilabel or final:
+            return logits.float()
+        return self.prediction_logits(logits)
+
+    def _log_scores(self, scores: EpochScores, prefix: str, prog_bar: bool = False) -> dict[str, torch.Tensor]:
         if self.multilabel:
-            probs = logits.float().sigmoid()
-            for name, metric in metrics.items(keep_base=True):
-                target = labels.long()
-                metric.update(probs if name.endswith("map") else (probs >= self.thresholds).float(), target)
-        else:
-            metrics.update(logits.float() if final else self.prediction_logits(logits), labels)
+            scores.thresholds.copy_(self.thresholds)  # the thresholds the model holds now (after calibration)
+        values = scores.compute()
+        scores.reset()
+        scalars = {f"{prefix}{k}": v.float() for k, v in values.items() if v.ndim == 0}
+        self.log_dict(scalars, prog_bar=prog_bar)
+        return values
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         labels = batch[1]
         logits = self._logits(batch)
         self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True)
-        self._update(self.val_metrics, logits, labels)
-        self.log_dict(self.val_metrics, prog_bar=True)
+        self.val_scores.update(self._scores_input(logits), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores(self.val_scores, "val/", prog_bar=True)
 
     def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Returns the logits, so callbacks (RunReport's worst images) can use them."""
         labels = batch[1]
         logits = self._logits(batch)
         self.log("test/loss", self._loss(logits, labels), sync_dist=True)
-        self._update(self.test_metrics, logits, labels)
-        self.log_dict(self.test_metrics)
-        if self.multilabel:
-            self.test_ap.update(logits.float().sigmoid(), labels.long())  # type: ignore[union-attr]
-        else:
-            adjusted = self.prediction_logits(logits)  # what the metrics and predict count
-            self.test_calibration.update(adjusted.softmax(dim=1), labels)
-            self.log("test/ece", self.test_calibration)
-            self.test_confusion.update(adjusted, labels)  # type: ignore[union-attr]
+        self.test_scores.update(self._scores_input(logits), labels)
         tta = self.hparams.get("tta", "none")
         if tta != "none" and not isinstance(batch, FeatureBatch):
-            self._update(self.tta_metrics, self.tta_logits(batch[0]), labels, final=True)
-            self.log_dict(self.tta_metrics)
+            self.tta_scores.update(self._scores_input(self.tta_logits(batch[0]), final=True), labels)
         return logits
+
+    def on_test_epoch_end(self) -> None:
+        self.test_per_class = self._log_scores(self.test_scores, "test/")
+        if self.tta_scores.update_count:
+            self._log_scores(self.tta_scores, "test/tta/")
 
     def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Final probabilities of each image: calibrated, logit-adjusted and averaged over TTA views
