@@ -1,4 +1,4 @@
-"""Evaluation protocols beyond the linear probe: k-NN, few-shot, paired comparison, streamed probes.
+"""Evaluation protocols beyond the linear probe: k-NN, few-shot, streamed probes.
 
 Real features: packaged tf_efficientnet_lite0 on a Fashion-MNIST subset at 64 px, extracted once per
 module and re-written as several small fp16 ``.npy`` shards read back as memory maps, as a cache
@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from vision_transfer.data.sources import read_fashion_mnist, stratified_subset
 from vision_transfer.errors import VisionTransferError
@@ -22,7 +21,6 @@ from vision_transfer.features.extract import extract
 from vision_transfer.features.fewshot import ONE_SHOT_C, _folds, class_rows, draw_shots, few_shot, fit_shots, in_span
 from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate, nearest_neighbours
 from vision_transfer.features.probe import Standardizer, sgd_probe, train_heads
-from vision_transfer.features.stats import mean_ci, paired_comparison
 from vision_transfer.features.stream import (
     InsufficientMemoryError,
     lbfgs_memory_bytes,
@@ -32,6 +30,7 @@ from vision_transfer.features.stream import (
     stream_train_heads,
     take_rows,
 )
+from vision_transfer.stats import mean_ci
 
 CLASSES = 10
 SHARD_ROWS = {"train": 600, "val": 300, "test": 400}  # uneven last shards on purpose
@@ -256,43 +255,6 @@ def test_one_shot_uses_the_documented_fixed_c(splits: dict[str, Split]) -> None:
     assert all(e.c == ONE_SHOT_C and e.cv_acc is None and len(e.ids) == CLASSES for e in run.episodes)
     assert "fixed C=1" in run.c_selection and "nothing to cross-validate" in run.c_selection
     assert run.mean > 0.15  # above chance with a single image per class (measured ~0.3)
-
-
-# -- paired comparison -----------------------------------------------------------------------------
-def test_paired_comparison_gives_the_known_verdicts() -> None:
-    rng = np.random.default_rng(0)
-    episode = rng.uniform(0.5, 0.9, 20)  # episodes differ far more than the backbones do
-    a = episode + 0.01 + rng.normal(0, 0.002, 20)
-    better = paired_comparison(a, episode)
-    assert better.verdict == "A better" and better.ci_low > 0 and better.ci_low < 0.01 < better.ci_high
-    assert better.p_value == pytest.approx(stats.ttest_rel(a, episode).pvalue)
-    assert stats.ttest_ind(a, episode).pvalue > 0.5  # unpaired, the same 1-point gain is invisible
-    worse = paired_comparison(episode, a)
-    assert worse.verdict == "B better" and worse.mean_diff == pytest.approx(-better.mean_diff)
-
-    tied = paired_comparison(episode + np.tile([0.01, -0.01], 10), episode)
-    assert tied.verdict == "no significant difference" and tied.ci_low < 0 < tied.ci_high
-    assert paired_comparison(episode, episode).verdict == "no significant difference"
-    assert paired_comparison(episode + 0.01, episode).verdict == "A better"  # no spread at all: t is infinite
-
-    borderline = 0
-    for seed in range(40):  # the interval excludes 0 exactly when p < alpha, and only then is there a winner
-        noisy = np.random.default_rng(seed).normal(0.003, 0.01, 10)
-        result = paired_comparison(episode[:10] + noisy, episode[:10])
-        significant = result.ci_low > 0 or result.ci_high < 0
-        assert significant == (result.p_value < 0.05) == (result.verdict != "no significant difference")
-        borderline += 0.05 <= result.p_value < 0.1
-    assert borderline  # the loop did cover p-values just above alpha
-    with pytest.raises(ValueError, match="same length"):
-        paired_comparison([0.1, 0.2], [0.1, 0.2, 0.3])
-
-
-def test_mean_ci_matches_the_benchmark_tables() -> None:
-    from vision_transfer.report.grid import mean_ci as table_mean_ci
-
-    values = [0.81, 0.84, 0.79, 0.83]
-    mean, low, high = mean_ci(values)
-    assert (mean, (high - low) / 2) == pytest.approx(table_mean_ci(values))
 
 
 # -- streaming -------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from vision_transfer.errors import GpuMemoryError, out_of_memory_message
+from vision_transfer.errors import ConfigError, GpuMemoryError, out_of_memory_message
 
 FEATURE_HELP = {
     "extract": "Run a frozen backbone once over each split and cache the features.",
@@ -47,6 +47,10 @@ def export(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == bool(args.backbone):
         parser.error("give either a checkpoint or --backbone")
+    from vision_transfer.inference.outputs import TTA_MODES
+
+    if args.tta is not None and args.tta not in TTA_MODES:  # before a backbone is built or a file written
+        raise ConfigError(f"--tta {args.tta!r}: use one of {', '.join(TTA_MODES)}.")
     from vision_transfer.export.exporter import classifier_from_pretrained, export_checkpoint, export_classifier
 
     formats = [f for f in args.formats.split(",") if f]
@@ -99,21 +103,54 @@ def _feature_parser(command: str) -> ArgumentParser:
             "--protocol", type=Literal["linear", "knn", "fewshot"], default="linear",
             help="linear: a linear probe (--solver); knn: DINO's weighted k-NN; fewshot: --shots per class, --episodes",
         )  # fmt: skip
-        parser.add_argument("--ks", type=list[int] | None, default=None, help="knn: k values swept (default 10..200)")
-        parser.add_argument("--shots", type=int, default=5, help="fewshot: training images per class per episode")
-        parser.add_argument("--episodes", type=int, default=20, help="fewshot: episodes (mean and 95%% CI over them)")
         parser.add_argument("--output", type=str, default="runs/probe")
-        parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="sgd")
-        parser.add_argument("--epochs", type=int, default=10, help="sgd: epochs over the cached features")
+        # None: the default in brackets; set for a protocol (or solver) that does not use it, an option is refused
+        parser.add_argument("--ks", type=list[int] | None, default=None, help="knn: k values swept (10..200)")
+        parser.add_argument("--shots", type=int | None, default=None, help="fewshot: images per class per episode (5)")
+        parser.add_argument("--episodes", type=int | None, default=None, help="fewshot: episodes (20)")
+        parser.add_argument("--solver", type=Literal["sgd", "lbfgs"] | None, default=None, help="linear: (sgd)")
+        parser.add_argument("--epochs", type=int | None, default=None, help="sgd: epochs over the cached features (10)")
         parser.add_argument("--lrs", type=list[float] | None, default=None, help="sgd: learning rates swept")
         parser.add_argument("--wds", type=list[float] | None, default=None, help="sgd: L2 penalties swept")
-        parser.add_argument("--c_grid_size", type=int, default=45, help="lbfgs: C values from 1e-6 to 1e5")
+        parser.add_argument("--c_grid_size", type=int | None, default=None, help="lbfgs: C values, 1e-6 to 1e5 (45)")
         parser.add_argument(
             "--class_weight", type=Literal["balanced"] | None, default=None,
-            help="balanced: weigh each class's loss by n / (C * n_c), for imbalanced data (both solvers)",
+            help="linear: balanced weighs each class's loss by n / (C * n_c), for imbalanced data (both solvers)",
         )  # fmt: skip
-        parser.add_argument("--seed", type=int, default=0)
+        parser.add_argument("--seed", type=int | None, default=None, help="sgd: shuffling; fewshot: the episodes (0)")
     return parser
+
+
+# probe option -> what uses it: a solver of --protocol linear, or another protocol; refused elsewhere
+PROBE_OPTION_USES: dict[str, tuple[str, ...]] = {
+    "solver": ("sgd", "lbfgs"),
+    "epochs": ("sgd",),
+    "lrs": ("sgd",),
+    "wds": ("sgd",),
+    "c_grid_size": ("lbfgs",),
+    "class_weight": ("sgd", "lbfgs"),
+    "seed": ("sgd", "fewshot"),  # L-BFGS and k-NN draw nothing
+    "ks": ("knn",),
+    "shots": ("fewshot",),
+    "episodes": ("fewshot",),
+}
+PROBE_DEFAULTS: dict[str, Any] = {
+    "solver": "sgd", "epochs": 10, "c_grid_size": 45, "seed": 0, "shots": 5, "episodes": 20,
+}  # fmt: skip
+USE_FLAGS = {"sgd": "--solver sgd", "lbfgs": "--solver lbfgs", "knn": "--protocol knn", "fewshot": "--protocol fewshot"}
+
+
+def _resolve_probe_options(init: Any) -> None:
+    """Fill in the probe's defaults, after refusing any option its protocol (and solver) would ignore."""
+    solver = init.solver or PROBE_DEFAULTS["solver"]
+    mode = solver if init.protocol == "linear" else init.protocol
+    for name, uses in PROBE_OPTION_USES.items():
+        if init[name] is not None and mode not in uses:
+            used_by = " or ".join(USE_FLAGS[use] for use in uses)
+            raise ConfigError(f"--{name} {init[name]} is for {used_by} only; this probe runs {USE_FLAGS[mode]}.")
+    for name, default in PROBE_DEFAULTS.items():
+        if init[name] is None:
+            init[name] = default
 
 
 def _feature_command(command: str, argv: list[str]) -> None:
@@ -121,6 +158,8 @@ def _feature_command(command: str, argv: list[str]) -> None:
 
     parser = _feature_parser(command)
     init = parser.instantiate_classes(parser.parse_args(argv))
+    if command == "probe":
+        _resolve_probe_options(init)
     keys = ("image_size", "cache_dir", "dtype", "precision", "batch_size", "num_workers", "compile")
     options = {k: init[k] for k in keys}
     try:
@@ -160,13 +199,16 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
 def _run_protocol(init: Any, options: dict[str, Any]) -> None:
     import json
 
-    from vision_transfer.app.features import fewshot_datamodule, knn_datamodule
+    from vision_transfer.app.features import extraction_settings, fewshot_datamodule, knn_datamodule
+    from vision_transfer.features.knn import KNN_KS
 
     folder = Path(init.output)
     folder.mkdir(parents=True, exist_ok=True)
+    settings = extraction_settings(init.backbone, init.weights, **options)
     if init.protocol == "knn":
-        knn = knn_datamodule(init.data, init.backbone, init.weights, ks=tuple(init.ks or ()) or None, **options)
-        summary = knn.summary()
+        ks = tuple(init.ks or KNN_KS)
+        knn = knn_datamodule(init.data, init.backbone, init.weights, ks=ks, **options)
+        summary = knn.summary() | {"settings": settings | {"ks": list(ks)}}
         print(f"knn         k={knn.k} (chosen on val), temperature {knn.temperature}")
         scores = f"test/acc_top5 {knn.test_top5:.4f}   test/balanced_acc {knn.test_balanced:.4f}"
         print(f"test/acc    {knn.test_top1:.4f}   {scores}")
@@ -174,9 +216,11 @@ def _run_protocol(init: Any, options: dict[str, Any]) -> None:
         few = fewshot_datamodule(
             init.data, init.backbone, init.weights, shots=init.shots, episodes=init.episodes, seed=init.seed, **options
         )
-        summary = few.summary()
+        settings |= {"shots": init.shots, "episodes": init.episodes, "seed": init.seed}
+        summary = few.summary() | {"settings": settings}
         print(f"fewshot     {few.shots} shots per class, {len(few.episodes)} episodes; C: {few.c_selection}")
-        print(f"test/acc    {few.mean:.4f}   95% CI [{few.ci_low:.4f}, {few.ci_high:.4f}] over episodes")
+        interval = f"95% CI [{few.ci_low:.4f}, {few.ci_high:.4f}] over episodes (the shots drawn, on this split)"
+        print(f"test/acc    {few.mean:.4f}   {interval}")
     summary |= {"protocol": init.protocol, "backbone": init.backbone, "weights": init.weights}
     (folder / "probe.json").write_text(json.dumps(summary, indent=2, default=float) + "\n")
     print(f"report      {(folder / 'probe.json').resolve()}")
@@ -190,11 +234,8 @@ def probe(argv: list[str]) -> None:
     _feature_command("probe", argv)
 
 
-def benchmark(argv: list[str]) -> None:
-    if "--merge" in argv:
-        _merge_benchmarks(argv)
-        return
-    from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
+def _benchmark_parser() -> ArgumentParser:
+    from vision_transfer.app.grid import BackboneEntry, DatasetEntry
 
     parser = ArgumentParser(prog="vision-transfer benchmark", description="Backbones x datasets x seeds x protocols.")
     parser.add_argument("--config", action=ActionConfigFile)
@@ -204,28 +245,33 @@ def benchmark(argv: list[str]) -> None:
     parser.add_argument(
         "--protocols", type=list[Literal["linear_probe", "knn", "fewshot", "full", "gradual"]], default=["linear_probe"]
     )
-    parser.add_argument("--image_size", type=int | None, default=None)
+    parser.add_argument("--image_size", type=int | None, default=None, help="default: each backbone's own")
     parser.add_argument("--output", type=str, default="runs/benchmark")
     parser.add_argument("--cache_dir", type=str | None, default=None)
-    parser.add_argument("--solver", type=Literal["sgd", "lbfgs"], default="lbfgs")
-    parser.add_argument("--c_grid_size", type=int, default=45)
-    parser.add_argument("--probe_epochs", type=int, default=10)
-    parser.add_argument("--finetune_epochs", type=int, default=3)
-    parser.add_argument("--fewshot_shots", type=int, default=5, help="fewshot: training images per class")
-    parser.add_argument("--fewshot_episodes", type=int, default=20, help="fewshot: episodes per seed")
-    parser.add_argument("--knn_ks", type=list[int] | None, default=None, help="knn: k values (default 10..200)")
-    parser.add_argument("--class_weight", type=Literal["balanced"] | None, default=None, help="linear_probe: balanced")
-    init = parser.instantiate_classes(parser.parse_args(argv))
-    keys = (
-        "cache_dir",
-        "solver",
-        "c_grid_size",
-        "probe_epochs",
-        "finetune_epochs",
-        "fewshot_shots",
-        "fewshot_episodes",
+    # None: the protocol's default; an option set for protocols the grid does not run is refused (run_grid)
+    parser.add_argument("--solver", type=Literal["sgd", "lbfgs"] | None, default=None, help="linear_probe (lbfgs)")
+    parser.add_argument("--c_grid_size", type=int | None, default=None, help="linear_probe, lbfgs: C values (45)")
+    parser.add_argument("--probe_epochs", type=int | None, default=None, help="linear_probe, sgd: epochs (10)")
+    parser.add_argument("--finetune_epochs", type=int | None, default=None, help="full, gradual: epochs (3)")
+    parser.add_argument("--finetune_lr", type=float | None, default=None, help="full, gradual: learning rate (2e-3)")
+    parser.add_argument("--fewshot_shots", type=int | None, default=None, help="fewshot: images per class (5)")
+    parser.add_argument("--fewshot_episodes", type=int | None, default=None, help="fewshot: episodes per seed (20)")
+    parser.add_argument("--knn_ks", type=list[int] | None, default=None, help="knn: k values (10..200)")
+    parser.add_argument(
+        "--class_weight", type=Literal["balanced"] | None, default=None, help="linear_probe, full, gradual: balanced"
     )
-    options = {k: init[k] for k in keys} | ({"knn_ks": init.knn_ks} if init.knn_ks else {})
+    return parser
+
+
+def benchmark(argv: list[str]) -> None:
+    if "--merge" in argv:
+        _merge_benchmarks(argv)
+        return
+    from vision_transfer.app.grid import OPTION_PROTOCOLS, run_grid
+
+    parser = _benchmark_parser()
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    options = {k: init[k] for k in (*OPTION_PROTOCOLS, "cache_dir")}  # every option of the parser reaches the grid
     results = run_grid(
         init.backbones, init.datasets, init.seeds, init.output, init.protocols, init.image_size, **options
     )

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from vision_transfer.datamodules import ImageDataModule
+from vision_transfer.errors import ConfigError
 from vision_transfer.features.cache import FeatureCache
-from vision_transfer.features.extract import Precision, extract
+from vision_transfer.features.extract import Precision, extract, feature_spec, resolve_precision
 from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver, run_probe
 
 if TYPE_CHECKING:
@@ -50,6 +51,35 @@ def extract_datamodule(
         progress=progress,
     )
     return caches, extractor.forward_passes if extractor else 0
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages that compute a result: recorded beside it."""
+    import timm
+
+    import vision_transfer
+
+    return {"torch_version": torch.__version__, "timm_version": timm.__version__,
+            "vision_transfer_version": vision_transfer.__version__}  # fmt: skip
+
+
+def extraction_settings(
+    backbone: str,
+    weights: str | None = "auto",
+    *,
+    image_size: int | None = None,
+    dtype: Literal["float16", "float32"] = "float16",
+    precision: Precision = "auto",
+    **_: Any,
+) -> dict[str, Any]:
+    """What :func:`extract_datamodule` makes features with, resolved as it resolves them (the input
+    size, the weights' identity, dtype and autocast), and the package versions."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # extract()'s own choice
+    spec = feature_spec(
+        backbone, weights, image_size=image_size, dtype=dtype, precision=resolve_precision(precision, device)
+    ).to_dict()
+    return {"input_size": spec["data_config"]["input_size"][-1], "weights": spec["weights"], "dtype": dtype,
+            "precision": spec["precision"], **package_versions()}  # fmt: skip
 
 
 def split_arrays(
@@ -139,6 +169,13 @@ def probe_datamodule(
         },
         "feature_dim": caches["train"].dim,
         "checkpoint": str(checkpoint.resolve()),
+        "settings": extraction_settings(backbone, weights, **extract_options)
+        | {"solver": solver, "class_weight": class_weight}
+        | (
+            {"epochs": epochs, "lrs": list(options["lrs"]), "wds": list(options["wds"]), "seed": seed}
+            if solver == "sgd"
+            else {"c_grid_size": c_grid_size}
+        ),
     }
     (folder / "probe.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     return result, checkpoint
@@ -153,6 +190,20 @@ def shard_inputs(
     return caches[split].shards(), samples.labels, list(samples.ids)
 
 
+def require_single_label(datamodule: ImageDataModule, protocol: str, name: str | None = None) -> None:
+    """Refuse multi-label data for a single-label protocol (k-NN votes, few-shot shots per class).
+
+    Args:
+        datamodule: the data (its splits are read if they are not yet).
+        protocol: the protocol's name, as the user gave it.
+        name: the data's name in the message; default the datamodule's own description.
+    """
+    if datamodule.task == "multilabel":
+        raise ConfigError(
+            f"{name or datamodule.describe()} is multi-label: the {protocol} protocol is single-label only."
+        )
+
+
 def knn_datamodule(
     datamodule: ImageDataModule,
     backbone: str,
@@ -165,6 +216,7 @@ def knn_datamodule(
     """DINO's weighted k-NN on cached features: k chosen on val, test scored once (see :mod:`features.knn`)."""
     from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate
 
+    require_single_label(datamodule, "knn")
     caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)
     train, val, test = (shard_inputs(caches, datamodule, s)[:2] for s in ("train", "val", "test"))
     classes = len(datamodule.class_names or [])
@@ -185,6 +237,7 @@ def fewshot_datamodule(
     cross-validation inside the shots, each episode scored on test (see :mod:`features.fewshot`)."""
     from vision_transfer.features.fewshot import few_shot
 
+    require_single_label(datamodule, "fewshot")
     caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)
     train = shard_inputs(caches, datamodule, "train")
     test = shard_inputs(caches, datamodule, "test")[:2]

@@ -8,7 +8,9 @@ split only scores the finished episodes, so neither can leak into the shots or t
 LAION-AI/CLIP_benchmark#125; CLIP's paper chose the few-shot C on the full validation set,
 openai/CLIP#128.)
 Shots depend only on the labels and the seed, so two backbones on the same split get the same
-episodes and compare pairwise (:func:`vision_transfer.features.stats.paired_comparison`).
+episodes. The interval over one run's episodes measures the draw of the shots only: its episodes
+share one split and one test set. Across seeds, a benchmark averages each seed's episodes first and
+takes the interval (and the paired differences) over those per-seed means (:mod:`vision_transfer.report.grid`).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import torch
 from vision_transfer.errors import DataError
 from vision_transfer.evaluation.metrics import accuracy
 from vision_transfer.features.probe import Standardizer, lbfgs_logistic_regression
-from vision_transfer.features.stats import mean_ci
 from vision_transfer.features.stream import iter_chunks, split_rows, take_rows
+from vision_transfer.stats import mean_ci
 
 FEW_SHOT_SHOTS = (1, 5, 10)
 FEW_SHOT_EPISODES = 20
@@ -54,7 +56,8 @@ class Episode:
 
 @dataclass
 class FewShotResult:
-    """Mean test accuracy over episodes with its Student-t 95% interval; per-episode scores kept."""
+    """Mean test accuracy over episodes with its Student-t 95% interval (the variation of the shots
+    drawn, for this split and test set); per-episode scores kept."""
 
     shots: int
     episodes: list[Episode]

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vision_transfer.errors import ConfigError
+
 TtaMode = Literal["none", "flip", "flip_zoom"]
 TTA_MODES: tuple[str, ...] = ("none", "flip", "flip_zoom")
 ZOOM = 1.15  # the zoomed views: 15% larger, centre-cropped back to the input size
@@ -23,7 +25,7 @@ ZOOM = 1.15  # the zoomed views: 15% larger, centre-cropped back to the input si
 def tta_views(images: torch.Tensor, mode: str) -> list[torch.Tensor]:
     """The input, its horizontal mirror (``flip``), and both zoomed in (``flip_zoom``)."""
     if mode not in TTA_MODES:
-        raise ValueError(f"tta={mode!r}: use one of {', '.join(TTA_MODES)}.")
+        raise ConfigError(f"tta={mode!r}: use one of {', '.join(TTA_MODES)}.")
     views = [images]
     if mode in ("flip", "flip_zoom"):
         views.append(images.flip(-1))
