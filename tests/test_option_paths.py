@@ -12,6 +12,10 @@ One table, ``TABLE``, has a row per option of ``fit`` (the model's and the datam
 The cases are generated from the table, and ``test_every_option_has_a_row`` fails when a new option
 appears in a signature or a parser without one, so no option can be added without saying what it
 does on each path. An accepted option that leaves every output bit-identical fails here.
+
+The options of ``probe`` and ``benchmark`` have their table beside the grid's tests
+(``tests/test_grid_trust.py``: ``PROBE_OPTIONS`` over the paths sgd, lbfgs, knn and fewshot, and the
+benchmark's protocols), generated and checked against their ``--help`` the same way.
 """
 
 from __future__ import annotations
@@ -200,8 +204,6 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "on_bad_image": (None, {FIT: Elsewhere("tests/test_reliability.py", "skip lists the bad images")}),
     "predict_paths": (None, {PREDICT: Elsewhere("tests/test_cli.py", "the predict command")}),
 }
-# options of the datamodules' own constructors (the source), not of the table above
-SOURCE_OPTIONS = {"root", "csv_path", "path_column", "label_column", "split_column", "multilabel", "download"}
 DATA_OPTIONS = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
 
 
@@ -425,6 +427,3 @@ def test_prediction_paths_agree(settings: dict[str, Any], tmp_path: Path) -> Non
     logged = _predictions(settings, TEST, tmp_path)
     labels = torch.arange(24) % 3
     assert float(logged[0]) == pytest.approx(float((predicted.argmax(1) == labels).float().mean()), abs=1e-6)
-
-
-PROBE_ROWS: dict[str, Cell] = {}  # filled by the probe section below

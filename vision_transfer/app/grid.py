@@ -58,7 +58,15 @@ DEFAULTS: dict[str, Any] = {
     "fewshot_episodes": 20, "finetune_epochs": 3, "finetune_lr": 2e-3, "class_weight": None,
 }  # fmt: skip
 GRID_OPTIONS = {*OPTION_PROTOCOLS, "cache_dir", "progress"}
-FINE_TUNE_PRECISION: Literal["32-true"] = "32-true"
+
+
+def fine_tune_precision() -> str:
+    """What the grid's fine-tunes train at: what ``fit`` picks here (bf16-mixed on a bf16 GPU, else 32-true)."""
+    from vision_transfer.app.lightning_cli import default_precision
+
+    return default_precision("auto") or "32-true"
+
+
 # datamodule options that say where the data is and how fast it loads, not what it is; the split
 # seed is the row's own seed
 NOT_DATA = {"root", "csv_path", "download", "num_workers", "predict_paths", "split_seed"}
@@ -195,7 +203,7 @@ def run_settings(
         "weights_id": f"{weights['kind']}:{(weights.get('sha256') or '')[:16] or weights.get('uri', '')}",
         "data_hash": _short_hash([type(data).__name__, hparams, data.class_names]),
         "split_hash": _short_hash(splits),
-        "precision": options["precision"] if protocol in FEATURE_PROTOCOLS else FINE_TUNE_PRECISION,
+        "precision": options["precision"] if protocol in FEATURE_PROTOCOLS else fine_tune_precision(),
     }
     class_weight = options["class_weight"] or "none"
     if protocol == "linear_probe":
@@ -312,7 +320,7 @@ def _fine_tune(
     )  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, precision=FINE_TUNE_PRECISION,
+        enable_model_summary=False, num_sanity_val_steps=0, precision=fine_tune_precision(),  # type: ignore[arg-type]
     )  # fmt: skip
     start = time.perf_counter()
     data = connect(model, data)  # type: ignore[assignment]
