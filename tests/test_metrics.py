@@ -304,7 +304,8 @@ def test_epoch_scores_multilabel_use_the_thresholds_and_skip_columns_without_pos
         metric.update(x, y)
     out = metric.compute()
     predictions = (torch.from_numpy(logits).sigmoid() >= thresholds).numpy()
-    assert set(out) == {"map", "f1_micro", "f1_macro", "ap_per_class"}
+    assert set(out) == {"map", "f1_micro", "f1_macro", "ap_per_class", "positives"}
+    assert out["positives"].tolist() == targets.sum(0).tolist()
     assert float(out["map"]) == pytest.approx(m.mean_average_precision(logits, targets))
     assert float(out["f1_micro"]) == pytest.approx(m.f1_micro(predictions, targets))
     assert float(out["f1_macro"]) == pytest.approx(m.f1_macro(predictions, targets))

@@ -15,7 +15,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from vision_transfer.evaluation import metrics
+import vision_transfer.evaluation.metrics as metrics
 from vision_transfer.evaluation.metrics import ECE_BINS, MetricInputError
 
 MULTICLASS_KEYS = ("acc", "acc_top5", "balanced_acc", "f1_macro", "ece", "nll")
