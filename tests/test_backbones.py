@@ -111,7 +111,11 @@ def test_missing_weights_file_and_bad_setting() -> None:
 
 
 def test_offline_hub_failure_lists_offline_weights(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # read at import: without this the hub client tries the network (47 s of retries on a closed network)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     with pytest.raises(WeightsError, match=r"test_resnet.*offline: tf_efficientnet_lite0 \(weights='packaged'\)"):
