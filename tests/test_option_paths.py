@@ -279,6 +279,12 @@ def long_tailed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def feature_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for every cached-fit case of the module."""
+    return tmp_path_factory.mktemp("option_paths_cache")
+
+
+@pytest.fixture(scope="module")
 def multilabel_csv(tmp_path_factory: pytest.TempPathFactory, long_tailed: Path) -> Path:
     """The same images, each also labelled ``bright`` when its class is circle or stripes."""
     path = long_tailed / "multilabel.csv"
@@ -357,9 +363,9 @@ def _value(option: str) -> tuple[str, Any]:
 
 @pytest.mark.parametrize(("option", "path"), _cases(ACTS, CONTEXT))
 def test_option_acts_on_the_training_path(
-    option: str, path: str, long_tailed: Path, multilabel_csv: Path, tmp_path_factory: pytest.TempPathFactory
+    option: str, path: str, long_tailed: Path, multilabel_csv: Path, feature_cache: Path
 ) -> None:
-    cache = tmp_path_factory.getbasetemp() / "option_paths_cache"
+    cache = feature_cache
     name, value = _value(option)
     base = {**CONTEXT[path], **NEEDS.get(name, {})}
     if name == "mode":
@@ -377,9 +383,9 @@ def test_option_acts_on_the_training_path(
 
 @pytest.mark.parametrize(("option", "path"), _cases(REFUSED, CONTEXT))
 def test_option_is_refused_by_name_where_it_cannot_act(
-    option: str, path: str, long_tailed: Path, multilabel_csv: Path, tmp_path_factory: pytest.TempPathFactory
+    option: str, path: str, long_tailed: Path, multilabel_csv: Path, feature_cache: Path
 ) -> None:
-    cache = tmp_path_factory.getbasetemp() / "option_paths_cache"
+    cache = feature_cache
     name, value = _value(option)
     settings = {**CONTEXT[path], name: value}
     with pytest.raises(VisionTransferError, match=name):
