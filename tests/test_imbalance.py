@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
 from tests.test_cli import run_cli
 from vision_transfer.datamodules.image import BalancedSampler
-from vision_transfer.losses import ClassificationLoss, balanced_class_weights, log_prior
+from vision_transfer.losses import CrossEntropyLoss, balanced_class_weights, log_prior
 
 
 def test_balanced_sampler_draws_every_class_about_equally_and_is_seeded_by_epoch() -> None:
@@ -49,18 +49,18 @@ def test_class_weights_and_logit_adjustment_in_the_loss() -> None:
     weights = balanced_class_weights(counts)
     assert torch.allclose(weights, 100 / (3 * counts))  # scikit-learn's "balanced"
     logits, labels = torch.randn(8, 3), torch.tensor([0, 1, 2, 0, 1, 2, 0, 0])
-    weighted = ClassificationLoss(class_weight=weights)(logits, labels)
+    weighted = CrossEntropyLoss(class_weight=weights)(logits, labels)
     assert torch.allclose(weighted, F.cross_entropy(logits, labels, weight=weights))
     prior = 1.5 * log_prior(counts)
-    adjusted = ClassificationLoss(logit_prior=prior)(logits, labels)
+    adjusted = CrossEntropyLoss(logit_prior=prior)(logits, labels)
     assert torch.allclose(adjusted, F.cross_entropy(logits + prior, labels))  # Menon et al. 2021, eq. 10
 
 
 def test_focal_loss_is_cross_entropy_at_gamma_zero_and_discounts_easy_examples() -> None:
     logits, labels = torch.randn(16, 4) * 3, torch.randint(0, 4, (16,))
     plain = F.cross_entropy(logits, labels)
-    assert torch.allclose(ClassificationLoss(focal_gamma=1e-12)(logits, labels), plain, atol=1e-5)
-    assert ClassificationLoss(focal_gamma=2.0)(logits, labels) < plain
+    assert torch.allclose(CrossEntropyLoss(focal_gamma=1e-12)(logits, labels), plain, atol=1e-5)
+    assert CrossEntropyLoss(focal_gamma=2.0)(logits, labels) < plain
 
 
 def test_posthoc_logit_adjustment_moves_predictions_to_the_rare_class() -> None:

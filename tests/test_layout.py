@@ -22,8 +22,8 @@ MAY_LOAD = {
     "data": {"backbones"},
     "tuning": set(),
     "losses": set(),
-    "evaluation": set(),  # the metrics: one definition of each number, for every package above
-    "inference": {"evaluation"},
+    "evaluation": {"inference", "losses"},  # the metrics (one definition each) and the task kinds
+    "inference": set(),
     "features": {"backbones", "data", "evaluation"},
     "export": {"backbones", "data", "evaluation", "inference"},
     "report": {"evaluation"},

@@ -16,7 +16,9 @@ from tests.test_cli import run_cli
 from vision_transfer.backbones import DataConfig
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import create_train_transform
-from vision_transfer.inference import PredictionHead, calibration_error, fit_temperature, tta_views
+from vision_transfer.evaluation import expected_calibration_error as calibration_error
+from vision_transfer.evaluation import task_kind
+from vision_transfer.inference import PredictionHead, fit_temperature, tta_views
 
 
 @pytest.mark.parametrize("preset", ["light", "medium", "strong"])
@@ -69,20 +71,24 @@ class FlipInvariant(nn.Module):
         return self.conv(x).mean(dim=(2, 3))
 
 
+SINGLE = task_kind("multiclass")
+
+
 def test_tta_flip_of_a_flip_invariant_model_changes_nothing() -> None:
     torch.manual_seed(0)
     images = torch.randn(4, 3, 16, 16)
     model = FlipInvariant().eval()
-    plain = PredictionHead(model).probabilities(images)
-    flipped = PredictionHead(model, tta="flip").probabilities(images)
+    plain = PredictionHead(model, SINGLE).probabilities(images)
+    flipped = PredictionHead(model, SINGLE, tta="flip").probabilities(images)
     assert torch.allclose(plain, flipped, atol=1e-6)
     assert len(tta_views(images, "flip_zoom")) == 4
     sensitive = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 5)).eval()  # not flip-invariant: TTA acts
     assert not torch.allclose(
-        PredictionHead(sensitive).probabilities(images), PredictionHead(sensitive, tta="flip").probabilities(images)
+        PredictionHead(sensitive, SINGLE).probabilities(images),
+        PredictionHead(sensitive, SINGLE, tta="flip").probabilities(images),
     )
     manual = torch.stack([sensitive(v).softmax(1) for v in (images, images.flip(-1))]).mean(0)
-    assert torch.allclose(PredictionHead(sensitive, tta="flip").probabilities(images), manual, atol=1e-6)
+    assert torch.allclose(PredictionHead(sensitive, SINGLE, tta="flip").probabilities(images), manual, atol=1e-6)
 
 
 def test_temperature_fitting_recovers_a_known_miscalibration() -> None:

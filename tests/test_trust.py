@@ -13,7 +13,7 @@ from torch.nn import functional as F
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
 from vision_transfer.data.mixing import BatchMixer
-from vision_transfer.losses import ClassificationLoss
+from vision_transfer.losses import CrossEntropyLoss
 from vision_transfer.tasks import ImageClassifier
 
 
@@ -177,8 +177,8 @@ def test_focal_loss_at_gamma_zero_is_the_cross_entropy_it_replaces(
     labels = torch.randint(0, 5, (16,), generator=generator)
     target = F.one_hot(labels, 5).float() * 0.6 + 0.08 if soft else labels
     weight = torch.rand(5, generator=generator) + 0.5 if weighted else None
-    plain = ClassificationLoss(label_smoothing=smoothing, class_weight=weight)(logits, target)
-    focal = ClassificationLoss(label_smoothing=smoothing, class_weight=weight, focal_gamma=1e-9)(logits, target)
+    plain = CrossEntropyLoss(label_smoothing=smoothing, class_weight=weight)(logits, target)
+    focal = CrossEntropyLoss(label_smoothing=smoothing, class_weight=weight, focal_gamma=1e-9)(logits, target)
     assert torch.allclose(focal, plain, atol=1e-5)
     if not soft and not weighted:
         assert torch.allclose(plain, F.cross_entropy(logits, labels, label_smoothing=smoothing), atol=1e-6)

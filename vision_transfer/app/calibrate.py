@@ -23,11 +23,9 @@ from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
 from vision_transfer.data.dataset import FeatureBatch
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.errors import DataError
-from vision_transfer.evaluation.metrics import expected_calibration_error, f1_micro, reliability
+from vision_transfer.evaluation.kinds import task_kind
 from vision_transfer.files import write_atomic
-from vision_transfer.inference.calibration import fit_temperature, nll, view_log_probs
 from vision_transfer.inference.outputs import tta_views
-from vision_transfer.inference.thresholds import best_f1_thresholds
 from vision_transfer.tasks import ImageClassifier
 
 
@@ -50,45 +48,19 @@ def collect_logits(model: ImageClassifier, loader: Any, device: torch.device) ->
 
 
 def calibrate_model(model: ImageClassifier, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
-    """Fit the temperature (multiclass) or thresholds (multilabel) from validation logits into ``model``,
-    on the probabilities predictions use (``(views, N, C)`` logits: their test-time augmentation average)."""
-    if model.multilabel:
-        probs = logits.sigmoid().mean(0) if logits.ndim == 3 else logits.sigmoid()
-        thresholds, no_positive = best_f1_thresholds(probs, labels)
-        model.thresholds.copy_(thresholds)
-        return {
-            "thresholds": [round(float(t), 4) for t in thresholds],
-            "classes_without_val_positive": [model.class_names[c] for c in no_positive] if model.class_names else [],
-            "f1_micro_at_0.5": f1_micro(probs >= 0.5, labels),
-            "f1_micro_tuned": f1_micro(probs >= thresholds, labels),
-        }
+    """Fit the model's prediction settings (its task kind's: a temperature, or per-class thresholds) from
+    validation logits, on the probabilities predictions use (after any post-hoc logit shift; ``(views, N, C)``
+    logits: their test-time augmentation average); returns the report."""
     shifted = logits if (shift := model.logit_shift()) is None else logits + shift
-    temperature = fit_temperature(shifted, labels)
-    model.temperature.fill_(temperature)
-    before, after = view_log_probs(shifted).exp(), view_log_probs(shifted, temperature).exp()
-    return {
-        "temperature": temperature,
-        "tta": model.hparams.get("tta", "none"),
-        "nll_before": nll(shifted, labels),
-        "nll_after": nll(shifted, labels, temperature),
-        "ece_before": expected_calibration_error(before, labels),
-        "ece_after": expected_calibration_error(after, labels),
-        "reliability_before": reliability(before, labels),
-        "reliability_after": reliability(after, labels),
-    }
+    fitted, report = model.task_kind.calibrate(shifted, labels, model.class_names or [])
+    for name, value in fitted.items():
+        getattr(model, name).copy_(value)
+    return {**report, "tta": model.hparams.get("tta", "none")}
 
 
 def calibration_line(report: dict[str, Any]) -> str:
     """The one line ``fit`` and ``calibrate`` print about what calibration did."""
-    if "temperature" in report:
-        return (
-            f"calibrated on val: temperature {report['temperature']:.3f}, NLL {report['nll_before']:.4f} -> "
-            f"{report['nll_after']:.4f}, ECE {report['ece_before']:.4f} -> {report['ece_after']:.4f}"
-        )
-    return (
-        f"per-class thresholds tuned on val: micro-F1 {report['f1_micro_at_0.5']:.4f} at 0.5 -> "
-        f"{report['f1_micro_tuned']:.4f}"
-    )
+    return task_kind(report["task"]).calibration_line(report)
 
 
 def calibrate_checkpoint(

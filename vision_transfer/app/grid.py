@@ -327,12 +327,8 @@ def _fine_tune(
     trainer.fit(model, data)
     train_s = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
-    if model.multilabel:
-        scores = {k: metrics[f"test/{k}"] for k in ("map", "f1_micro", "f1_macro")}
-        return {**scores, "chosen": f"epochs={epochs}", "feature_dim": model.backbone.num_features, "train_s": train_s}
-    return {"top1": metrics["test/acc"], "top5": metrics["test/acc_top5"], "balanced_acc": metrics["test/balanced_acc"],
-            "f1_macro": metrics["test/f1_macro"], "chosen": f"epochs={epochs}",
-            "feature_dim": model.backbone.num_features, "train_s": train_s}  # fmt: skip
+    scores = {column: metrics[f"test/{key}"] for column, key in model.task_kind.grid_columns.items()}
+    return {**scores, "chosen": f"epochs={epochs}", "feature_dim": model.backbone.num_features, "train_s": train_s}
 
 
 def grid(

@@ -152,8 +152,8 @@ class VisionTransferCLI(LightningCLI):
         super().instantiate_classes()
         self.datamodule = connect(self.model, self.datamodule)
         checkpoint = self.trainer.checkpoint_callback
-        if isinstance(checkpoint, RunCheckpoint) and checkpoint.monitor == "val/acc" and self.model.multilabel:
-            checkpoint.monitor = self.model.monitor  # multi-label heads are chosen by val/map
+        if isinstance(checkpoint, RunCheckpoint) and checkpoint.monitor == "val/acc":
+            checkpoint.monitor = self.model.monitor  # the default follows the task kind (multi-label: val/map)
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)

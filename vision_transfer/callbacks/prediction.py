@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+
+if TYPE_CHECKING:
+    from vision_transfer.evaluation.kinds import TaskKind
 
 
 class PredictionWriter(BasePredictionWriter):
@@ -39,16 +42,11 @@ class PredictionWriter(BasePredictionWriter):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._file = path.open("w", newline="")
-        names: list[str] = getattr(pl_module, "class_names", None) or []
-        self._multilabel = bool(getattr(pl_module, "multilabel", False))
+        self._kind = cast("TaskKind", pl_module.task_kind)
         self._writer = csv.writer(self._file)
-        if self._multilabel:
-            self._writer.writerow(["path", "labels", "probabilities", "all_probabilities"])
-            return
         calibrated = float(getattr(pl_module, "temperature", 1.0)) != 1.0
-        prob = "calibrated_prob" if calibrated else "prob"
-        k = min(self.top_k, len(names) or self.top_k)
-        self._writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, k + 1) for kind in ("label", prob)])
+        num_classes = len(getattr(pl_module, "class_names", None) or [])
+        self._writer.writerow(self._kind.csv_header(num_classes, self.top_k, calibrated))
 
     def write_on_batch_end(
         self,
@@ -62,25 +60,9 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         files = trainer.datamodule.predict_files  # type: ignore[attr-defined]
         names: list[str] = getattr(pl_module, "class_names", None) or []
-        if self._multilabel:
-            thresholds = getattr(pl_module, "thresholds", torch.full((prediction.shape[1],), 0.5)).cpu()
-            for index, row in zip(batch_indices, prediction.float().cpu(), strict=True):
-                above = (row >= thresholds).nonzero().flatten().tolist()
-                self._writer.writerow(
-                    [
-                        files[index],
-                        ";".join(names[c] for c in above),
-                        ";".join(f"{float(row[c]):.5f}" for c in above),
-                        ";".join(f"{float(v):.5f}" for v in row),
-                    ]
-                )
-            return
-        probs, classes = torch.topk(prediction.float(), min(self.top_k, prediction.shape[1]), dim=1)
-        for index, p_row, c_row in zip(batch_indices, probs.tolist(), classes.tolist(), strict=True):
-            cells: list[Any] = [files[index]]
-            for p, c in zip(p_row, c_row, strict=True):
-                cells += [names[c] if c < len(names) else c, f"{p:.5f}"]
-            self._writer.writerow(cells)
+        thresholds = getattr(pl_module, "thresholds", torch.full((prediction.shape[1],), 0.5))
+        paths = [files[index] for index in batch_indices]
+        self._writer.writerows(self._kind.csv_rows(paths, prediction, names, thresholds, self.top_k))
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._file is not None:

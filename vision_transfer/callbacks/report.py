@@ -5,12 +5,11 @@ from __future__ import annotations
 import heapq
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.nn import functional as F
 
 from vision_transfer.report.run import (
     draw_plots,
@@ -19,6 +18,9 @@ from vision_transfer.report.run import (
     write_confusion,
     write_run_summary,
 )
+
+if TYPE_CHECKING:
+    from vision_transfer.evaluation.kinds import TaskKind
 
 
 class RunReport(pl.Callback):
@@ -104,24 +106,17 @@ class RunReport(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         images, labels = batch[0], batch[1]
-        multilabel = labels.ndim == 2
         if self.worst_images <= 0 or not isinstance(outputs, torch.Tensor) or images.ndim != 4:
             return
-        logits = outputs.float()
-        if multilabel:
-            losses = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="none").sum(1)
-            predicted = logits.sigmoid() >= getattr(pl_module, "thresholds", 0.5)
-        else:
-            losses = F.cross_entropy(logits, labels, reduction="none")
-            # the class the metrics and predict count (post-hoc adjustment applied), not the raw argmax
-            adjust = getattr(pl_module, "prediction_logits", None)
-            predicted = (adjust(logits) if adjust is not None else logits).argmax(1)
+        kind = cast("TaskKind", pl_module.task_kind)
+        losses = kind.sample_losses(outputs, labels)
+        # the classes the metrics and predict count (post-hoc adjustment and thresholds applied), not the raw argmax
+        probs = kind.probabilities(pl_module.prediction_logits(outputs))  # type: ignore[operator]
+        predicted = kind.class_lists(kind.decide(probs, pl_module.thresholds))  # type: ignore[arg-type]
+        truth = kind.class_lists(labels)
         top = torch.topk(losses, min(self.worst_images, len(losses))).indices
         for i, pixels in zip(top.tolist(), _to_uint8(images[top], pl_module), strict=True):
-            if multilabel:
-                true, pred = labels[i].nonzero().flatten().tolist(), predicted[i].nonzero().flatten().tolist()
-            else:
-                true, pred = [int(labels[i])], [int(predicted[i])]
+            true, pred = truth[i], predicted[i]
             item = (float(losses[i]), batch_idx * len(labels) + i, pixels, true, pred)
             if len(self._worst) < self.worst_images:
                 heapq.heappush(self._worst, item)
@@ -132,8 +127,7 @@ class RunReport(pl.Callback):
         scores = getattr(pl_module, "test_scores", None)
         if scores is None or not scores.update_count:
             return
-        if getattr(pl_module, "multilabel", False):
-            scores.thresholds.copy_(pl_module.thresholds)  # type: ignore[operator]
+        scores.thresholds.copy_(pl_module.thresholds)  # type: ignore[operator]
         values = scores.compute()  # every rank joins the gather; the module logs and resets them after
         folder = self._folder(trainer)
         if folder is None:

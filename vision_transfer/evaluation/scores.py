@@ -8,18 +8,15 @@ once, with the same functions the probes and reports use.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-import vision_transfer.evaluation.metrics as metrics
+from vision_transfer.evaluation.kinds import TaskKind, task_kind
 from vision_transfer.evaluation.metrics import ECE_BINS, MetricInputError
-
-MULTICLASS_KEYS = ("acc", "acc_top5", "balanced_acc", "f1_macro", "ece", "nll")
-MULTILABEL_KEYS = ("map", "f1_micro", "f1_macro")
 
 
 class EpochScores(Metric):
@@ -43,7 +40,7 @@ class EpochScores(Metric):
     the targets (no recall, no AP). Definitions: :mod:`vision_transfer.evaluation.metrics`.
 
     Args:
-        task: ``multiclass`` or ``multilabel``.
+        task: the task kind, or its name (:func:`~vision_transfer.evaluation.kinds.task_kind`).
         num_classes: C.
         thresholds: multilabel per-class probability thresholds ``(C,)`` (default 0.5 each). A buffer:
             it moves with the metric, and ``scores.thresholds.copy_(model.thresholds)`` after a
@@ -62,7 +59,7 @@ class EpochScores(Metric):
 
     def __init__(
         self,
-        task: Literal["multiclass", "multilabel"],
+        task: TaskKind | str,
         num_classes: int,
         thresholds: torch.Tensor | None = None,
         *,
@@ -73,11 +70,10 @@ class EpochScores(Metric):
     ) -> None:
         # no cached result: thresholds changed in place must count at the next compute()
         super().__init__(**{"compute_with_cache": False, **kwargs})
-        if task not in ("multiclass", "multilabel"):
-            raise MetricInputError(f"task must be 'multiclass' or 'multilabel', not {task!r}.")
+        self.kind = task_kind(task)
         if thresholds is not None and tuple(thresholds.shape) != (num_classes,):
             raise MetricInputError(f"thresholds have shape {tuple(thresholds.shape)}, not ({num_classes},).")
-        self.task, self.num_classes, self.top_k = task, num_classes, top_k
+        self.num_classes, self.top_k = num_classes, top_k
         self.per_class, self.ece_bins = per_class, ece_bins
         default = torch.full((num_classes,), 0.5) if thresholds is None else thresholds.detach().float().clone()
         self.register_buffer("thresholds", default)
@@ -91,29 +87,7 @@ class EpochScores(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         # on the CPU once: the metrics are numpy
         logits, targets = dim_zero_cat(self.logits).cpu(), dim_zero_cat(self.targets).cpu()
-        out: dict[str, Any]
-        if self.task == "multilabel":
-            # the comparison predict makes: float32 sigmoid against the thresholds
-            predicted = logits.sigmoid() >= self.thresholds.cpu()
-            out = {
-                "map": metrics.mean_average_precision(logits, targets),
-                "f1_micro": metrics.f1_micro(predicted, targets),
-                "f1_macro": metrics.f1_macro(predicted, targets),
-            }
-            if self.per_class:
-                out["ap_per_class"] = metrics.average_precision_per_class(logits, targets)
-                out["positives"] = targets.sum(0).numpy()
-        else:
-            predictions = logits.argmax(1)  # ties to the lower index, as metrics.top_k_classes
-            out = {
-                "acc": metrics.top_k_accuracy(logits, targets, 1),
-                "acc_top5": metrics.top_k_accuracy(logits, targets, self.top_k),
-                "balanced_acc": metrics.balanced_accuracy(predictions, targets),
-                "f1_macro": metrics.f1_macro(predictions, targets),
-                "ece": metrics.expected_calibration_error(logits.softmax(1), targets, self.ece_bins),
-                "nll": metrics.nll(logits, targets),
-            }
-            if self.per_class:
-                out["confusion_matrix"] = metrics.confusion_matrix(predictions, targets, self.num_classes)
-                out["recall_per_class"] = metrics.per_class_recall(predictions, targets, self.num_classes)
+        out = self.kind.scores(
+            logits, targets, self.thresholds.cpu(), top_k=self.top_k, per_class=self.per_class, ece_bins=self.ece_bins
+        )
         return {name: torch.as_tensor(np.asarray(value)) for name, value in out.items()}  # floats as float64

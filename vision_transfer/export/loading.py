@@ -18,6 +18,7 @@ from vision_transfer.backbones.weights import safe_torch_load
 from vision_transfer.data.images import array_to_rgb, load_image, to_rgb
 from vision_transfer.data.transforms import Normalize, create_eval_transform
 from vision_transfer.errors import WeightsError
+from vision_transfer.evaluation.kinds import SINGLE, TaskKind, task_kind
 from vision_transfer.export.timm_format import (
     CONFIG_NAME,
     classifier_name,
@@ -63,8 +64,9 @@ class Classifier(nn.Module):
         self.eval()
 
     @property
-    def multilabel(self) -> bool:
-        return self.prediction.get("task") == "multilabel"
+    def kind(self) -> TaskKind:
+        """The task kind the model was trained for (single- or multi-label)."""
+        return task_kind(self.prediction.get("task", SINGLE))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(images))
@@ -74,7 +76,7 @@ class Classifier(nn.Module):
         shift = self.prediction.get("logit_shift")
         temperature = self.prediction.get("temperature") or 1.0
         return PredictionHead(
-            PlainClassifier(self), "multilabel" if self.multilabel else "multiclass", temperature,
+            PlainClassifier(self), self.kind, temperature,
             torch.tensor(shift) if shift else None, tta if tta is not None else self.prediction.get("tta", "none"),
         )  # fmt: skip
 
@@ -99,18 +101,8 @@ class Classifier(nn.Module):
         """Per image: the top-k ``(class name, probability)`` pairs; multi-label: every class at
         or above its threshold, most probable first. ``tta`` overrides the recorded setting."""
         probs = self.prediction_head(tta).probabilities(self.preprocess(images))
-        if self.multilabel:
-            thresholds = torch.tensor(self.prediction.get("thresholds") or [0.5] * probs.shape[1])
-            return [
-                sorted(((self.class_names[c], float(row[c])) for c in (row >= thresholds).nonzero().flatten()),
-                       key=lambda pair: -pair[1])
-                for row in probs
-            ]  # fmt: skip
-        values, indices = probs.topk(min(top_k, probs.shape[1]), dim=1)
-        return [
-            [(self.class_names[i], float(v)) for v, i in zip(row_v, row_i, strict=True)]
-            for row_v, row_i in zip(values.tolist(), indices.tolist(), strict=True)
-        ]
+        thresholds = torch.tensor(self.prediction.get("thresholds") or [0.5] * probs.shape[1])
+        return self.kind.ranked(probs, self.class_names, thresholds, top_k)
 
 
 class PlainClassifier(nn.Module):

@@ -1,6 +1,6 @@
 """From logits to predictions: temperature calibration, test-time augmentation, per-class thresholds."""
 
-from vision_transfer.inference.calibration import calibration_error, fit_temperature, reliability
+from vision_transfer.inference.calibration import fit_temperature
 from vision_transfer.inference.outputs import TTA_MODES, PredictionHead, tta_views
 from vision_transfer.inference.thresholds import best_f1_thresholds
 
@@ -8,8 +8,6 @@ __all__ = [
     "TTA_MODES",
     "PredictionHead",
     "best_f1_thresholds",
-    "calibration_error",
     "fit_temperature",
-    "reliability",
     "tta_views",
 ]

@@ -11,11 +11,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-# The calibration metrics live with the others (one definition each); these names stay importable here.
-from vision_transfer.evaluation.metrics import ECE_BINS, reliability
-from vision_transfer.evaluation.metrics import expected_calibration_error as calibration_error
-
-__all__ = ["ECE_BINS", "calibration_error", "fit_temperature", "nll", "reliability", "view_log_probs"]
+__all__ = ["fit_temperature", "nll", "view_log_probs"]
 
 
 def view_log_probs(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:

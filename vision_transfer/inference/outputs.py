@@ -2,20 +2,23 @@
 
 In order: test-time augmentation views of the input, post-hoc logit adjustment (subtract
 ``tau * log prior``), temperature, and the average of the views' probabilities. Its output is
-*logits* whose softmax (multiclass) or sigmoid (multilabel) are those probabilities, so an
+*logits* whose activation (the task kind's: softmax or a sigmoid per class) gives those probabilities, so an
 exported graph keeps one input and one output, and a downstream user applies one softmax/sigmoid.
 It is plain PyTorch (flip, interpolate): TorchScript and ONNX export it as part of the graph.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from vision_transfer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vision_transfer.evaluation.kinds import TaskKind
 
 TtaMode = Literal["none", "flip", "flip_zoom"]
 TTA_MODES: tuple[str, ...] = ("none", "flip", "flip_zoom")
@@ -43,7 +46,7 @@ class PredictionHead(nn.Module):
 
     Args:
         model: the classifier (backbone + head).
-        task: ``multiclass`` (softmax) or ``multilabel`` (sigmoid per class).
+        kind: the task kind (:func:`vision_transfer.evaluation.task_kind`): its activation and view average.
         temperature: divides the logits (calibration; 1 = none).
         logit_shift: added to the logits before the temperature (post-hoc logit adjustment:
             ``-tau * log prior``), or None.
@@ -56,7 +59,7 @@ class PredictionHead(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        task: Literal["multiclass", "multilabel"] = "multiclass",
+        kind: TaskKind,
         temperature: float = 1.0,
         logit_shift: torch.Tensor | None = None,
         tta: str = "none",
@@ -64,7 +67,7 @@ class PredictionHead(nn.Module):
         super().__init__()
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # refuse an unknown mode now, not at the first batch
         self.model = model
-        self.multilabel = task == "multilabel"
+        self.kind = kind
         self.tta = tta
         self.register_buffer("temperature", torch.tensor(float(temperature)), persistent=False)
         self.register_buffer(
@@ -78,13 +81,7 @@ class PredictionHead(nn.Module):
         views = tta_views(images, self.tta)
         if len(views) == 1:
             return self.adjust(self.model(images))
-        if self.multilabel:
-            probs = torch.stack([self.adjust(self.model(v)).sigmoid() for v in views]).mean(0)
-            probs = probs.clamp(1e-7, 1 - 1e-7)
-            return probs.log() - (1 - probs).log()  # sigmoid of this is the mean probability
-        probs = torch.stack([self.adjust(self.model(v)).softmax(dim=1) for v in views]).mean(0)
-        return probs.clamp_min(1e-12).log()  # softmax of this is the mean probability
+        return self.kind.mean_probability_logits([self.adjust(self.model(v)) for v in views])
 
     def probabilities(self, images: torch.Tensor) -> torch.Tensor:
-        logits = self(images)
-        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+        return self.kind.probabilities(self(images))

@@ -1,4 +1,4 @@
-"""ClassificationLoss: cross-entropy and its variants for imbalanced and multi-label data.
+"""Training losses of classifier heads: cross-entropy and its variants for imbalanced data; multi-label.
 
 - class weights (``balanced``: n / (C * n_c), scikit-learn's definition);
 - logit adjustment (Menon et al., "Long-tail learning via logit adjustment", ICLR 2021): the loss
@@ -11,13 +11,9 @@ Targets are class indices, or soft/multi-hot ``(N, C)`` rows (mixup, multi-label
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 from torch.nn import functional as F
-
-Task = Literal["multiclass", "multilabel"]
 
 
 def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -33,18 +29,14 @@ def log_prior(counts: torch.Tensor) -> torch.Tensor:
     return (counts / counts.sum()).log()
 
 
-class ClassificationLoss(nn.Module):
-    """The training loss of a classifier head.
+class CrossEntropyLoss(nn.Module):
+    """The training loss of a single-label (softmax) head.
 
     Args:
-        task: ``multiclass`` (softmax) or ``multilabel`` (one sigmoid per class).
-        label_smoothing: smoothing of every target, hard or mixed: towards ``1/C`` (multiclass, also
-            under focal loss) or towards 0.5 (multilabel).
-        class_weight: multiclass: a weight per class, or None.
-        logit_prior: multiclass: ``tau * log prior`` added to the logits inside the loss (logit
-            adjustment), or None.
-        focal_gamma: multiclass: > 0 uses the focal loss with this gamma.
-        asymmetric: multilabel: the asymmetric loss (gamma_neg 4, gamma_pos 1, clip 0.05) instead of BCE.
+        label_smoothing: smoothing of every target, hard or mixed, towards ``1/C`` (also under focal loss).
+        class_weight: a weight per class, or None.
+        logit_prior: ``tau * log prior`` added to the logits inside the loss (logit adjustment), or None.
+        focal_gamma: > 0 uses the focal loss with this gamma.
     """
 
     class_weight: torch.Tensor | None
@@ -52,35 +44,21 @@ class ClassificationLoss(nn.Module):
 
     def __init__(
         self,
-        task: Task = "multiclass",
         *,
         label_smoothing: float = 0.0,
         class_weight: torch.Tensor | None = None,
         logit_prior: torch.Tensor | None = None,
         focal_gamma: float = 0.0,
-        asymmetric: bool = False,
     ) -> None:
         super().__init__()
-        self.task = task
         self.label_smoothing = label_smoothing
         self.focal_gamma = focal_gamma
         self.register_buffer("class_weight", class_weight, persistent=False)
         self.register_buffer("logit_prior", logit_prior, persistent=False)
-        self.asymmetric = None
-        if asymmetric:
-            from timm.loss import AsymmetricLossMultiLabel
-
-            self.asymmetric = AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=1, clip=0.05)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
         eps = self.label_smoothing
-        if self.task == "multilabel":
-            target = target.float() * (1 - eps) + 0.5 * eps  # towards 0.5 (timm's multi-label convention)
-            if self.asymmetric is not None:
-                # timm's ASL sums over the batch ("batchmean" in name only); per sample, as BCE's mean
-                return self.asymmetric(logits, target) / len(logits)
-            return F.binary_cross_entropy_with_logits(logits, target)
         if self.logit_prior is not None:
             logits = logits + self.logit_prior
         hard = target.ndim == 1
@@ -100,3 +78,29 @@ class ClassificationLoss(nn.Module):
             if hard:  # F.cross_entropy's weighted mean: over the weights of the samples' classes
                 return per_class.sum() / self.class_weight[target].sum()
         return per_class.sum(dim=1).mean()
+
+
+class MultiLabelLoss(nn.Module):
+    """The training loss of a multi-label (sigmoid per class) head.
+
+    Args:
+        label_smoothing: smoothing of every multi-hot or mixed target towards 0.5 (timm's convention).
+        asymmetric: the asymmetric loss (gamma_neg 4, gamma_pos 1, clip 0.05) instead of BCE.
+    """
+
+    def __init__(self, *, label_smoothing: float = 0.0, asymmetric: bool = False) -> None:
+        super().__init__()
+        self.label_smoothing = label_smoothing
+        self.asymmetric = None
+        if asymmetric:
+            from timm.loss import AsymmetricLossMultiLabel
+
+            self.asymmetric = AsymmetricLossMultiLabel(gamma_neg=4, gamma_pos=1, clip=0.05)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        target = target.float() * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        if self.asymmetric is not None:
+            # timm's ASL sums over the batch ("batchmean" in name only); per sample, as BCE's mean
+            return self.asymmetric(logits, target) / len(logits)
+        return F.binary_cross_entropy_with_logits(logits, target)

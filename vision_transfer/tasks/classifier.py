@@ -18,14 +18,14 @@ from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import CheckpointError, ConfigError, DataError, VisionTransferError
 from vision_transfer.evaluation import EpochScores
+from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
-from vision_transfer.losses import ClassificationLoss, balanced_class_weights, log_prior
+from vision_transfer.losses import balanced_class_weights, log_prior
 from vision_transfer.tuning import TuningConfig, TuningPolicy, build_param_groups
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Scheduler, Unit
 from vision_transfer.tuning.schedule import constant_lr_lambdas, group_lr_lambdas
 
 _D = TuningConfig()  # the one source of the tuning options' defaults
-Task = Literal["auto", "multiclass", "multilabel"]
 
 
 class ImageClassifier(pl.LightningModule):
@@ -100,7 +100,7 @@ class ImageClassifier(pl.LightningModule):
         momentum: float = _D.momentum,
         warmup_epochs: float = _D.warmup_epochs,
         min_lr_ratio: float = _D.min_lr_ratio,
-        task: Task = "auto",
+        task: TaskOption = "auto",
         label_smoothing: float | None = None,
         class_weighting: Literal["none", "balanced"] = "none",
         logit_adjustment: Literal["none", "loss", "posthoc"] = "none",
@@ -182,9 +182,9 @@ class ImageClassifier(pl.LightningModule):
         self._announced = False
         self._handed_out = False  # True once connect() gave data_config to a datamodule
         self._pending_losses: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
-        self._loss_fn: ClassificationLoss | None = None
+        self._loss_fn: nn.Module | None = None
         self._mixer: BatchMixer | None = None
-        self.task: str = task
+        self.kind: TaskKind | None = None if task == "auto" else task_kind(task)
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
         if class_names is not None:
@@ -196,24 +196,35 @@ class ImageClassifier(pl.LightningModule):
 
     # -- building ----------------------------------------------------------------------------
     @property
-    def multilabel(self) -> bool:
-        return self.task == "multilabel"
+    def task(self) -> str:
+        """The task kind's name, or ``auto`` until :meth:`set_task` (or the classes) decide it."""
+        return self.kind.name if self.kind is not None else "auto"
+
+    @property
+    def task_kind(self) -> TaskKind:
+        """The task kind (single- or multi-label), once the task or the classes are set."""
+        if self.kind is None:
+            raise ConfigError("this model's task is not set yet: pass class_names=[...] or use connect().")
+        return self.kind
 
     @property
     def label_smoothing(self) -> float:
         """The ``label_smoothing`` option, or its per-task default when unset."""
         value = self.hparams.get("label_smoothing")
-        return float(value) if value is not None else 0.0 if self.multilabel else 0.1
+        return float(value) if value is not None else self.task_kind.default_label_smoothing
 
     def set_task(self, task: str) -> None:
         """Resolve ``task='auto'`` to the data's (``connect`` calls it); a set task must match the data."""
-        if self.task == "auto":
+        kind = task_kind(task)
+        if self.kind is None:
             if self.class_names is not None:
                 raise ConfigError("set the task before the classes.")
-            self.task = task
-            self.hparams["task"] = task
-        elif self.task != task:
-            raise DataError(f"this model is {self.task}, the data is {task}; use a {self.task} dataset or task={task}.")
+            self.kind = kind
+            self.hparams["task"] = kind.name
+        elif self.kind is not kind:
+            raise DataError(
+                f"this model is {self.task}, the data is {kind.name}; use a {self.task} dataset or task={kind.name}."
+            )
 
     def set_class_names(self, class_names: list[str]) -> None:
         """Build the head, metrics and prediction buffers for these classes (once; ``connect`` calls it)."""
@@ -225,14 +236,10 @@ class ImageClassifier(pl.LightningModule):
             return
         if len(class_names) < 2:
             raise DataError(f"class_names={class_names}: a classifier needs at least 2 classes.")
-        if self.task == "auto":
-            self.task = self.hparams["task"] = "multiclass"
-        if self.multilabel and (self.hparams.get("class_weighting") != "none" or self.hparams.get("focal_gamma")):
-            raise ConfigError("class_weighting and focal_gamma are for multiclass heads (multilabel: asymmetric_loss).")
-        if self.multilabel and self.hparams.get("logit_adjustment") != "none":
-            raise ConfigError("logit_adjustment is for multiclass heads (multilabel: per-class thresholds).")
-        if not self.multilabel and self.hparams.get("asymmetric_loss"):
-            raise ConfigError("asymmetric_loss is for multilabel heads (multiclass: focal_gamma, class_weighting).")
+        if self.kind is None:
+            self.set_task(SINGLE)
+        hp: Any = self.hparams
+        self.task_kind.check_loss_options(**{name: hp.get(name) for name in LOSS_OPTIONS})
         n = len(class_names)
         self.class_names = list(class_names)
         self.hparams["class_names"] = self.class_names
@@ -243,10 +250,9 @@ class ImageClassifier(pl.LightningModule):
         self.register_buffer("thresholds", torch.full((n,), 0.5))
         # one definition per number (evaluation.metrics), the same the probes, the grid and report use;
         # the scores gather every batch's logits (across DDP ranks too) and are computed once per epoch
-        task: Any = self.task
-        self.val_scores = EpochScores(task, n)
-        self.test_scores = EpochScores(task, n, per_class=True)
-        self.tta_scores = EpochScores(task, n)
+        self.val_scores = EpochScores(self.task_kind, n)
+        self.test_scores = EpochScores(self.task_kind, n, per_class=True)
+        self.tta_scores = EpochScores(self.task_kind, n)
 
     def set_class_counts(self, counts: torch.Tensor) -> None:
         """Training samples (multilabel: positives) per class: the prior for class weights and logit adjustment."""
@@ -271,7 +277,7 @@ class ImageClassifier(pl.LightningModule):
     @property
     def monitor(self) -> str:
         """The validation metric that chooses the best checkpoint and drives the plateau scheduler."""
-        return "val/map" if self.multilabel else "val/acc"
+        return self.task_kind.monitor
 
     def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self._loss_fn is None:
@@ -280,9 +286,8 @@ class ImageClassifier(pl.LightningModule):
             has_counts = bool(counts.sum() > 0)
             if (hp.class_weighting != "none" or hp.logit_adjustment == "loss") and not has_counts:
                 raise ConfigError("class_weighting / logit_adjustment need the training class counts: use connect().")
-            self._loss_fn = ClassificationLoss(
-                "multilabel" if self.multilabel else "multiclass",
-                label_smoothing=self.label_smoothing,
+            self._loss_fn = self.task_kind.loss(
+                self.label_smoothing,
                 class_weight=balanced_class_weights(counts) if hp.class_weighting == "balanced" else None,
                 logit_prior=hp.logit_adjustment_tau * log_prior(counts) if hp.logit_adjustment == "loss" else None,
                 focal_gamma=hp.focal_gamma,
@@ -298,7 +303,7 @@ class ImageClassifier(pl.LightningModule):
         if self._mixer is None:
             self._mixer = BatchMixer(
                 len(self.class_names or []), hp.mixup_alpha, hp.cutmix_alpha, hp.mix_prob,
-                multilabel=self.multilabel,  # unsmoothed: the loss smooths every target, mixed or not
+                multilabel=self.task_kind.multilabel,  # unsmoothed: the loss smooths every target, mixed or not
             )  # fmt: skip
         return self._mixer(images, labels)
 
@@ -449,8 +454,8 @@ class ImageClassifier(pl.LightningModule):
         if self.hparams.get("stop_on_nan", True):
             self._watch_loss(loss)
         self.log("train/loss", loss, prog_bar=True)
-        if not self.multilabel:  # metrics on the hard labels, also when the loss saw mixed targets
-            self.log("train/acc", (logits.argmax(1) == labels).float().mean(), prog_bar=True)
+        # scores on the hard labels, also when the loss saw mixed targets
+        self.log_dict({f"train/{k}": v for k, v in self.task_kind.train_scores(logits, labels).items()}, prog_bar=True)
         return loss
 
     def _stop_on_nan(self, loss: torch.Tensor) -> None:
@@ -463,16 +468,12 @@ class ImageClassifier(pl.LightningModule):
         )
 
     def _scores_input(self, logits: torch.Tensor, final: bool = False) -> torch.Tensor:
-        """What the scores count: the logits predictions come from (multiclass: post-hoc adjustment and
-        temperature; ``final``: already applied, as :meth:`tta_logits` returns). Multi-label: raw logits,
-        whose sigmoid the scores compare with the thresholds."""
-        if self.multilabel or final:
-            return logits.float()
-        return self.prediction_logits(logits)
+        """What the scores count: the logits predictions come from (post-hoc adjustment and temperature;
+        ``final``: already applied, as :meth:`tta_logits` returns)."""
+        return logits.float() if final else self.prediction_logits(logits)
 
     def _log_scores(self, scores: EpochScores, prefix: str, prog_bar: bool = False) -> dict[str, torch.Tensor]:
-        if self.multilabel:
-            scores.thresholds.copy_(self.thresholds)  # the thresholds the model holds now (after calibration)
+        scores.thresholds.copy_(self.thresholds)  # the thresholds the model holds now (after calibration)
         values = scores.compute()
         scores.reset()
         scalars = {f"{prefix}{k}": v.float() for k, v in values.items() if v.ndim == 0}
@@ -508,7 +509,7 @@ class ImageClassifier(pl.LightningModule):
         """Final probabilities of each image: calibrated, logit-adjusted and averaged over TTA views
         as configured (multilabel: one sigmoid per class)."""
         logits = self._logits(batch) if isinstance(batch, FeatureBatch) else self.tta_logits(batch[0])
-        return logits.sigmoid() if self.multilabel else logits.softmax(dim=1)
+        return self.task_kind.probabilities(logits)
 
     # -- predictions -------------------------------------------------------------------------
     def logit_shift(self) -> torch.Tensor | None:
@@ -529,14 +530,7 @@ class ImageClassifier(pl.LightningModule):
     def tta_logits(self, images: torch.Tensor) -> torch.Tensor:
         """Prediction logits of a normalised batch, averaged in probability over the TTA views
         (the same :class:`~vision_transfer.inference.PredictionHead` the exports bake in)."""
-        task: Any = self.task
-        head = PredictionHead(
-            self,
-            task,
-            1.0,
-            self.logit_shift(),
-            self.hparams.get("tta", "none"),
-        )
+        head = PredictionHead(self, self.task_kind, 1.0, self.logit_shift(), self.hparams.get("tta", "none"))
         head.temperature = self.temperature
         return head(images)
 
@@ -633,11 +627,7 @@ class ImageClassifier(pl.LightningModule):
         settings: dict[str, Any] = {"task": self.task, "tta": hp.get("tta", "none")}
         if self.class_names is None:
             return settings
-        if self.multilabel:
-            settings["thresholds"] = [round(float(t), 6) for t in self.thresholds]  # type: ignore[union-attr]
-            settings["temperature"] = None  # multilabel: per-class thresholds instead of a temperature
-        else:
-            settings["temperature"] = float(self.temperature)  # type: ignore[arg-type]
+        settings |= self.task_kind.prediction_settings(self.temperature, self.thresholds)
         if hp.get("logit_adjustment") == "posthoc":
             shift = self.logit_shift()
             settings["logit_shift"] = [float(v) for v in shift] if shift is not None else None
@@ -688,6 +678,9 @@ class ImageClassifier(pl.LightningModule):
         memory_format = self.normalize.memory_format
         self.data_config = config
         self.normalize = Normalize(config, memory_format).to(self.normalize.mean.device)
+
+
+LOSS_OPTIONS = ("class_weighting", "focal_gamma", "logit_adjustment", "asymmetric_loss")
 
 
 def _stochastic_depth_acts(backbone: nn.Module) -> bool:
