@@ -158,7 +158,7 @@ def test_every_benchmark_option_reaches_the_protocols_that_use_it_and_is_refused
 def test_class_weight_reaches_the_grids_linear_probes_and_fine_tunes(
     shapes: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vision_transfer.features.probe as probe_module
+    import vision_transfer.evaluation.linear as probe_module
     import vision_transfer.tasks.classifier as classifier_module
 
     probed: list[Any] = []
@@ -570,8 +570,8 @@ def test_fewshot_gains_and_rankings_pair_the_per_seed_means() -> None:
 
 def test_one_mean_ci_serves_the_protocols_and_the_tables() -> None:
     import vision_transfer.report.grid as table
-    from vision_transfer.features import fewshot
-    from vision_transfer.stats import mean_ci
+    from vision_transfer.evaluation import fewshot
+    from vision_transfer.evaluation.stats import mean_ci
 
     assert not hasattr(table, "mean_ci") or table.mean_ci is mean_ci
     assert fewshot.mean_ci is mean_ci

@@ -45,7 +45,7 @@ def _loads(package: str) -> tuple[set[str], bool]:
     code = (
         f"import json, sys, vision_transfer.{package}\n"
         "ours = {m.split('.')[1] for m in sys.modules if m.startswith('vision_transfer.')}\n"
-        "ours -= {'errors', 'files', 'stats'}\n"  # leaf modules every package may use
+        "ours -= {'errors', 'files'}\n"  # leaf modules every package may use
         "print(json.dumps([sorted(ours), 'pytorch_lightning' in sys.modules]))"
     )
     ours, lightning = json.loads(_python(code))

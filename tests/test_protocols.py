@@ -17,11 +17,11 @@ import torch
 
 from vision_transfer.data.sources import read_fashion_mnist, stratified_subset
 from vision_transfer.errors import VisionTransferError
-from vision_transfer.features.extract import extract
-from vision_transfer.features.fewshot import ONE_SHOT_C, _folds, class_rows, draw_shots, few_shot, fit_shots, in_span
-from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate, nearest_neighbours
-from vision_transfer.features.probe import Standardizer, sgd_probe, train_heads
-from vision_transfer.features.stream import (
+from vision_transfer.evaluation.fewshot import ONE_SHOT_C, _folds, class_rows, draw_shots, few_shot, fit_shots, in_span
+from vision_transfer.evaluation.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate, nearest_neighbours
+from vision_transfer.evaluation.linear import Standardizer, sgd_probe, train_heads
+from vision_transfer.evaluation.stats import mean_ci
+from vision_transfer.evaluation.stream import (
     InsufficientMemoryError,
     lbfgs_memory_bytes,
     require_fits_in_memory,
@@ -30,7 +30,7 @@ from vision_transfer.features.stream import (
     stream_train_heads,
     take_rows,
 )
-from vision_transfer.stats import mean_ci
+from vision_transfer.features.extract import extract
 
 CLASSES = 10
 SHARD_ROWS = {"train": 600, "val": 300, "test": 400}  # uneven last shards on purpose

@@ -11,13 +11,13 @@ import torch
 
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import ConfigError
+from vision_transfer.evaluation.linear import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver, run_probe
 from vision_transfer.features.cache import FeatureCache
 from vision_transfer.features.extract import Precision, extract, feature_spec, resolve_precision
-from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver, run_probe
 
 if TYPE_CHECKING:
-    from vision_transfer.features.fewshot import FewShotResult
-    from vision_transfer.features.knn import KnnResult
+    from vision_transfer.evaluation.fewshot import FewShotResult
+    from vision_transfer.evaluation.knn import KnnResult
 
 
 def extract_datamodule(
@@ -124,13 +124,13 @@ def probe_datamodule(
     else:
         options = {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
     if solver == "sgd" and class_weight is None and not multilabel:
-        from vision_transfer.features.stream import stream_sgd_probe
+        from vision_transfer.evaluation.stream import stream_sgd_probe
 
         splits = {name: shard_inputs(caches, datamodule, name)[:2] for name in caches}
         result = stream_sgd_probe(splits["train"], splits["val"], splits.get("test"), len(class_names), **options)
     else:
         if solver == "lbfgs":
-            from vision_transfer.features.stream import require_fits_in_memory
+            from vision_transfer.evaluation.stream import require_fits_in_memory
 
             rows = len(datamodule.splits["train"]) + len(datamodule.splits["val"])
             require_fits_in_memory(rows, caches["train"].dim, num_classes=len(class_names))
@@ -213,8 +213,9 @@ def knn_datamodule(
     temperature: float | None = None,
     **extract_options: Any,
 ) -> KnnResult:
-    """DINO's weighted k-NN on cached features: k chosen on val, test scored once (see :mod:`features.knn`)."""
-    from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate
+    """DINO's weighted k-NN on cached features: k chosen on val, test scored once
+    (:mod:`vision_transfer.evaluation.knn`)."""
+    from vision_transfer.evaluation.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate
 
     require_single_label(datamodule, "knn")
     caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)
@@ -234,8 +235,8 @@ def fewshot_datamodule(
     **extract_options: Any,
 ) -> FewShotResult:
     """Few-shot linear probes: ``episodes`` draws of ``shots`` per class from train only, C chosen by
-    cross-validation inside the shots, each episode scored on test (see :mod:`features.fewshot`)."""
-    from vision_transfer.features.fewshot import few_shot
+    cross-validation inside the shots, each episode scored on test (see :mod:`vision_transfer.evaluation.fewshot`)."""
+    from vision_transfer.evaluation.fewshot import few_shot
 
     require_single_label(datamodule, "fewshot")
     caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)

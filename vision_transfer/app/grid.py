@@ -24,8 +24,8 @@ from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import ConfigError
+from vision_transfer.evaluation.knn import KNN_KS
 from vision_transfer.features.cache import canonical_json
-from vision_transfer.features.knn import KNN_KS
 from vision_transfer.report.grid import (
     SETTINGS,
     VERSIONS,
@@ -236,7 +236,7 @@ def _linear_probe(
     entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
 ) -> dict[str, Any]:
     from vision_transfer.app.features import split_arrays
-    from vision_transfer.features.probe import run_probe
+    from vision_transfer.evaluation.linear import run_probe
 
     start = time.perf_counter()
     caches = _extract(entry, data, image_size, options)

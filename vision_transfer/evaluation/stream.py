@@ -2,7 +2,7 @@
 
 A split is given as its shards (2-D arrays, usually the read-only fp16 ``np.memmap`` s of a feature
 cache) and one int64 label array; nothing here holds more than one shard (or one chunk) in memory.
-The SGD probe is :func:`vision_transfer.features.probe.train_heads`'s math fed by a stream:
+The SGD probe is :func:`vision_transfer.evaluation.linear.train_heads`'s math fed by a stream:
 standardisation statistics from one float64 pass, minibatches drawn in a seeded shard order with
 a seeded permutation inside each shard. At ImageNet-1k scale (1.28M x 1280 fp16, 1000 classes) the
 32-head probe peaks at 1.67 GiB resident, 0.93 GiB above the interpreter's own, where loading the
@@ -23,12 +23,12 @@ import torch
 from torch.nn import functional as F
 
 from vision_transfer.errors import DataError, VisionTransferError
+from vision_transfer.evaluation.linear import DEFAULT_LRS, DEFAULT_WDS, ProbeResult
 from vision_transfer.evaluation.metrics import accuracy, balanced_accuracy, f1_macro, top_k_classes, top_k_hits
-from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, ProbeResult
 
 # Rows converted to float32 at once when a pass reads a split (16384 x 1280 x 4 B = 84 MB).
 CHUNK_ROWS = 16384
-# Standardizer's floor on a feature's standard deviation (features/probe.py), so constant features stay finite.
+# Standardizer's floor on a feature's standard deviation (evaluation/linear.py), so constant features stay finite.
 MIN_STD = 1e-6
 
 
@@ -258,7 +258,7 @@ def stream_sgd_probe(
     seed: int = 0,
 ) -> ProbeResult:
     """``probe.sgd_probe`` on ``(shards, labels)`` splits: sweep ``lrs x wds`` heads on train in one
-    streamed run, pick on val, test that train-only head once (no refit: see ``features.probe``).
+    streamed run, pick on val, test that train-only head once (no refit: see ``evaluation.linear``).
 
     Ties on val accuracy go to the smaller weight decay, then the earlier grid entry, as in ``sgd_probe``.
     The returned ``weight``/``bias`` act on raw features.
