@@ -182,6 +182,41 @@ def test_class_weight_reaches_the_grids_linear_probes_and_fine_tunes(
     }
 
 
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_the_grid_and_probe_run_the_same_linear_probe(
+    shapes: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, solver: str
+) -> None:
+    """Same data, seed and solver: the grid's linear probe and `vision-transfer probe` call the same
+    evaluation function with the same options and report the same scores."""
+    import vision_transfer.evaluation.linear as linear
+    import vision_transfer.evaluation.stream as stream
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for module, name in ((linear, "run_probe"), (stream, "stream_sgd_probe")):
+        original = getattr(module, name)
+
+        def spy(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls.append((_name, {k: v for k, v in kwargs.items() if v is not None}))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    solver_args = [f"--solver={solver}", *(["--c_grid_size=4"] if solver == "lbfgs" else [])]
+    grid = benchmark_args(shapes, cache, tmp_path / "bench", ["linear_probe"], *solver_args)
+    assert run_cli(grid) == 0
+    probe = [
+        "probe", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+        "--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.root={shapes}", "--data.num_workers=0",
+        "--protocol=linear", *solver_args, f"--cache_dir={cache}", f"--output={tmp_path / 'probe'}",
+    ]  # fmt: skip
+    assert run_cli(probe) == 0
+    assert len(calls) == 2 and calls[0][0] == calls[1][0]  # one function for both
+    assert calls[0][1] == calls[1][1]  # with the same options
+    (row,) = read_rows(tmp_path / "bench")
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert float(row["top1"]) == pytest.approx(report["test_acc"], abs=1e-12)
+    assert float(row["top5"]) == pytest.approx(report["test_acc_top5"], abs=1e-12)
+
+
 @pytest.mark.parametrize("protocol", ["knn", "fewshot"])
 def test_class_weight_is_refused_by_name_in_a_grid_with_a_protocol_that_ignores_it(
     shapes: Path, cache: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], protocol: str
