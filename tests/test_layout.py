@@ -22,9 +22,9 @@ MAY_LOAD = {
     "data": {"backbones"},
     "tuning": set(),
     "losses": set(),
-    "evaluation": set(),  # the metrics: one definition of each number, for every package above
+    "evaluation": set(),  # metrics, statistics and the protocols: one definition of each number
     "inference": {"evaluation"},
-    "features": {"backbones", "data", "evaluation"},
+    "features": {"backbones", "data"},  # extraction and the cache only: nothing that evaluates
     "export": {"backbones", "data", "evaluation", "inference"},
     "report": {"evaluation"},
     "datamodules": {"backbones", "data", "evaluation", "features"},
@@ -143,3 +143,14 @@ def test_the_metrics_and_the_report_load_no_torch() -> None:
     code = "import sys, vision_transfer.evaluation, vision_transfer.report\n"
     code += "print('torch' in sys.modules, 'torchmetrics' in sys.modules)"
     assert _python(code).split() == ["False", "False"]
+
+
+def test_features_holds_extraction_and_the_cache_and_evaluation_the_protocols() -> None:
+    """One home per concept: ``features/`` makes and caches features, ``evaluation/`` scores them."""
+    package = REPO / "vision_transfer"
+    assert {p.stem for p in (package / "features").glob("*.py")} == {"__init__", "cache", "extract"}
+    protocols = {"linear", "stream", "knn", "fewshot", "stats", "metrics"}
+    assert protocols <= {p.stem for p in (package / "evaluation").glob("*.py")}
+    assert not (package / "stats.py").exists()
+    exported = _python("import vision_transfer.features as f; print(' '.join(f.__all__))").split()
+    assert exported and all(name.startswith(("Feature", "extract", "feature", "content")) for name in exported)
