@@ -98,15 +98,15 @@ def child_baseline(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch  # noqa: F401
 
     with_torch = proc_status()["VmRSS"]
-    # vision_transfer/__init__.py and features/__init__.py also import timm, torchvision, albumentations
-    from vision_transfer.features import knn, stream  # noqa: F401
+    # the protocol modules every workload imports
+    from vision_transfer.evaluation import knn, stream  # noqa: F401
 
     shards, labels = open_split(root, "train")
     return {"shards": len(shards), "rows": len(labels), "rss_after_torch": with_torch}
 
 
 def child_moments(root: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from vision_transfer.features import stream
+    from vision_transfer.evaluation import stream
 
     if args.no_release:  # to show what the page release buys: mapped pages stay resident
         stream.release = lambda shard: None
@@ -122,8 +122,8 @@ def child_moments(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def child_sgd(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS
-    from vision_transfer.features.stream import stream_accuracy, stream_train_heads
+    from vision_transfer.evaluation.linear import DEFAULT_LRS, DEFAULT_WDS
+    from vision_transfer.evaluation.stream import stream_accuracy, stream_train_heads
 
     shards, labels = open_split(root, "train")
     moments = np.load(root / "moments.npz")
@@ -160,7 +160,7 @@ def child_sgd(root: Path, args: argparse.Namespace) -> dict[str, Any]:
 def child_knn(root: Path, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from vision_transfer.features.knn import KNN_KS, knn_scores, nearest_neighbours
+    from vision_transfer.evaluation.knn import KNN_KS, knn_scores, nearest_neighbours
 
     shards, labels = open_split(root, "train")
     queries, query_labels = open_split(root, "val")
@@ -214,7 +214,7 @@ def hours(seconds: float) -> str:
 
 
 def report(args: argparse.Namespace, build_seconds: float, results: dict[str, dict[str, Any]]) -> str:
-    from vision_transfer.features.stream import lbfgs_memory_bytes
+    from vision_transfer.evaluation.stream import lbfgs_memory_bytes
 
     n, d = args.rows, args.dim
     lines = [

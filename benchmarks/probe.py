@@ -18,7 +18,7 @@ import torch
 from vision_transfer import connect
 from vision_transfer.app.features import extract_datamodule, split_arrays
 from vision_transfer.datamodules import FashionMNISTDataModule
-from vision_transfer.features.probe import KORNBLITH_C_GRID, lbfgs_probe, sgd_probe
+from vision_transfer.evaluation.linear import KORNBLITH_C_GRID, lbfgs_probe, sgd_probe
 from vision_transfer.tasks import ImageClassifier
 
 EPOCHS = 10

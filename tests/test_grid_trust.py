@@ -158,7 +158,7 @@ def test_every_benchmark_option_reaches_the_protocols_that_use_it_and_is_refused
 def test_class_weight_reaches_the_grids_linear_probes_and_fine_tunes(
     shapes: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vision_transfer.features.probe as probe_module
+    import vision_transfer.evaluation.linear as probe_module
     import vision_transfer.tasks.classifier as classifier_module
 
     probed: list[Any] = []
@@ -180,6 +180,41 @@ def test_class_weight_reaches_the_grids_linear_probes_and_fine_tunes(
         "linear_probe": "balanced",
         "full": "balanced",
     }
+
+
+@pytest.mark.parametrize("solver", ["sgd", "lbfgs"])
+def test_the_grid_and_probe_run_the_same_linear_probe(
+    shapes: Path, cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, solver: str
+) -> None:
+    """Same data, seed and solver: the grid's linear probe and `vision-transfer probe` call the same
+    evaluation function with the same options and report the same scores."""
+    import vision_transfer.evaluation.linear as linear
+    import vision_transfer.evaluation.stream as stream
+
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for module, name in ((linear, "run_probe"), (stream, "stream_sgd_probe")):
+        original = getattr(module, name)
+
+        def spy(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls.append((_name, {k: v for k, v in kwargs.items() if v is not None}))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, spy)
+    solver_args = [f"--solver={solver}", *(["--c_grid_size=4"] if solver == "lbfgs" else [])]
+    grid = benchmark_args(shapes, cache, tmp_path / "bench", ["linear_probe"], *solver_args)
+    assert run_cli(grid) == 0
+    probe = [
+        "probe", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+        "--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.root={shapes}", "--data.num_workers=0",
+        "--protocol=linear", *solver_args, f"--cache_dir={cache}", f"--output={tmp_path / 'probe'}",
+    ]  # fmt: skip
+    assert run_cli(probe) == 0
+    assert len(calls) == 2 and calls[0][0] == calls[1][0]  # one function for both
+    assert calls[0][1] == calls[1][1]  # with the same options
+    (row,) = read_rows(tmp_path / "bench")
+    report = json.loads((tmp_path / "probe" / "probe.json").read_text())
+    assert float(row["top1"]) == pytest.approx(report["test_acc"], abs=1e-12)
+    assert float(row["top5"]) == pytest.approx(report["test_acc_top5"], abs=1e-12)
 
 
 @pytest.mark.parametrize("protocol", ["knn", "fewshot"])
@@ -570,8 +605,8 @@ def test_fewshot_gains_and_rankings_pair_the_per_seed_means() -> None:
 
 def test_one_mean_ci_serves_the_protocols_and_the_tables() -> None:
     import vision_transfer.report.grid as table
-    from vision_transfer.features import fewshot
-    from vision_transfer.stats import mean_ci
+    from vision_transfer.evaluation import fewshot
+    from vision_transfer.evaluation.stats import mean_ci
 
     assert not hasattr(table, "mean_ci") or table.mean_ci is mean_ci
     assert fewshot.mean_ci is mean_ci

@@ -22,9 +22,9 @@ MAY_LOAD = {
     "data": {"backbones"},
     "tuning": set(),
     "losses": set(),
-    "evaluation": {"inference", "losses"},  # the metrics (one definition each) and the task kinds
+    "evaluation": {"inference", "losses"},  # metrics, task kinds, statistics and the protocols
     "inference": set(),
-    "features": {"backbones", "data", "evaluation"},
+    "features": {"backbones", "data"},  # extraction and the cache only: nothing that evaluates
     "export": {"backbones", "data", "evaluation", "inference"},
     "report": {"evaluation"},
     "datamodules": {"backbones", "data", "evaluation", "features"},
@@ -45,7 +45,7 @@ def _loads(package: str) -> tuple[set[str], bool]:
     code = (
         f"import json, sys, vision_transfer.{package}\n"
         "ours = {m.split('.')[1] for m in sys.modules if m.startswith('vision_transfer.')}\n"
-        "ours -= {'errors', 'files', 'stats'}\n"  # leaf modules every package may use
+        "ours -= {'errors', 'files'}\n"  # leaf modules every package may use
         "print(json.dumps([sorted(ours), 'pytorch_lightning' in sys.modules]))"
     )
     ours, lightning = json.loads(_python(code))
@@ -143,3 +143,14 @@ def test_the_metrics_and_the_report_load_no_torch() -> None:
     code = "import sys, vision_transfer.evaluation, vision_transfer.report\n"
     code += "print('torch' in sys.modules, 'torchmetrics' in sys.modules)"
     assert _python(code).split() == ["False", "False"]
+
+
+def test_features_holds_extraction_and_the_cache_and_evaluation_the_protocols() -> None:
+    """One home per concept: ``features/`` makes and caches features, ``evaluation/`` scores them."""
+    package = REPO / "vision_transfer"
+    assert {p.stem for p in (package / "features").glob("*.py")} == {"__init__", "cache", "extract"}
+    protocols = {"linear", "stream", "knn", "fewshot", "stats", "metrics"}
+    assert protocols <= {p.stem for p in (package / "evaluation").glob("*.py")}
+    assert not (package / "stats.py").exists()
+    exported = _python("import vision_transfer.features as f; print(' '.join(f.__all__))").split()
+    assert exported and all(name.startswith(("Feature", "extract", "feature", "content")) for name in exported)

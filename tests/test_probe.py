@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from vision_transfer.errors import DataError
-from vision_transfer.evaluation.metrics import average_precision, mean_average_precision
-from vision_transfer.features import lbfgs_probe, sgd_probe
-from vision_transfer.features.probe import (
+from vision_transfer.evaluation import lbfgs_probe, sgd_probe
+from vision_transfer.evaluation.linear import (
     KORNBLITH_C_GRID,
     ProbeOptionError,
     class_weights,
     lbfgs_logistic_regression,
     run_probe,
 )
+from vision_transfer.evaluation.metrics import average_precision, mean_average_precision
 
 Split = tuple[torch.Tensor, torch.Tensor]
 
@@ -103,7 +103,7 @@ def test_the_returned_head_never_trained_on_val(solver: str, task: str) -> None:
     train, val, test, classes = _two_tasks(task)
     other_val = (test[0].flip(0), test[1].flip(0))
     if solver == "sgd-stream":
-        from vision_transfer.features.stream import stream_sgd_probe
+        from vision_transfer.evaluation.stream import stream_sgd_probe
 
         def probe(v: Split):  # type: ignore[no-untyped-def]
             return stream_sgd_probe(

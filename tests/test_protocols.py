@@ -7,6 +7,7 @@ stores them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +18,11 @@ import torch
 
 from vision_transfer.data.sources import read_fashion_mnist, stratified_subset
 from vision_transfer.errors import VisionTransferError
-from vision_transfer.features.extract import extract
-from vision_transfer.features.fewshot import ONE_SHOT_C, _folds, class_rows, draw_shots, few_shot, fit_shots, in_span
-from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate, nearest_neighbours
-from vision_transfer.features.probe import Standardizer, sgd_probe, train_heads
-from vision_transfer.features.stream import (
+from vision_transfer.evaluation.fewshot import ONE_SHOT_C, _folds, class_rows, draw_shots, few_shot, fit_shots, in_span
+from vision_transfer.evaluation.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate, nearest_neighbours
+from vision_transfer.evaluation.linear import Standardizer, epoch_steps, sgd_probe, tensor_batches, train_heads
+from vision_transfer.evaluation.stats import mean_ci
+from vision_transfer.evaluation.stream import (
     InsufficientMemoryError,
     lbfgs_memory_bytes,
     require_fits_in_memory,
@@ -30,7 +31,7 @@ from vision_transfer.features.stream import (
     stream_train_heads,
     take_rows,
 )
-from vision_transfer.stats import mean_ci
+from vision_transfer.features.extract import extract
 
 CLASSES = 10
 SHARD_ROWS = {"train": 600, "val": 300, "test": 400}  # uneven last shards on purpose
@@ -275,19 +276,47 @@ def test_streamed_statistics_and_rows_match_numpy(splits: dict[str, Split]) -> N
 
 @pytest.mark.slow
 def test_streamed_heads_are_train_heads_on_a_single_shard(splits: dict[str, Split]) -> None:
-    """With one shard the batches are train_heads' batches, so the weights must match to rounding."""
+    """With one shard the streamed batches are the in-memory batches, and one loop trains both: equal heads."""
     train = splits["train"]
     x = torch.from_numpy(train.dense.astype(np.float32))
     scaler = Standardizer(x)
     lrs, wds = [0.01, 0.1, 1.0], [0.0, 1e-4, 1e-3]
     options = {"epochs": 3, "batch_size": 256, "seed": 0}
-    expected_w, expected_b = train_heads(scaler(x), torch.from_numpy(train.labels), CLASSES, lrs, wds, **options)
+    batches = tensor_batches(scaler(x), torch.from_numpy(train.labels), **options)
+    steps = 3 * epoch_steps(len(x), 256)
+    expected_w, expected_b = train_heads(batches, x.shape[1], CLASSES, lrs, wds, steps=steps)
     single = [np.concatenate(train.shards)]
     mean, std = scaler.mean.double().numpy(), scaler.std.double().numpy()
     w, b = stream_train_heads(single, train.labels, mean, std, CLASSES, lrs, wds, **options)
-    torch.testing.assert_close(w, expected_w, rtol=0, atol=1e-5)
-    torch.testing.assert_close(b, expected_b, rtol=0, atol=1e-5)
+    assert torch.equal(w, expected_w) and torch.equal(b, expected_b)
     assert expected_w.abs().max() > 0.1  # the heads really trained
+
+
+def test_in_memory_and_streamed_minibatches_train_the_same_heads() -> None:
+    """The SGD loop exists once: fed the same rows in the same order (one shard, one seed), the
+    in-memory and the streamed probe train bit-identical heads; stopping after k steps is the
+    first k steps of the same run."""
+    rng = np.random.default_rng(0)
+    rows, dim = 300, 16
+    x16 = (rng.normal(size=(rows, dim)) * rng.uniform(0.5, 3, dim) + rng.normal(size=dim)).astype(np.float16)
+    labels = rng.integers(0, 4, rows)
+    mean, std = stream_moments([x16])
+    scaler = Standardizer.from_moments(mean, std)
+    lrs, wds = [0.03, 0.3, 1.0], [0.0, 1e-3, 1e-2]
+    options = {"epochs": 3, "batch_size": 64, "seed": 5}
+    steps = 3 * epoch_steps(rows, 64)
+    x = scaler(torch.from_numpy(x16.astype(np.float32)))
+    in_memory = train_heads(tensor_batches(x, torch.from_numpy(labels), **options), dim, 4, lrs, wds, steps=steps)
+    streamed = stream_train_heads([x16], labels, mean, std, 4, lrs, wds, **options)
+    assert all(torch.equal(a, b) for a, b in zip(in_memory, streamed, strict=True))
+    assert float(in_memory[0].abs().max()) > 0.1 and not torch.equal(in_memory[0][0], in_memory[0][2])
+    # two shards: another order, hence other heads, over the same number of steps
+    two = stream_train_heads([x16[:150], x16[150:]], labels, mean, std, 4, lrs, wds, **options)
+    assert not torch.equal(two[0], streamed[0])
+    # max_steps truncates the same run: 4 streamed steps are the first 4 in-memory steps
+    first = itertools.islice(tensor_batches(x, torch.from_numpy(labels), **options), 4)
+    short = stream_train_heads([x16], labels, mean, std, 4, lrs, wds, max_steps=4, **options)
+    assert torch.equal(train_heads(first, dim, 4, lrs, wds, steps=steps)[0], short[0])
 
 
 @pytest.mark.slow

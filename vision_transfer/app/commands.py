@@ -200,7 +200,7 @@ def _run_protocol(init: Any, options: dict[str, Any]) -> None:
     import json
 
     from vision_transfer.app.features import extraction_settings, fewshot_datamodule, knn_datamodule
-    from vision_transfer.features.knn import KNN_KS
+    from vision_transfer.evaluation.knn import KNN_KS
 
     folder = Path(init.output)
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -11,13 +12,13 @@ import torch
 
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import ConfigError
+from vision_transfer.evaluation.linear import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver
 from vision_transfer.features.cache import FeatureCache
 from vision_transfer.features.extract import Precision, extract, feature_spec, resolve_precision
-from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver, run_probe
 
 if TYPE_CHECKING:
-    from vision_transfer.features.fewshot import FewShotResult
-    from vision_transfer.features.knn import KnnResult
+    from vision_transfer.evaluation.fewshot import FewShotResult
+    from vision_transfer.evaluation.knn import KnnResult
 
 
 def extract_datamodule(
@@ -89,6 +90,52 @@ def split_arrays(
     return {name: (cache.load(), datamodule.splits[name].labels) for name, cache in caches.items()}
 
 
+def linear_probe(
+    caches: dict[str, FeatureCache],
+    datamodule: ImageDataModule,
+    solver: Solver = "sgd",
+    *,
+    epochs: int = 10,
+    lrs: Sequence[float] | None = None,
+    wds: Sequence[float] | None = None,
+    c_grid_size: int = len(KORNBLITH_C_GRID),
+    seed: int = 0,
+    class_weight: Literal["balanced"] | None = None,
+) -> tuple[ProbeResult, dict[str, Any]]:
+    """The linear probe on a datamodule's cached features: what ``probe`` and the benchmark grid both run.
+
+    ``sgd`` on a single-label split without class weights streams minibatches from the memory-mapped
+    shards (``evaluation.stream.stream_sgd_probe``, never loading a split); otherwise the split is
+    loaded (``evaluation.linear.run_probe``), and ``lbfgs`` (full-batch) first checks that it fits in
+    memory, naming ``--solver sgd`` when it does not.
+
+    Returns:
+        the result and the solver's options as used.
+    """
+    from vision_transfer.evaluation.linear import run_probe  # looked up at call time: tests wrap it
+
+    classes = len(datamodule.class_names or [])
+    torch.manual_seed(seed)
+    options: dict[str, Any] = (
+        {"lrs": tuple(lrs or DEFAULT_LRS), "wds": tuple(wds or DEFAULT_WDS), "epochs": epochs, "seed": seed}
+        if solver == "sgd"
+        else {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
+    )
+    if solver == "sgd" and class_weight is None and not datamodule.splits["train"].multilabel:
+        from vision_transfer.evaluation.stream import stream_sgd_probe
+
+        splits = {name: shard_inputs(caches, datamodule, name)[:2] for name in caches}
+        return stream_sgd_probe(splits["train"], splits["val"], splits.get("test"), classes, **options), options
+    if solver == "lbfgs":
+        from vision_transfer.evaluation.stream import require_fits_in_memory
+
+        rows = len(datamodule.splits["train"]) + len(datamodule.splits["val"])
+        require_fits_in_memory(rows, caches["train"].dim, num_classes=classes)
+    data = split_arrays(caches, datamodule)
+    test = data.get("test")
+    return run_probe(data["train"], data["val"], test, classes, solver, class_weight=class_weight, **options), options
+
+
 def probe_datamodule(
     datamodule: ImageDataModule,
     backbone: str,
@@ -104,40 +151,15 @@ def probe_datamodule(
     class_weight: Literal["balanced"] | None = None,
     **extract_options: Any,
 ) -> tuple[ProbeResult, Path]:
-    """Linear probe on cached features; writes ``probe.json`` and a ``probe.ckpt`` for ``predict``.
-
-    ``sgd`` on a single-label split without class weights streams minibatches from the memory-mapped
-    shards (never loading a split); otherwise the split is loaded, and ``lbfgs`` (full-batch) first
-    checks that it fits in memory, naming ``--solver sgd`` when it does not.
-    """
+    """Linear probe on cached features (:func:`linear_probe`); writes ``probe.json`` and a ``probe.ckpt``
+    for ``predict``."""
     caches, forward_passes = extract_datamodule(datamodule, backbone, weights, **extract_options)
     class_names = list(datamodule.class_names or [])
     multilabel = datamodule.splits["train"].multilabel
-    torch.manual_seed(seed)
-    if solver == "sgd":
-        options: dict[str, Any] = {
-            "lrs": tuple(lrs or DEFAULT_LRS),
-            "wds": tuple(wds or DEFAULT_WDS),
-            "epochs": epochs,
-            "seed": seed,
-        }
-    else:
-        options = {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
-    if solver == "sgd" and class_weight is None and not multilabel:
-        from vision_transfer.features.stream import stream_sgd_probe
-
-        splits = {name: shard_inputs(caches, datamodule, name)[:2] for name in caches}
-        result = stream_sgd_probe(splits["train"], splits["val"], splits.get("test"), len(class_names), **options)
-    else:
-        if solver == "lbfgs":
-            from vision_transfer.features.stream import require_fits_in_memory
-
-            rows = len(datamodule.splits["train"]) + len(datamodule.splits["val"])
-            require_fits_in_memory(rows, caches["train"].dim, num_classes=len(class_names))
-        data = split_arrays(caches, datamodule)
-        if class_weight is not None:
-            options["class_weight"] = class_weight
-        result = run_probe(data["train"], data["val"], data.get("test"), len(class_names), solver, **options)
+    result, options = linear_probe(
+        caches, datamodule, solver, epochs=epochs, lrs=lrs, wds=wds, c_grid_size=c_grid_size, seed=seed,
+        class_weight=class_weight,
+    )  # fmt: skip
 
     from vision_transfer.tasks import ImageClassifier  # Lightning only for the checkpoint
 
@@ -213,8 +235,9 @@ def knn_datamodule(
     temperature: float | None = None,
     **extract_options: Any,
 ) -> KnnResult:
-    """DINO's weighted k-NN on cached features: k chosen on val, test scored once (see :mod:`features.knn`)."""
-    from vision_transfer.features.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate
+    """DINO's weighted k-NN on cached features: k chosen on val, test scored once
+    (:mod:`vision_transfer.evaluation.knn`)."""
+    from vision_transfer.evaluation.knn import DINO_TEMPERATURE, KNN_KS, knn_evaluate
 
     require_single_label(datamodule, "knn")
     caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)
@@ -234,8 +257,8 @@ def fewshot_datamodule(
     **extract_options: Any,
 ) -> FewShotResult:
     """Few-shot linear probes: ``episodes`` draws of ``shots`` per class from train only, C chosen by
-    cross-validation inside the shots, each episode scored on test (see :mod:`features.fewshot`)."""
-    from vision_transfer.features.fewshot import few_shot
+    cross-validation inside the shots, each episode scored on test (see :mod:`vision_transfer.evaluation.fewshot`)."""
+    from vision_transfer.evaluation.fewshot import few_shot
 
     require_single_label(datamodule, "fewshot")
     caches, _ = extract_datamodule(datamodule, backbone, weights, **extract_options)

@@ -24,8 +24,8 @@ from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import ConfigError
+from vision_transfer.evaluation.knn import KNN_KS
 from vision_transfer.features.cache import canonical_json
-from vision_transfer.features.knn import KNN_KS
 from vision_transfer.report.grid import (
     SETTINGS,
     VERSIONS,
@@ -235,31 +235,25 @@ def _extract(entry: BackboneEntry, data: ImageDataModule, image_size: int | None
 def _linear_probe(
     entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
 ) -> dict[str, Any]:
-    from vision_transfer.app.features import split_arrays
-    from vision_transfer.features.probe import run_probe
+    from vision_transfer.app.features import linear_probe
 
     start = time.perf_counter()
     caches = _extract(entry, data, image_size, options)
     extract_s = time.perf_counter() - start
-    arrays = split_arrays(caches, data)
-    train, val, test = arrays["train"], arrays["val"], arrays["test"]
-    classes = len(data.class_names or [])
     solver = options["solver"]
-    probe_options = (
-        {"c_grid": tuple(np.logspace(-6, 5, options["c_grid_size"]))}
-        if solver == "lbfgs"
-        else {"epochs": options["probe_epochs"], "seed": seed}
-    )
-    torch.manual_seed(seed)
+    solver_options: dict[str, Any] = {"epochs": options["probe_epochs"], "seed": seed}
+    if solver == "lbfgs":
+        solver_options = {"c_grid_size": options["c_grid_size"]}
     start = time.perf_counter()
-    result = run_probe(train, val, test, classes, solver, class_weight=options["class_weight"], **probe_options)
+    result, _ = linear_probe(caches, data, solver, class_weight=options["class_weight"], **solver_options)
     train_s = time.perf_counter() - start
+    feature_dim = caches["train"].dim
     chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
     if data.splits["train"].multilabel:  # mAP and micro-F1, never an accuracy
         return {"map": result.test_map, "f1_micro": result.test_f1_micro, "chosen": chosen,
-                "feature_dim": train[0].shape[1], "extract_s": extract_s, "train_s": train_s}  # fmt: skip
+                "feature_dim": feature_dim, "extract_s": extract_s, "train_s": train_s}  # fmt: skip
     return {"top1": result.test_acc, "top5": result.test_acc_top5, "balanced_acc": result.balanced_accuracy,
-            "f1_macro": result.f1_macro, "chosen": chosen, "feature_dim": train[0].shape[1],
+            "f1_macro": result.f1_macro, "chosen": chosen, "feature_dim": feature_dim,
             "extract_s": extract_s, "train_s": train_s}  # fmt: skip
 
 

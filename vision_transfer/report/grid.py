@@ -1,6 +1,6 @@
 """A backbone grid's ``results.csv`` -> Markdown tables, paired verdicts and PNG plots.
 
-Intervals are Student-t 95% CIs over seeds (:func:`vision_transfer.stats.mean_ci`). A few-shot
+Intervals are Student-t 95% CIs over seeds (:func:`vision_transfer.evaluation.stats.mean_ci`). A few-shot
 row counts once, by the mean of its episodes: the episodes of a seed share its split and test set,
 so they are not independent samples of the score, and pooling them would shrink the interval
 (digits lite0: +-1.02 over 60 episodes, +-4.08 over the 3 seed means).
@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from vision_transfer.errors import ConfigError
-from vision_transfer.stats import mean_ci
+from vision_transfer.evaluation.stats import mean_ci
 
 log = logging.getLogger(__name__)
 Key = tuple[str, str, str]  # (dataset, backbone, protocol)

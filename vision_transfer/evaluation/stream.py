@@ -2,16 +2,16 @@
 
 A split is given as its shards (2-D arrays, usually the read-only fp16 ``np.memmap`` s of a feature
 cache) and one int64 label array; nothing here holds more than one shard (or one chunk) in memory.
-The SGD probe is :func:`vision_transfer.features.probe.train_heads`'s math fed by a stream:
-standardisation statistics from one float64 pass, minibatches drawn in a seeded shard order with
-a seeded permutation inside each shard. At ImageNet-1k scale (1.28M x 1280 fp16, 1000 classes) the
+The SGD probe is :func:`vision_transfer.evaluation.linear.train_heads` (the one SGD loop) fed by a
+stream: standardisation statistics from one float64 pass, minibatches drawn in a seeded shard order
+with a seeded permutation inside each shard. At ImageNet-1k scale (1.28M x 1280 fp16, 1000 classes) the
 32-head probe peaks at 1.67 GiB resident, 0.93 GiB above the interpreter's own, where loading the
 split as float32 would take 6.1 GiB (benchmarks/imagenet_scale.py).
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import mmap
 import os
 import time
@@ -20,16 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from vision_transfer.errors import DataError, VisionTransferError
+from vision_transfer.evaluation.linear import (
+    DEFAULT_LRS,
+    DEFAULT_WDS,
+    Minibatch,
+    ProbeResult,
+    Standardizer,
+    choose_head,
+    epoch_steps,
+    train_heads,
+)
 from vision_transfer.evaluation.metrics import accuracy, balanced_accuracy, f1_macro, top_k_classes, top_k_hits
-from vision_transfer.features.probe import DEFAULT_LRS, DEFAULT_WDS, ProbeResult
 
 # Rows converted to float32 at once when a pass reads a split (16384 x 1280 x 4 B = 84 MB).
 CHUNK_ROWS = 16384
-# Standardizer's floor on a feature's standard deviation (features/probe.py), so constant features stay finite.
-MIN_STD = 1e-6
 
 
 class InsufficientMemoryError(VisionTransferError, MemoryError):
@@ -125,7 +131,7 @@ def minibatches(
 
     One shard is in memory at a time; a shard's last partial batch is completed from the next shard,
     so every batch but the epoch's last has ``batch_size`` rows, as in an in-memory epoch. The shard
-    order has its own generator: with a single shard the batches are exactly ``train_heads``'s.
+    order has its own generator: with a single shard the batches are exactly ``linear.tensor_batches``'.
     """
     offsets = split_rows(shards, labels)
     pending_x: list[np.ndarray] = []
@@ -149,6 +155,28 @@ def minibatches(
         yield np.concatenate(pending_x), np.concatenate(pending_y)
 
 
+def shard_batches(
+    shards: Sequence[np.ndarray],
+    labels: np.ndarray,
+    scaler: Standardizer,
+    *,
+    epochs: int = 10,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> Iterator[Minibatch]:
+    """``epochs`` passes of :func:`minibatches`, standardised by ``scaler``: the streamed counterpart
+    of ``linear.tensor_batches`` (the same in-shard generator, so one shard gives its batches)."""
+    row_generator = torch.Generator().manual_seed(seed)  # the in-shard order: tensor_batches' generator
+    shard_rng = np.random.default_rng([seed, 1])
+    for _ in range(epochs):
+        for batch, batch_labels in minibatches(shards, labels, batch_size, shard_rng, row_generator):
+            yield (
+                scaler(torch.from_numpy(batch.astype(np.float32))),
+                torch.from_numpy(batch_labels.astype(np.int64)),
+                None,
+            )
+
+
 def stream_train_heads(
     shards: Sequence[np.ndarray],
     labels: np.ndarray,
@@ -163,50 +191,21 @@ def stream_train_heads(
     seed: int = 0,
     max_steps: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``probe.train_heads`` on features standardised by ``(mean, std)``, streamed from ``shards``.
+    """``linear.train_heads`` on features standardised by ``(mean, std)``, streamed from ``shards``.
 
-    Heads share one ``D x (H*C)`` matrix; head h has learning rate ``lrs[h]`` and L2 penalty ``wds[h]``,
-    the per-head cross-entropies are summed, SGD with Nesterov momentum 0.9 and a per-step cosine
-    decay to 0. ``max_steps`` stops early (for timing); the schedule still spans every epoch.
+    ``max_steps`` stops early (for timing); the schedule still spans every epoch.
 
     Returns:
         weights ``(H, C, D)`` and biases ``(H, C)`` acting on standardised features.
     """
     rows, dim = int(split_rows(shards, labels)[-1]), shards[0].shape[1]
-    heads = len(lrs)
-    mean32 = torch.as_tensor(mean, dtype=torch.float32)
-    std32 = torch.as_tensor(np.maximum(std, MIN_STD), dtype=torch.float32)
-    row_generator = torch.Generator().manual_seed(seed)  # the in-shard order: train_heads' generator
-    shard_rng = np.random.default_rng([seed, 1])
-    weight = torch.zeros(dim, heads * num_classes, requires_grad=True)
-    bias = torch.zeros(heads * num_classes, requires_grad=True)
-    lr_scale = torch.tensor(list(lrs), dtype=torch.float32).repeat_interleave(num_classes)
-    wd = torch.tensor(list(wds), dtype=torch.float32).repeat_interleave(num_classes)
-    optimizer = torch.optim.SGD([weight, bias], lr=1.0, momentum=0.9, nesterov=True)
-    total = epochs * max(1, math.ceil(rows / batch_size))
-    step, stop = 0, total if max_steps is None else min(total, max_steps)
-    for _ in range(epochs if stop else 0):
-        for batch, batch_labels in minibatches(shards, labels, batch_size, shard_rng, row_generator):
-            x = (torch.from_numpy(batch.astype(np.float32)) - mean32) / std32
-            y = torch.from_numpy(batch_labels.astype(np.int64))
-            logits = (x @ weight + bias).view(len(x), heads, num_classes)
-            loss = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, heads), reduction="sum") / len(x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            cosine = 0.5 * (1 + math.cos(math.pi * step / total))
-            with torch.no_grad():
-                weight.grad.addcmul_(weight, wd)  # type: ignore[union-attr]  # + wd_h * W_h, no W-sized temporary
-                weight.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
-                bias.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
-            optimizer.step()
-            step += 1
-            if step >= stop:
-                break
-        if step >= stop:
-            break
-    with torch.no_grad():
-        w = weight.detach().view(dim, heads, num_classes).permute(1, 2, 0).contiguous()
-        return w, bias.detach().view(heads, num_classes)
+    batches = shard_batches(
+        shards, labels, Standardizer.from_moments(mean, std), epochs=epochs, batch_size=batch_size, seed=seed
+    )
+    steps = epochs * epoch_steps(rows, batch_size)
+    if max_steps is not None:
+        batches = itertools.islice(batches, max_steps)
+    return train_heads(batches, dim, num_classes, lrs, wds, steps=steps)
 
 
 @torch.no_grad()
@@ -229,12 +228,9 @@ def stream_accuracy(
     flat_w, flat_b = weight.reshape(heads * num_classes, -1).T.contiguous(), bias.reshape(-1)
     top1 = torch.zeros(heads, dtype=torch.float64)
     top5 = torch.zeros(heads, dtype=torch.float64)
+    scaler = None if mean is None or std is None else Standardizer.from_moments(mean, std)
     for start, chunk in iter_chunks(shards, rows):
-        x = torch.from_numpy(chunk)
-        if mean is not None and std is not None:
-            x = (x - torch.as_tensor(mean, dtype=torch.float32)) / torch.as_tensor(
-                np.maximum(std, MIN_STD), dtype=torch.float32
-            )
+        x = torch.from_numpy(chunk) if scaler is None else scaler(torch.from_numpy(chunk))
         y = torch.from_numpy(np.asarray(labels[start : start + len(x)], dtype=np.int64))
         logits = (x @ flat_w + flat_b).view(len(x) * heads, num_classes)
         ranked = top_k_classes(logits.numpy(), 5)  # (N * H, 5), metrics' tie rule
@@ -258,7 +254,7 @@ def stream_sgd_probe(
     seed: int = 0,
 ) -> ProbeResult:
     """``probe.sgd_probe`` on ``(shards, labels)`` splits: sweep ``lrs x wds`` heads on train in one
-    streamed run, pick on val, test that train-only head once (no refit: see ``features.probe``).
+    streamed run, pick on val, test that train-only head once (no refit: see :mod:`evaluation.linear`).
 
     Ties on val accuracy go to the smaller weight decay, then the earlier grid entry, as in ``sgd_probe``.
     The returned ``weight``/``bias`` act on raw features.
@@ -272,11 +268,9 @@ def stream_sgd_probe(
     )
     val_top1, _ = stream_accuracy(val[0], val[1], w, b, mean=mean, std=std)
     sweep = [{"lr": lr, "wd": wd, "val_acc": float(a)} for (lr, wd), a in zip(grid, val_top1, strict=True)]
-    chosen_head = max(range(len(grid)), key=lambda h: (sweep[h]["val_acc"], -sweep[h]["wd"]))  # ties: the first
+    chosen_head = choose_head(sweep, "val_acc")
     best = sweep[chosen_head]
-    # fold the standardisation in: W (x - m) / s + b = (W / s) x + (b - (W / s) m)
-    weight = w[chosen_head] / torch.as_tensor(np.maximum(std, MIN_STD), dtype=torch.float32)
-    bias = b[chosen_head] - weight @ torch.as_tensor(mean, dtype=torch.float32)
+    weight, bias = Standardizer.from_moments(mean, std).fold(w[chosen_head], b[chosen_head])  # on raw features
     chosen = {"lr": best["lr"], "wd": best["wd"]}
     result = ProbeResult("sgd-stream", best["val_acc"], None, None, chosen, sweep, 0.0, weight, bias)
     if test is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -47,6 +48,8 @@ LBFGS_TOL = 1e-4
 Task = Literal["multiclass", "multilabel"]
 ClassWeight = Literal["balanced"] | None
 Pair = tuple[torch.Tensor, torch.Tensor]
+# standardised features, labels, loss weights (None: unweighted): one step of the SGD probe
+Minibatch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
 class ProbeOptionError(VisionTransferError, ValueError):
@@ -88,12 +91,30 @@ class ProbeResult:
         return {k: v for k, v in asdict(self).items() if k not in ("weight", "bias")}
 
 
+# Floor on a feature's standard deviation, so constant features stay finite after standardising.
+MIN_STD = 1e-6
+
+
 class Standardizer:
-    """Per-feature mean/std of the training features; folded into the final linear layer."""
+    """Per-feature mean/std of the training features; folded into the final linear layer.
+
+    Built from the features in memory, or with :meth:`from_moments` from statistics computed elsewhere
+    (a streamed pass over shards); either way a standard deviation is floored at ``MIN_STD``.
+    """
 
     def __init__(self, features: torch.Tensor) -> None:
         self.mean = features.mean(0)
-        self.std = features.std(0).clamp_min(1e-6)
+        self.std = features.std(0).clamp_min(MIN_STD)
+
+    @classmethod
+    def from_moments(
+        cls, mean: np.ndarray | torch.Tensor, std: np.ndarray | torch.Tensor, dtype: torch.dtype = torch.float32
+    ) -> Standardizer:
+        """The standardisation with a given per-feature ``mean`` and ``std``, in ``dtype``."""
+        scaler = cls.__new__(cls)
+        scaler.mean = torch.as_tensor(mean).to(dtype)
+        scaler.std = torch.as_tensor(std).to(dtype).clamp_min(MIN_STD)
+        return scaler
 
     def __call__(self, features: torch.Tensor) -> torch.Tensor:
         return (features - self.mean) / self.std
@@ -135,73 +156,93 @@ def _sample_weight(labels: torch.Tensor, num_classes: int, class_weight: ClassWe
     return class_weights(labels, num_classes)
 
 
-def train_heads(
+def epoch_steps(rows: int, batch_size: int) -> int:
+    """Minibatches in one epoch over ``rows`` rows (the last one may be short)."""
+    return max(1, math.ceil(rows / batch_size))
+
+
+def tensor_batches(
     x: torch.Tensor,
     y: torch.Tensor,
-    num_classes: int,
-    lrs: list[float],
-    wds: list[float],
     *,
     epochs: int = 10,
     batch_size: int = 1024,
     seed: int = 0,
     sample_weight: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Train ``len(lrs)`` linear heads at once on standardised features, one pass per epoch.
-
-    Head h has learning rate ``lrs[h]`` and L2 penalty ``wds[h]``; their losses are summed
-    (DINOv2's linear evaluation). All heads are one ``D x (H*C)`` matrix, so a step is one matmul;
-    a per-head learning rate is a per-head gradient scale, exact for SGD with momentum.
-
-    Args:
-        y: class indices ``(N,)`` (softmax cross-entropy) or an ``(N, C)`` 0/1 matrix (a binary
-            cross-entropy per class, summed over classes).
-        sample_weight: per-sample ``(N,)`` or, multi-label, per-entry ``(N, C)`` loss weights.
-
-    Returns:
-        weights ``(H, C, D)`` and biases ``(H, C)``.
-    """
-    heads = len(lrs)
-    multilabel = y.ndim == 2
+) -> Iterator[Minibatch]:
+    """``epochs`` passes over in-memory (standardised) features, each in a fresh seeded permutation."""
     generator = torch.Generator().manual_seed(seed)
-    weight = torch.zeros(x.shape[1], heads * num_classes, requires_grad=True)
-    bias = torch.zeros(heads * num_classes, requires_grad=True)
-    lr_scale = torch.tensor(lrs, dtype=torch.float32).repeat_interleave(num_classes)
-    wd = torch.tensor(wds, dtype=torch.float32).repeat_interleave(num_classes)
-    optimizer = torch.optim.SGD([weight, bias], lr=1.0, momentum=0.9, nesterov=True)
-    steps_per_epoch = max(1, math.ceil(len(x) / batch_size))
-    total = epochs * steps_per_epoch
-    step = 0
-    for _ in tqdm(range(epochs), desc=f"probe: {heads} heads", unit="epoch", leave=False, disable=None):
+    for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
             index = order[start : start + batch_size]
-            logits = (x[index] @ weight + bias).view(len(index), heads, num_classes)
-            weights = None if sample_weight is None else sample_weight[index]
-            if multilabel:  # (N, H, C) logits against the (N, C) targets, repeated for every head
-                targets = y[index, None, :].expand(-1, heads, -1).float()
-                losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-                if weights is not None:
-                    losses = losses * weights[:, None, :]
-            else:  # (N, C, H) logits against (N, H) targets: one cross-entropy over every head
-                targets = y[index, None].expand(-1, heads)
-                losses = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-                if weights is not None:
-                    losses = losses * weights[:, None]
-            # balanced weights average 1 over the data set, so the per-sample scale (and lr) is unchanged
-            loss = losses.sum() / len(index)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            cosine = 0.5 * (1 + math.cos(math.pi * step / total))  # per-step cosine decay to 0
-            with torch.no_grad():
-                weight.grad.add_(weight * wd)  # type: ignore[union-attr]  # d/dW of 0.5 * wd_h * ||W_h||^2
-                weight.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
-                bias.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
-            optimizer.step()
-            step += 1
+            yield x[index], y[index], None if sample_weight is None else sample_weight[index]
+
+
+def train_heads(
+    batches: Iterable[Minibatch],
+    dim: int,
+    num_classes: int,
+    lrs: Sequence[float],
+    wds: Sequence[float],
+    *,
+    steps: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train ``len(lrs)`` linear heads at once on standardised minibatches: the one SGD loop of the
+    linear probes, fed from memory (:func:`tensor_batches`) or from shards (``stream.shard_batches``).
+
+    Head h has learning rate ``lrs[h]`` and L2 penalty ``wds[h]``; their losses are summed
+    (DINOv2's linear evaluation). All heads are one ``D x (H*C)`` matrix, so a step is one matmul;
+    a per-head learning rate is a per-head gradient scale, exact for SGD with Nesterov momentum 0.9.
+    The learning rate decays to 0 on a per-step cosine over ``steps``; training stops when ``batches``
+    runs out (which may be before ``steps``, e.g. to time a few steps).
+
+    Args:
+        batches: ``(features (B, D), labels, loss weights or None)``: labels are class indices ``(B,)``
+            (softmax cross-entropy) or a ``(B, C)`` 0/1 matrix (a binary cross-entropy per class,
+            summed over classes); weights are per-sample ``(B,)`` or, multi-label, per-entry ``(B, C)``.
+        dim: the feature dimension D.
+        steps: the schedule's length in minibatches (:func:`epoch_steps` times the epochs).
+
+    Returns:
+        weights ``(H, C, D)`` and biases ``(H, C)`` acting on standardised features.
+    """
+    heads = len(lrs)
+    weight = torch.zeros(dim, heads * num_classes, requires_grad=True)
+    bias = torch.zeros(heads * num_classes, requires_grad=True)
+    lr_scale = torch.tensor(list(lrs), dtype=torch.float32).repeat_interleave(num_classes)
+    wd = torch.tensor(list(wds), dtype=torch.float32).repeat_interleave(num_classes)
+    optimizer = torch.optim.SGD([weight, bias], lr=1.0, momentum=0.9, nesterov=True)
+    progress = tqdm(batches, desc=f"probe: {heads} heads", total=steps, unit="step", leave=False, disable=None)
+    for step, (x, y, weights) in enumerate(progress):
+        logits = (x @ weight + bias).view(len(x), heads, num_classes)
+        if y.ndim == 2:  # (N, H, C) logits against the (N, C) targets, repeated for every head
+            targets = y[:, None, :].expand(-1, heads, -1).float()
+            losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+            if weights is not None:
+                losses = losses * weights[:, None, :]
+        else:  # (N, C, H) logits against (N, H) targets: one cross-entropy over every head
+            losses = F.cross_entropy(logits.transpose(1, 2), y[:, None].expand(-1, heads), reduction="none")
+            if weights is not None:
+                losses = losses * weights[:, None]
+        # balanced weights average 1 over the data set, so the per-sample scale (and lr) is unchanged
+        loss = losses.sum() / len(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        cosine = 0.5 * (1 + math.cos(math.pi * step / steps))  # per-step cosine decay to 0
+        with torch.no_grad():
+            weight.grad.addcmul_(weight, wd)  # type: ignore[union-attr]  # d/dW of 0.5 * wd_h * ||W_h||^2, in place
+            weight.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
+            bias.grad.mul_(lr_scale * cosine)  # type: ignore[union-attr]
+        optimizer.step()
     with torch.no_grad():
-        w = weight.detach().view(x.shape[1], heads, num_classes).permute(1, 2, 0).contiguous()
+        w = weight.detach().view(dim, heads, num_classes).permute(1, 2, 0).contiguous()
         return w, bias.detach().view(heads, num_classes)
+
+
+def choose_head(sweep: Sequence[dict[str, float]], metric: str) -> int:
+    """The head with the best val ``metric``; ties go to the smaller weight decay, then the earlier head."""
+    return max(range(len(sweep)), key=lambda h: (sweep[h][metric], -sweep[h]["wd"]))
 
 
 def sgd_probe(
@@ -224,15 +265,15 @@ def sgd_probe(
     task = _check_labels(train, val, test, num_classes, "sgd")
     grid = [(lr, wd) for lr in lrs for wd in wds]
     scaler = Standardizer(train[0])
-    options = {"epochs": epochs, "batch_size": batch_size, "seed": seed}
-    w, b = train_heads(
-        scaler(train[0]), train[1], num_classes, [g[0] for g in grid], [g[1] for g in grid],
-        sample_weight=_sample_weight(train[1], num_classes, class_weight), **options,
-    )  # fmt: skip
+    sample_weight = _sample_weight(train[1], num_classes, class_weight)
+    batches = tensor_batches(
+        scaler(train[0]), train[1], epochs=epochs, batch_size=batch_size, seed=seed, sample_weight=sample_weight
+    )
+    steps = epochs * epoch_steps(len(train[0]), batch_size)
+    w, b = train_heads(batches, train[0].shape[1], num_classes, [g[0] for g in grid], [g[1] for g in grid], steps=steps)
     val_x = scaler(val[0])
     sweep = [{"lr": lr, "wd": wd, **_val_score(val_x @ w[h].T + b[h], val[1])} for h, (lr, wd) in enumerate(grid)]
-    metric = _metric(task)
-    chosen = max(range(len(grid)), key=lambda h: (sweep[h][metric], -sweep[h]["wd"]))  # ties: the first
+    chosen = choose_head(sweep, _metric(task))
     weight, bias = scaler.fold(w[chosen], b[chosen])  # the train-only head: val stays held out (module notes)
     return _finish("sgd", weight, bias, sweep[chosen], sweep, val, test, start, task, class_weight)
 

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 
 from vision_transfer.errors import DataError
 from vision_transfer.evaluation.metrics import accuracy, balanced_accuracy, top_k_classes, top_k_hits
-from vision_transfer.features.stream import iter_chunks, split_rows
+from vision_transfer.evaluation.stream import iter_chunks, split_rows
 
 # DINO's eval_knn.py: --nb_knn 10 20 100 200, --temperature 0.07; 50 fills the gap between 20 and 100.
 KNN_KS = (10, 20, 50, 100, 200)

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from vision_transfer.errors import DataError
+from vision_transfer.evaluation.linear import Standardizer, lbfgs_logistic_regression
 from vision_transfer.evaluation.metrics import accuracy
-from vision_transfer.features.probe import Standardizer, lbfgs_logistic_regression
-from vision_transfer.features.stream import iter_chunks, split_rows, take_rows
-from vision_transfer.stats import mean_ci
+from vision_transfer.evaluation.stats import mean_ci
+from vision_transfer.evaluation.stream import iter_chunks, split_rows, take_rows
 
 FEW_SHOT_SHOTS = (1, 5, 10)
 FEW_SHOT_EPISODES = 20
