@@ -125,11 +125,12 @@ def parse_checkpoint(content: Any, source: str) -> CheckpointEntry:
     head = state.get("head.weight")
     if not isinstance(head, torch.Tensor) or head.ndim != 2:
         raise fail("no linear head (head.weight) in its state_dict.")
-    per_class = {"head.weight": head.shape[0], "head.bias": _rows(state.get("head.bias"))}
+    per_class: dict[str, int | None] = {"head.weight": head.shape[0], "head.bias": _rows(state.get("head.bias"))}
     per_class |= {k: _rows(state[k]) for k in ("class_counts", "thresholds") if k in state}  # buffers, one per class
     for key, rows in per_class.items():
         if rows != len(names):
-            raise fail(f"names {len(names)} classes, but its {key} has {rows} (the file was altered or mixed up).")
+            has = "none" if rows is None else rows
+            raise fail(f"names {len(names)} classes, but its {key} has {has} (the file was altered or mixed up).")
     datamodule = entry.get("datamodule")
     if datamodule is not None and not (
         isinstance(datamodule, dict)
@@ -151,8 +152,8 @@ def parse_checkpoint(content: Any, source: str) -> CheckpointEntry:
     )
 
 
-def _rows(value: Any) -> int:
-    return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.ndim == 1 else -1
+def _rows(value: Any) -> int | None:
+    return int(value.shape[0]) if isinstance(value, torch.Tensor) and value.ndim == 1 else None
 
 
 def _prediction(recorded: dict[str, Any], state: dict[str, Any], task: str) -> dict[str, Any]:
