@@ -5,9 +5,11 @@ whose sections of ours hold each setting once:
 
 - ``hyper_parameters``: ``ImageClassifier``'s constructor arguments, from which Lightning's
   ``load_from_checkpoint`` and the command line rebuild the model. Among them, written resolved:
-  ``backbone``, ``class_names``, ``task`` (``multiclass``/``multilabel``), ``data_config`` (the
-  preprocessing the weights were trained with; its only copy: the model is built with it, so no
-  later step has to replace it) and ``weights="none"`` (the state dict holds the weights).
+  ``backbone``, ``class_names``, ``task`` (the task kind), ``data_config`` (the preprocessing the
+  weights were trained with) and ``weights="none"`` (the state dict holds the weights). The data
+  config lives here, not in the entry, because a model rebuilt from these arguments then starts
+  with it (no later step swaps it, after a datamodule may have taken the default one); this is its
+  only copy, and the entry's readers get it through :class:`CheckpointEntry`.
 - ``vision_transfer``, the entry: what is not an argument: ``format``, ``initial_weights`` (where
   training started), ``prediction`` (``ImageClassifier.prediction_settings()``, for readers
   without the model: its temperature and thresholds are the state dict's buffers, which win),
@@ -39,7 +41,6 @@ from vision_transfer.files import write_atomic
 ENTRY = "vision_transfer"
 SETTINGS = "hyper_parameters"  # Lightning's name for the model's constructor arguments
 FORMAT = 1
-TASKS = ("multiclass", "multilabel")
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,6 @@ def parse_checkpoint(content: Any, source: str) -> CheckpointEntry:
     if len(names) < 2 or not all(isinstance(n, str) for n in names):
         raise fail(f"class_names must be two or more names, found {names!r}.")
     task = settings["task"]
-    if task not in TASKS:
-        raise fail(f"task {task!r}, expected one of {', '.join(TASKS)}.")
     if entry["prediction"].get("task", task) != task:
         raise fail(f"its prediction settings are for task {entry['prediction']['task']!r}, the model is {task}.")
     try:
@@ -157,12 +156,11 @@ def _rows(value: Any) -> int | None:
 
 
 def _prediction(recorded: dict[str, Any], state: dict[str, Any], task: str) -> dict[str, Any]:
-    """The prediction settings, with the temperature or thresholds the weights carry."""
+    """The prediction settings, each temperature or thresholds they use taken from the weights' own buffer."""
     prediction = {**recorded, "task": task}
-    if task == "multiclass" and isinstance(state.get("temperature"), torch.Tensor):
-        prediction["temperature"] = float(state["temperature"])
-    if task == "multilabel" and isinstance(state.get("thresholds"), torch.Tensor):
-        prediction["thresholds"] = [float(t) for t in state["thresholds"]]
+    for name in ("temperature", "thresholds"):
+        if prediction.get(name) is not None and isinstance(state.get(name), torch.Tensor):
+            prediction[name] = state[name].tolist()
     return prediction
 
 
@@ -187,8 +185,6 @@ def write_entry(
     Returns:
         ``checkpoint``.
     """
-    if task not in TASKS:
-        raise CheckpointError(f"cannot save a checkpoint of task {task!r}; set the classes and task first.")
     checkpoint[SETTINGS] = {
         **settings,
         "weights": "none",
