@@ -240,11 +240,11 @@ def score_row(model: str, probs: np.ndarray, truth: np.ndarray, thresholds: Any,
     }  # fmt: skip
 
 
-def torch_load_thresholds(checkpoint: Path) -> list[float]:
+def checkpoint_thresholds(checkpoint: Path) -> list[float]:
     """The per-class thresholds a checkpoint's prediction settings hold."""
-    import torch
+    from vision_transfer.checkpoint import read_checkpoint
 
-    return list(torch.load(checkpoint, weights_only=True)["vision_transfer"]["prediction"]["thresholds"])
+    return list(read_checkpoint(checkpoint)[0].prediction["thresholds"])
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
         if probe["ok"]:
             checkpoint = out / "probe" / "probe.ckpt"
             probe_probs = predict_probabilities(checkpoint, paths, out, args.threads, name="probe")
-            thresholds = torch_load_thresholds(checkpoint)
+            thresholds = checkpoint_thresholds(checkpoint)
             label = f"linear probe ({probe['result']['solver']}, chosen {probe['result']['chosen']})"
             rows.append(score_row(label, probe_probs, truth, thresholds, probe["seconds"]))
             print(f"probe: {label}: test mAP {rows[-1]['map']:.4f} (probe.json: {probe['result']['test_map']:.4f})")

@@ -9,11 +9,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.utils.data import DataLoader, TensorDataset
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE
 from vision_transfer import connect
+from vision_transfer.checkpoint import read_checkpoint
 from vision_transfer.datamodules import ImageFolderDataModule
-from vision_transfer.errors import DataError
+from vision_transfer.errors import CheckpointError
 from vision_transfer.tasks import ImageClassifier
 from vision_transfer.tuning.schedule import cosine_with_warmup
 
@@ -116,9 +118,9 @@ def test_checkpoint_keeps_classes_and_needs_no_weights_file(tmp_path: Path, imag
     trainer.fit(model, connect(model, datamodule))
     path = tmp_path / "model.ckpt"
     trainer.save_checkpoint(path)
-    checkpoint = torch.load(path, weights_only=True)
-    assert checkpoint["vision_transfer"]["class_names"] == ["circle", "square", "stripes"]
-    assert checkpoint["vision_transfer"]["datamodule"]["init_args"]["root"] == str(image_folder)
+    entry, _ = read_checkpoint(path)
+    assert entry.class_names == ["circle", "square", "stripes"]
+    assert entry.datamodule is not None and entry.datamodule["init_args"]["root"] == str(image_folder)
     restored = ImageClassifier.load_from_checkpoint(path, weights_only=True)
     assert restored.class_names == model.class_names and restored.data_config.input_size == (3, 32, 32)
     x = torch.randn(2, 3, 32, 32)
@@ -132,8 +134,9 @@ def test_checkpoint_with_other_classes_is_refused(tmp_path: Path, image_folder: 
     path = tmp_path / "three.ckpt"
     trainer.save_checkpoint(path)
     other = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["cat", "dog"])
-    with pytest.raises(DataError, match=r"checkpoint has 3 classes .* this model has 2"):
-        other.on_load_checkpoint(torch.load(path, weights_only=True))
+    with pytest.raises(CheckpointError, match=r"three\.ckpt: has 3 classes .* this model has 2"):
+        batches = DataLoader(TensorDataset(torch.zeros(1, 3, 32, 32, dtype=torch.uint8), torch.zeros(1).long()))
+        pl.Trainer(logger=False, enable_progress_bar=False).validate(other, batches, ckpt_path=path, weights_only=True)
 
 
 @pytest.mark.parametrize("mode", ["linear_probe", "lp_ft", "full", "gradual", "partial"])

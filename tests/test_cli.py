@@ -267,9 +267,9 @@ def test_cli_predicts_with_the_checkpoints_preprocessing_as_python_does(
     monkeypatch.chdir(tmp_path)
     # a model trained with other preprocessing than its architecture's default (as with weights timm:<tag>)
     checkpoint = torch.load(trained, weights_only=True)
-    other = {**checkpoint["vision_transfer"]["data_config"], "mean": [0.2, 0.3, 0.4], "std": [0.1, 0.2, 0.3]}
+    other = {**checkpoint["hyper_parameters"]["data_config"], "mean": [0.2, 0.3, 0.4], "std": [0.1, 0.2, 0.3]}
     other |= {"crop_pct": 0.5, "interpolation": "bilinear"}
-    checkpoint["vision_transfer"]["data_config"] = checkpoint["hyper_parameters"]["data_config"] = other
+    checkpoint["hyper_parameters"]["data_config"] = other  # its one copy
     path = tmp_path / "other.ckpt"
     torch.save(checkpoint, path)
     images = sorted(str(p) for p in (image_folder / "square").glob("*.png"))

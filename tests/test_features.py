@@ -15,6 +15,7 @@ from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args
 from tests.test_cli import run_cli
 from vision_transfer import connect
 from vision_transfer.app.features import extract_datamodule
+from vision_transfer.checkpoint import read_checkpoint
 from vision_transfer.datamodules import CsvDataModule, ImageFolderDataModule
 from vision_transfer.features import FeatureCache, extract
 from vision_transfer.features.extract import build_spec, extract_splits, feature_spec
@@ -155,8 +156,8 @@ def test_relabelled_csv_reuses_features_and_the_probe_takes_the_new_names(
     assert run_cli(["probe", *common, "--output=after"]) == 0
     report = json.loads((tmp_path / "after" / "probe.json").read_text())
     assert report["forward_passes"] == 0 and report["class_names"] == ["ring", "tile", "zebra"]
-    checkpoint = torch.load(tmp_path / "after" / "probe.ckpt", weights_only=True)
-    assert checkpoint["vision_transfer"]["class_names"] == ["ring", "tile", "zebra"]
+    entry, _ = read_checkpoint(tmp_path / "after" / "probe.ckpt")
+    assert entry.class_names == ["ring", "tile", "zebra"]
 
 
 def test_probe_reuses_the_shards_a_cached_fit_extracted(image_folder: Path, tmp_path: Path) -> None:

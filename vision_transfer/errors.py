@@ -40,12 +40,12 @@ class ImageLoadError(DataError):
         self.reason = reason
 
 
-class UnsafeCheckpointError(WeightsError):
-    """A pickle that needs more than tensors and plain containers to load."""
-
-
 class CheckpointError(WeightsError):
     """A file that is not a vision-transfer checkpoint, or one that does not fit the model or data."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that needs more than tensors and plain containers to load."""
 
 
 class CacheError(VisionTransferError):

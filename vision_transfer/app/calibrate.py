@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
-from vision_transfer.app.checkpoints import checkpoint_defaults
+from vision_transfer.app.checkpoints import model_from_checkpoint, recorded_datamodule
 from vision_transfer.app.connect import connect
-from vision_transfer.backbones.weights import safe_torch_load
-from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
+from vision_transfer.checkpoint import read_checkpoint, save_checkpoint, set_prediction
 from vision_transfer.data.dataset import FeatureBatch
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.errors import DataError
@@ -73,9 +72,10 @@ def calibrate_checkpoint(
     datamodule the checkpoint records) and write the result into it; a reliability diagram (and
     the numbers, in ``calibration.json``) go to ``output`` (default: the checkpoint's run folder)."""
     path = Path(path)
-    model = ImageClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    entry, content = read_checkpoint(path)
+    model = model_from_checkpoint(entry, content)
     if datamodule is None:
-        datamodule = _recorded_datamodule(path)
+        datamodule = recorded_datamodule(entry)
     datamodule = connect(model, datamodule)
     datamodule.setup("validate")
     if "val" not in datamodule.splits:
@@ -86,13 +86,11 @@ def calibrate_checkpoint(
         loader = datamodule.images.val_dataloader()  # predictions average views of images, not cached features
     logits, labels = collect_logits(model, loader, device)
     report = calibrate_model(model.cpu(), logits, labels)
-    content = safe_torch_load(path)
     for name in ("temperature", "thresholds"):
         content["state_dict"][name] = getattr(model, name).detach().cpu().clone()
-    meta = content.setdefault("vision_transfer", {})
-    meta["prediction"] = model.prediction_settings()
-    meta["calibration"] = {k: v for k, v in report.items() if not k.startswith("reliability")}
-    AtomicCheckpointIO().save_checkpoint(content, path)
+    calibration = {k: v for k, v in report.items() if not k.startswith("reliability")}
+    set_prediction(content, model.prediction_settings(), calibration)
+    save_checkpoint(content, path)
     folder = (
         Path(output)
         if output is not None
@@ -100,17 +98,6 @@ def calibrate_checkpoint(
     )
     _write_report(folder, report)
     return report
-
-
-def _recorded_datamodule(path: Path) -> ImageDataModule:
-    data = checkpoint_defaults(path).get("data")
-    if not data:
-        raise DataError(f"{path}: records no datamodule; give the data (--data ...).")
-    module_name, _, name = data["class_path"].rpartition(".")
-    import importlib
-
-    cls = getattr(importlib.import_module(module_name), name)  # checked by checkpoint_defaults
-    return cls(**data["init_args"])  # type: ignore[no-any-return]
 
 
 def _write_report(folder: Path, report: dict[str, Any]) -> None:

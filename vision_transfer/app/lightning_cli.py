@@ -19,7 +19,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
-from vision_transfer.app.checkpoints import checkpoint_defaults, read_checkpoint
+from vision_transfer.app.checkpoints import checkpoint_defaults
 from vision_transfer.app.connect import connect
 from vision_transfer.callbacks import (
     AtomicCheckpointIO,
@@ -30,6 +30,7 @@ from vision_transfer.callbacks import (
     RunReport,
 )
 from vision_transfer.callbacks.checkpointing import newest_last_checkpoint
+from vision_transfer.checkpoint import read_checkpoint
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import CheckpointError, ConfigError, VisionTransferError
 from vision_transfer.tasks import ImageClassifier
@@ -106,10 +107,10 @@ class VisionTransferCLI(LightningCLI):
             self._parse(parser, argv)  # a first pass, for the run folder the settings name
             last = last_checkpoint(self.config[subcommand])
             ckpt = str(last[0]) if last[0] else None
-        checkpoint = read_checkpoint(ckpt) if subcommand and ckpt else None
-        if subcommand and checkpoint is not None:
+        entry, checkpoint = read_checkpoint(ckpt) if subcommand and ckpt else (None, None)
+        if subcommand and entry is not None:
             gives_data = any(a == "--data" or a.startswith("--data=") for a in argv)
-            defaults = checkpoint_defaults(checkpoint, with_data=not gives_data)
+            defaults = checkpoint_defaults(entry, with_data=not gives_data)
             # the checkpoint's settings as the first config: later --config files and flags override them
             argv = [subcommand, "--config", json.dumps(defaults), *argv[1:]]
         self._parse(parser, argv)
@@ -297,4 +298,4 @@ def run(args: list[str]) -> None:
     VisionTransferCLI(args=args)
 
 
-__all__ = ["VisionTransferCLI", "VisionTransferError", "checkpoint_defaults", "last_checkpoint", "run"]
+__all__ = ["VisionTransferCLI", "VisionTransferError", "last_checkpoint", "run"]

@@ -14,15 +14,16 @@ from PIL import Image
 from torch import nn
 
 from vision_transfer.backbones import DataConfig
-from vision_transfer.backbones.weights import safe_torch_load
+from vision_transfer.checkpoint import read_checkpoint
 from vision_transfer.data.images import array_to_rgb, load_image, to_rgb
 from vision_transfer.data.transforms import Normalize, create_eval_transform
-from vision_transfer.errors import WeightsError
+from vision_transfer.errors import CheckpointError, WeightsError
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, task_kind
 from vision_transfer.export.timm_format import (
     CONFIG_NAME,
     classifier_name,
     data_config_from_export,
+    export_section,
     read_export,
 )
 from vision_transfer.inference.outputs import PredictionHead
@@ -132,30 +133,19 @@ class Loaded:
 
 def _from_checkpoint(path: Path) -> Loaded:
     """A checkpoint's backbone and head, read by state-dict key prefix (no Lightning, no training code)."""
-    checkpoint = safe_torch_load(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "vision_transfer" not in checkpoint:
-        raise WeightsError(f"{path}: not a vision-transfer checkpoint (no state_dict / vision_transfer entries).")
-    meta = checkpoint["vision_transfer"]
-    hparams = checkpoint.get("hyper_parameters", {})
-    architecture = meta.get("backbone") or hparams["backbone"]
-    state = checkpoint["state_dict"]
+    entry, content = read_checkpoint(path)
+    state = content["state_dict"]
     body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    backbone = timm.create_model(architecture, pretrained=False, num_classes=0)
+    backbone = timm.create_model(entry.backbone, pretrained=False, num_classes=0)
     missing, unexpected = backbone.load_state_dict(body, strict=False)
     if missing or unexpected:
-        raise WeightsError(
-            f"{path}: weights do not fit {architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})."
+        raise CheckpointError(
+            f"{path}: weights do not fit {entry.backbone} (missing {missing[:3]}, unexpected {unexpected[:3]})."
         )
-    head = _linear(head_state) if head_state else None
-    provenance = {"checkpoint": str(path.resolve()), "initial_weights": meta.get("initial_weights")}
-    data_config = DataConfig.from_dict(meta["data_config"])
-    prediction = dict(meta.get("prediction") or {"task": meta.get("task", "multiclass")})
-    if "temperature" in state and prediction.get("task") != "multilabel":  # the weights' own copy is authoritative
-        prediction["temperature"] = float(state["temperature"])
-    if "thresholds" in state and prediction.get("task") == "multilabel":
-        prediction["thresholds"] = [float(t) for t in state["thresholds"]]
-    return Loaded(architecture, backbone, head, data_config, meta.get("class_names"), provenance, prediction)
+    provenance = {"checkpoint": str(path.resolve()), "initial_weights": entry.initial_weights}
+    head = _linear(head_state)
+    return Loaded(entry.backbone, backbone, head, entry.data_config, entry.class_names, provenance, entry.prediction)
 
 
 def _linear(state: dict[str, torch.Tensor]) -> nn.Linear:
@@ -177,7 +167,7 @@ def _from_export(folder: Path) -> Loaded:
             f"{folder}: weights do not fit {architecture} (missing {missing[:3]}, unexpected {unexpected[:3]})."
         )
     head = _linear(head_state) if head_state else None
-    ours = config.get("vision_transfer", {})
+    ours = export_section(config)
     provenance = {**ours.get("provenance", {}), "export": str(folder.resolve())}
     prediction = ours.get("prediction") or {}
     return Loaded(

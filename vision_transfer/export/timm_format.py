@@ -104,6 +104,12 @@ def read_export(folder: str | Path) -> tuple[dict[str, Any], dict[str, torch.Ten
     return config, load_file(weights)
 
 
+def export_section(config: dict[str, Any]) -> dict[str, Any]:
+    """The ``vision_transfer`` section of an export's ``config.json`` (provenance, prediction settings)."""
+    section = config.get("vision_transfer")
+    return section if isinstance(section, dict) else {}
+
+
 def data_config_from_export(config: dict[str, Any]) -> DataConfig:
     cfg = config.get("pretrained_cfg", {})
     fields = ("input_size", "mean", "std", "interpolation", "crop_pct", "crop_mode")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from vision_transfer.backbones import DataConfig, create_backbone
-from vision_transfer.callbacks.checkpointing import AtomicCheckpointIO
+from vision_transfer.checkpoint import CheckpointEntry, parse_checkpoint, save_checkpoint, write_entry
 from vision_transfer.data.dataset import FeatureBatch
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
@@ -587,13 +587,9 @@ class ImageClassifier(pl.LightningModule):
             return total, float(total)
         return total, float(math.ceil(batches / max(1, self.trainer.accumulate_grad_batches)))
 
-    # -- checkpoints -------------------------------------------------------------------------
+    # -- checkpoints (the format: vision_transfer.checkpoint) ---------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # The state dict holds the trained weights: rebuilding needs no weights file or network;
-        # the preprocessing those weights were trained with travels as an argument.
-        hparams = checkpoint.get("hyper_parameters", {})
-        checkpoint["hyper_parameters"] = {**hparams, "weights": "none", "data_config": self.data_config.to_dict()}
-        checkpoint["vision_transfer"] = self._checkpoint_meta()
+        write_entry(checkpoint, **self._entry_fields())
 
     def record_datamodule(self, datamodule: Any) -> None:
         """Remember the datamodule's class and settings for the checkpoint (``connect`` calls it), so
@@ -606,20 +602,21 @@ class ImageClassifier(pl.LightningModule):
                 "init_args": {k: v for k, v in images.hparams.items() if not k.startswith("_")},
             }
 
-    def _checkpoint_meta(self, datamodule: Any = None) -> dict[str, Any]:
-        meta: dict[str, Any] = {
-            "class_names": self.class_names,
-            "data_config": self.data_config.to_dict(),
-            "initial_weights": self.weights_source,
-            "backbone": self.backbone_name,
-            "task": self.task,
-            "prediction": self.prediction_settings(),
-        }
+    def _entry_fields(self, datamodule: Any = None) -> dict[str, Any]:
+        """What :func:`~vision_transfer.checkpoint.write_entry` saves of this model."""
+        if self.class_names is None:
+            raise ConfigError("cannot save a model without classes: set class_names or connect() first.")
         if datamodule is not None:
             self.record_datamodule(datamodule)
-        if getattr(self, "_datamodule_record", None):
-            meta["datamodule"] = self._datamodule_record
-        return meta
+        return {
+            "settings": dict(self.hparams),
+            "class_names": self.class_names,
+            "task": self.task,
+            "data_config": self.data_config,
+            "initial_weights": self.weights_source,
+            "prediction": self.prediction_settings(),
+            "datamodule": getattr(self, "_datamodule_record", None),
+        }
 
     def prediction_settings(self) -> dict[str, Any]:
         """What turns this model's logits into its predictions (checkpoint meta, export config.json)."""
@@ -636,42 +633,36 @@ class ImageClassifier(pl.LightningModule):
     def save_standalone_checkpoint(self, path: str | Path, datamodule: Any = None) -> Path:
         """Write a checkpoint without a Trainer (e.g. after a probe on cached features) that
         ``validate``/``test``/``predict`` and :func:`~vision_transfer.export.load_classifier` read."""
-        hparams = {**dict(self.hparams), "weights": "none", "data_config": self.data_config.to_dict()}
-        checkpoint: dict[str, Any] = {
+        content = {
             "state_dict": self.state_dict(),
-            "hyper_parameters": hparams,
-            "vision_transfer": self._checkpoint_meta(datamodule),
             "pytorch-lightning_version": pl.__version__,
             "epoch": 0,
             "global_step": 0,
         }
-        path = Path(path)
-        AtomicCheckpointIO().save_checkpoint(checkpoint, path)
-        return path
+        return save_checkpoint(write_entry(content, **self._entry_fields(datamodule)), path)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict", {})
-        if self.class_names is not None:  # checkpoints written before these buffers existed: their defaults
-            for name in ("class_counts", "temperature", "thresholds"):
-                state.setdefault(name, getattr(self, name).detach().clone())
-        meta = checkpoint.get("vision_transfer", {})
-        names = meta.get("class_names")
-        if names is not None and self.class_names is not None and list(names) != self.class_names:
-            raise DataError(
-                f"checkpoint has {len(names)} classes ({_show(names)}), this model has "
+        trainer = self._trainer  # None in load_from_checkpoint, which does not say which file it read
+        source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "checkpoint"
+        self.adopt_checkpoint(parse_checkpoint(checkpoint, source))
+
+    def adopt_checkpoint(self, entry: CheckpointEntry) -> None:
+        """Before a checkpoint's weights load: check its classes against this model's and take its
+        preprocessing and initial-weights record."""
+        if self.class_names is not None and entry.class_names != self.class_names:
+            raise CheckpointError(
+                f"{entry.source}: has {len(entry.class_names)} classes ({_show(entry.class_names)}), this model has "
                 f"{len(self.class_names)} ({_show(self.class_names)})."
             )
-        if "initial_weights" in meta:
-            self.weights_source = meta["initial_weights"]
-        if "data_config" in meta:
-            self._adopt_data_config(DataConfig.from_dict(meta["data_config"]))
+        self.weights_source = dict(entry.initial_weights)
+        self._adopt_data_config(entry.data_config, entry.source)
 
-    def _adopt_data_config(self, config: DataConfig) -> None:
+    def _adopt_data_config(self, config: DataConfig, source: str) -> None:
         if config == self.data_config:
             return
         if self._handed_out:
             raise CheckpointError(
-                f"the checkpoint's preprocessing {config} differs from this model's {self.data_config}, which the "
+                f"{source}: its preprocessing {config} differs from this model's {self.data_config}, which the "
                 "datamodule already uses; build the model from the checkpoint (ImageClassifier.load_from_checkpoint, "
                 "or data_config=...) before connecting it."
             )
