@@ -148,8 +148,59 @@ def test_the_metrics_and_the_report_load_no_torch() -> None:
     assert _python(code).split() == ["False", "False"]
 
 
-    "evaluation": {"inference", "losses"},  # metrics, task kinds, statistics and the protocols
-    "inference": set(),
-    "features": {"backbones", "data"},  # extraction and the cache only: nothing that evaluates
-    "checkpoint": {"backbones"},  # the checkpoint format: one reader and writer (a module)
-    "export": {"backbones", "checkpoint", "data", "evaluation", "inference"},
+def test_features_holds_extraction_and_the_cache_and_evaluation_the_protocols() -> None:
+    """One home per concept: ``features/`` makes and caches features, ``evaluation/`` scores them."""
+    package = REPO / "vision_transfer"
+    assert {p.stem for p in (package / "features").glob("*.py")} == {"__init__", "cache", "extract"}
+    protocols = {"linear", "stream", "knn", "fewshot", "stats", "metrics"}
+    assert protocols <= {p.stem for p in (package / "evaluation").glob("*.py")}
+    assert not (package / "stats.py").exists()
+    exported = _python("import vision_transfer.features as f; print(' '.join(f.__all__))").split()
+    assert exported and all(name.startswith(("Feature", "extract", "feature", "content")) for name in exported)
+
+
+def _calls_and_keys(path: Path) -> tuple[set[str], set[str]]:
+    """Names called (``torch.load``, ``safe_torch_load``...) and string constants used as keys (subscripts,
+    ``get``/``setdefault``/``pop`` arguments, dict literal keys) in one file."""
+    import ast
+
+    calls: set[str] = set()
+    keys: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call):
+            calls.add(ast.unparse(node.func))
+            if isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "setdefault", "pop") and node.args:
+                keys |= {node.args[0].value} if isinstance(node.args[0], ast.Constant) else set()
+        elif isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
+            keys.add(node.slice.value)
+        elif isinstance(node, ast.Dict):
+            keys |= {k.value for k in node.keys if isinstance(k, ast.Constant)}
+    return calls, keys
+
+
+def test_one_checkpoint_reader_and_writer() -> None:
+    """Only ``vision_transfer/checkpoint.py`` loads, validates and writes the checkpoint's sections of ours.
+
+    ``torch.load`` runs in one place, ``safe_torch_load`` (weights only), which the checkpoint module
+    and the weights-file loader (``load_file``: ``.pth``/``.bin``/state dicts, ``weights=<file>``) call;
+    Lightning's ``load_from_checkpoint`` is not called (it would read the file a second time); the
+    keys ``vision_transfer`` and ``hyper_parameters`` are used only there, except the export's own
+    ``config.json`` section, which ``export/timm_format.py`` writes and reads.
+    """
+    found: dict[str, list[str]] = {"torch.load": [], "safe_torch_load": [], "load_from_checkpoint": []}
+    keys: dict[str, list[str]] = {"vision_transfer": [], "hyper_parameters": []}
+    for path in sorted((REPO / "vision_transfer").rglob("*.py")):
+        name = path.relative_to(REPO / "vision_transfer").as_posix()
+        calls, used = _calls_and_keys(path)
+        for call, where in found.items():
+            where += [name] if any(c == call or c.endswith("." + call) for c in calls) else []
+        for key, where in keys.items():
+            where += [name] if key in used else []
+    assert found == {
+        "torch.load": ["backbones/weights.py"],
+        "safe_torch_load": ["backbones/weights.py", "checkpoint.py"],
+        "load_from_checkpoint": [],
+    }
+    assert keys == {"vision_transfer": ["export/timm_format.py"], "hyper_parameters": []}
+    source = (REPO / "vision_transfer" / "checkpoint.py").read_text()
+    assert 'ENTRY = "vision_transfer"' in source and 'SETTINGS = "hyper_parameters"' in source

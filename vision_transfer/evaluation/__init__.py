@@ -38,8 +38,8 @@ from vision_transfer.evaluation.metrics import (
 )
 
 if TYPE_CHECKING:
-    from vision_transfer.evaluation.kinds import TaskKind, kind_of_labels, task_kind
     from vision_transfer.evaluation.fewshot import FewShotResult, few_shot
+    from vision_transfer.evaluation.kinds import TaskKind, kind_of_labels, task_kind
     from vision_transfer.evaluation.knn import KnnResult, knn_evaluate
     from vision_transfer.evaluation.linear import (
         ProbeOptionError,
