@@ -171,6 +171,7 @@ def _feature_command(command: str, argv: list[str]) -> None:
 
 def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> None:
     from vision_transfer.app.features import extract_datamodule, probe_datamodule
+    from vision_transfer.evaluation.kinds import task_kind
 
     if command == "extract":
         caches, passes = extract_datamodule(init.data, init.backbone, init.weights, **options)
@@ -185,14 +186,11 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
     probe_options = {k: init[k] for k in keys}
     result, checkpoint = probe_datamodule(init.data, init.backbone, init.weights, **options, **probe_options)
     print(f"solver      {result.solver}   chosen {result.chosen}")
-    if result.task == "multilabel":
-        print(f"val/map     {result.val_map:.4f}")
-        if result.test_map is not None:
-            print(f"test/map    {result.test_map:.4f}   test/f1_micro {result.test_f1_micro:.4f}")
-    else:
-        print(f"val/acc     {result.val_acc:.4f}")
-        if result.test_acc is not None:
-            print(f"test/acc    {result.test_acc:.4f}   test/acc_top5 {result.test_acc_top5:.4f}")
+    first, second = task_kind(result.task).headline
+    print(f"{'val/' + first:<11} {getattr(result, f'val_{first}'):.4f}")
+    if getattr(result, f"test_{first}") is not None:
+        test = f"{'test/' + first:<11} {getattr(result, f'test_{first}'):.4f}"
+        print(f"{test}   test/{second} {getattr(result, f'test_{second}'):.4f}")
     print(f"checkpoint  {checkpoint.resolve()}   (vision-transfer predict --ckpt_path ...)")
 
 

@@ -12,6 +12,7 @@ import torch
 
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.errors import ConfigError
+from vision_transfer.evaluation.kinds import SINGLE
 from vision_transfer.evaluation.linear import DEFAULT_LRS, DEFAULT_WDS, KORNBLITH_C_GRID, ProbeResult, Solver
 from vision_transfer.features.cache import FeatureCache
 from vision_transfer.features.extract import Precision, extract, feature_spec, resolve_precision
@@ -121,9 +122,9 @@ def linear_probe(
         if solver == "sgd"
         else {"c_grid": tuple(float(c) for c in np.logspace(-6, 5, c_grid_size))}
     )
-    if solver == "sgd" and class_weight is None and not datamodule.splits["train"].multilabel:
-        from vision_transfer.evaluation.stream import stream_sgd_probe
+    from vision_transfer.evaluation.stream import STREAMED_TASKS, stream_sgd_probe
 
+    if solver == "sgd" and class_weight is None and datamodule.task in STREAMED_TASKS:
         splits = {name: shard_inputs(caches, datamodule, name)[:2] for name in caches}
         return stream_sgd_probe(splits["train"], splits["val"], splits.get("test"), classes, **options), options
     if solver == "lbfgs":
@@ -155,7 +156,6 @@ def probe_datamodule(
     for ``predict``."""
     caches, forward_passes = extract_datamodule(datamodule, backbone, weights, **extract_options)
     class_names = list(datamodule.class_names or [])
-    multilabel = datamodule.splits["train"].multilabel
     result, options = linear_probe(
         caches, datamodule, solver, epochs=epochs, lrs=lrs, wds=wds, c_grid_size=c_grid_size, seed=seed,
         class_weight=class_weight,
@@ -165,18 +165,18 @@ def probe_datamodule(
 
     model = ImageClassifier(
         backbone, weights=weights, mode="linear_probe", class_names=class_names,
-        image_size=extract_options.get("image_size"), task="multilabel" if multilabel else "multiclass",
+        image_size=extract_options.get("image_size"), task=datamodule.task_kind.name,
     )  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(result.weight)  # type: ignore[operator]
         model.head.bias.copy_(result.bias)  # type: ignore[operator]
         model.set_class_counts(torch.as_tensor(datamodule.splits["train"].class_counts(len(class_names))))
-        if multilabel:  # per-class thresholds on val, which the train-only head never saw (as fit does)
-            from vision_transfer.inference import best_f1_thresholds
+        # the prediction settings (temperature or per-class thresholds) on val, as fit does
+        from vision_transfer.app.calibrate import calibrate_model
 
-            features, labels = split_arrays({"val": caches["val"]}, datamodule)["val"]
-            probs = (torch.from_numpy(features) @ result.weight.T + result.bias).sigmoid()
-            model.thresholds.copy_(best_f1_thresholds(probs, torch.from_numpy(labels))[0])
+        features, labels = split_arrays({"val": caches["val"]}, datamodule)["val"]
+        logits = torch.from_numpy(features) @ result.weight.T + result.bias
+        calibration = calibrate_model(model, logits, torch.from_numpy(labels))
     folder = Path(output)
     checkpoint = model.save_standalone_checkpoint(folder / "probe.ckpt", datamodule)
     report = {
@@ -190,6 +190,7 @@ def probe_datamodule(
             name: (cache.manifest() or {}).get("extraction_seconds") for name, cache in caches.items()
         },
         "feature_dim": caches["train"].dim,
+        "calibration": {k: v for k, v in calibration.items() if not k.startswith("reliability")},
         "checkpoint": str(checkpoint.resolve()),
         "settings": extraction_settings(backbone, weights, **extract_options)
         | {"solver": solver, "class_weight": class_weight}
@@ -220,7 +221,7 @@ def require_single_label(datamodule: ImageDataModule, protocol: str, name: str |
         protocol: the protocol's name, as the user gave it.
         name: the data's name in the message; default the datamodule's own description.
     """
-    if datamodule.task == "multilabel":
+    if datamodule.task != SINGLE:
         raise ConfigError(
             f"{name or datamodule.describe()} is multi-label: the {protocol} protocol is single-label only."
         )

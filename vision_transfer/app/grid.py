@@ -249,12 +249,10 @@ def _linear_probe(
     train_s = time.perf_counter() - start
     feature_dim = caches["train"].dim
     chosen = ";".join(f"{k}={v:.3g}" for k, v in result.chosen.items() if isinstance(v, (int, float)))
-    if data.splits["train"].multilabel:  # mAP and micro-F1, never an accuracy
-        return {"map": result.test_map, "f1_micro": result.test_f1_micro, "chosen": chosen,
-                "feature_dim": feature_dim, "extract_s": extract_s, "train_s": train_s}  # fmt: skip
-    return {"top1": result.test_acc, "top5": result.test_acc_top5, "balanced_acc": result.balanced_accuracy,
-            "f1_macro": result.f1_macro, "chosen": chosen, "feature_dim": feature_dim,
-            "extract_s": extract_s, "train_s": train_s}  # fmt: skip
+    # the test scores of the chosen head, in the task kind's columns (as the fine-tunes' rows)
+    scores = result.test_scores()
+    columns = {column: scores[key] for column, key in data.task_kind.grid_columns.items() if key in scores}
+    return {**columns, "chosen": chosen, "feature_dim": feature_dim, "extract_s": extract_s, "train_s": train_s}
 
 
 def _knn(

@@ -47,6 +47,7 @@ from vision_transfer.data.transforms import (
     create_train_transform,
 )
 from vision_transfer.errors import ConfigError, DataError, ImageLoadError
+from vision_transfer.evaluation.kinds import TaskKind, kind_of_flag, kind_of_labels
 
 log = logging.getLogger(__name__)
 
@@ -248,10 +249,15 @@ class ImageDataModule(pl.LightningDataModule):
 
     @property
     def task(self) -> str:
-        """``multiclass`` or ``multilabel`` (from the labels; read the source first)."""
+        """The task kind's name, from the labels (the source is read first)."""
+        return self.task_kind.name
+
+    @property
+    def task_kind(self) -> TaskKind:
+        """Single- or multi-label, from the labels (the source is read first)."""
         if not self.splits:
             self.prepare_splits()
-        return "multilabel" if self.splits["train"].multilabel else "multiclass"
+        return kind_of_labels(self.splits["train"].labels)
 
     def class_counts(self) -> np.ndarray:
         """Training samples (multi-label: positives) of each class."""
@@ -497,7 +503,7 @@ class CsvDataModule(ImageDataModule):
         return read_csv(
             self.csv_path, self.path_column, self.label_column, labels_column=self.labels_column,
             label_separator=self.label_separator, label_columns=self.label_columns,
-            task="auto" if self.multilabel is None else "multilabel" if self.multilabel else "multiclass",
+            task="auto" if self.multilabel is None else kind_of_flag(self.multilabel).name,
         )  # fmt: skip
 
     def describe(self) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import vision_transfer.evaluation.metrics as metrics
-from vision_transfer.errors import ConfigError
+from vision_transfer.errors import ConfigError, DataError
 from vision_transfer.evaluation.metrics import ECE_BINS
 from vision_transfer.inference.calibration import fit_temperature, nll, view_log_probs
 from vision_transfer.inference.thresholds import best_f1_thresholds
@@ -41,6 +41,8 @@ class TaskKind:
     score_keys: ClassVar[tuple[str, ...]]  # the scalar scores, in report order
     grid_columns: ClassVar[dict[str, str]]  # a benchmark grid row's score column -> its score key
     loss_options: ClassVar[tuple[str, ...]]  # the loss options this kind uses (the others are refused)
+    headline: ClassVar[tuple[str, str]]  # the two test scores a one-line summary shows
+    activation: ClassVar[str]  # in words, for exported configs
 
     @property
     def monitor(self) -> str:
@@ -110,6 +112,23 @@ class TaskKind:
         """The scores of prediction logits against targets (definitions: :mod:`~vision_transfer.evaluation.metrics`)."""
         raise NotImplementedError
 
+    def selection_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        """The scores a probe's sweep records per setting (the first, :attr:`metric`, chooses)."""
+        raise NotImplementedError
+
+    def probe_test_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        """A probe's test scores, keyed as :class:`~vision_transfer.evaluation.linear.ProbeResult` fields."""
+        raise NotImplementedError
+
+    # -- labels -------------------------------------------------------------------------------
+    def check_labels(self, labels: torch.Tensor, num_classes: int, where: str) -> None:
+        """DataError for labels of this kind that are malformed (``where`` names them)."""
+        raise NotImplementedError
+
+    def unlearnable_classes(self, labels: torch.Tensor, num_classes: int, needs_every_class: bool) -> str | None:
+        """Why some classes of these training labels cannot be learnt, or None."""
+        raise NotImplementedError
+
     # -- calibration --------------------------------------------------------------------------
     def calibrate(
         self, logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
@@ -124,6 +143,10 @@ class TaskKind:
     def prediction_settings(self, temperature: torch.Tensor, thresholds: torch.Tensor) -> dict[str, Any]:
         """What turns logits into predictions besides the logit shift and TTA (checkpoint, export)."""
         raise NotImplementedError
+
+    def timm_config(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        """The fields of an exported timm ``config.json`` that tell how to read the logits."""
+        return {"multi_label": self.multilabel}
 
     # -- prediction rows ----------------------------------------------------------------------
     def ranked(
@@ -162,6 +185,8 @@ class SingleLabel(TaskKind):
         "f1_macro": "f1_macro",
     }
     loss_options = ("class_weighting", "focal_gamma", "logit_adjustment")
+    headline = ("acc", "acc_top5")
+    activation = "softmax"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=-1)
@@ -218,6 +243,30 @@ class SingleLabel(TaskKind):
             out["confusion_matrix"] = metrics.confusion_matrix(predictions, targets, num_classes)
             out["recall_per_class"] = metrics.per_class_recall(predictions, targets, num_classes)
         return out
+
+    def selection_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {"acc": metrics.top_k_accuracy(logits, labels)}
+
+    def probe_test_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        predictions = logits.argmax(1)  # the first maximum: top_k_accuracy's tie rule
+        return {
+            "test_acc": metrics.top_k_accuracy(logits, labels),
+            "test_acc_top5": metrics.top_k_accuracy(logits, labels, 5),
+            "balanced_accuracy": metrics.balanced_accuracy(predictions, labels),
+            "f1_macro": metrics.f1_macro(predictions, labels),
+        }
+
+    def check_labels(self, labels: torch.Tensor, num_classes: int, where: str) -> None:
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+            raise DataError(
+                f"{where} labels must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}."
+            )
+
+    def unlearnable_classes(self, labels: torch.Tensor, num_classes: int, needs_every_class: bool) -> str | None:
+        missing = torch.nonzero(torch.bincount(labels, minlength=num_classes) == 0).flatten().tolist()
+        if needs_every_class and missing:
+            return f"class(es) {missing} have no training example; the L-BFGS probe needs every class"
+        return None
 
     def calibrate(
         self, logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
@@ -290,6 +339,8 @@ class MultiLabel(TaskKind):
         "f1_macro": "f1_macro",
     }  # never an accuracy
     loss_options = ("asymmetric_loss",)
+    headline = ("map", "f1_micro")
+    activation = "a sigmoid per class, positive at or above its threshold"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid()
@@ -337,6 +388,33 @@ class MultiLabel(TaskKind):
             out["positives"] = np.asarray(targets.sum(0))
         return out
 
+    def selection_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+        return {"map": metrics.mean_average_precision(logits, labels), "f1_micro": metrics.f1_micro(logits > 0, labels)}
+
+    def probe_test_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+        per_class = metrics.average_precision_per_class(logits, labels)
+        return {
+            "test_map": metrics.mean_average_precision(logits, labels),
+            "test_ap_per_class": [None if np.isnan(ap) else float(ap) for ap in per_class],
+            "test_f1_micro": metrics.f1_micro(logits > 0, labels),
+        }
+
+    def check_labels(self, labels: torch.Tensor, num_classes: int, where: str) -> None:
+        if labels.shape[1] != num_classes:
+            raise DataError(f"{where} label matrix has {labels.shape[1]} columns for {num_classes} classes.")
+        if len(labels) and not bool(((labels == 0) | (labels == 1)).all()):
+            raise DataError(f"{where} multi-label targets must be 0 or 1.")
+
+    def unlearnable_classes(self, labels: torch.Tensor, num_classes: int, needs_every_class: bool) -> str | None:
+        positives = labels.sum(0)
+        missing = torch.nonzero((positives == 0) | (positives == len(labels))).flatten().tolist()
+        if missing:
+            return (
+                f"multi-label class(es) {missing} have no positive or no negative training example, "
+                "so no probe can learn them; drop those columns"
+            )
+        return None
+
     def calibrate(
         self, logits: torch.Tensor, labels: torch.Tensor, class_names: Sequence[str]
     ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -368,6 +446,9 @@ class MultiLabel(TaskKind):
             sorted(((class_names[c], float(row[c])) for c in classes), key=lambda pair: -pair[1])
             for row, classes in zip(probs, above, strict=True)
         ]
+
+    def timm_config(self, prediction: dict[str, Any]) -> dict[str, Any]:
+        return {"multi_label": True, "thresholds": prediction.get("thresholds")}
 
     def csv_header(self, num_classes: int, top_k: int, calibrated: bool) -> list[str]:
         return ["path", "labels", "probabilities", "all_probabilities"]

@@ -28,14 +28,7 @@ from torch.nn import functional as F
 from tqdm import tqdm  # text bars: also in notebooks, without ipywidgets
 
 from vision_transfer.errors import DataError, VisionTransferError
-from vision_transfer.evaluation.metrics import (
-    average_precision_per_class,
-    balanced_accuracy,
-    f1_macro,
-    f1_micro,
-    mean_average_precision,
-    top_k_accuracy,
-)
+from vision_transfer.evaluation.kinds import SINGLE, TaskName, kind_of_labels, task_kind
 
 DEFAULT_LRS = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 DEFAULT_WDS = (0.0, 1e-5, 1e-4, 1e-3)
@@ -45,7 +38,7 @@ KORNBLITH_C_GRID = tuple(float(c) for c in np.logspace(-6, 5, 45))
 # val accuracy at 44 of the 45 Cs on real features (one sample apart at the 45th), 1e-3 at 39.
 LBFGS_TOL = 1e-4
 
-Task = Literal["multiclass", "multilabel"]
+Task = TaskName
 ClassWeight = Literal["balanced"] | None
 Pair = tuple[torch.Tensor, torch.Tensor]
 # standardised features, labels, loss weights (None: unweighted): one step of the SGD probe
@@ -77,7 +70,7 @@ class ProbeResult:
     seconds: float
     weight: torch.Tensor = field(repr=False)
     bias: torch.Tensor = field(repr=False)
-    task: Task = "multiclass"
+    task: Task = SINGLE
     class_weight: str | None = None
     balanced_accuracy: float | None = None
     f1_macro: float | None = None
@@ -86,6 +79,12 @@ class ProbeResult:
     val_f1_micro: float | None = None
     test_f1_micro: float | None = None
     test_ap_per_class: list[float | None] | None = None  # None for a class without a test positive
+
+    def test_scores(self) -> dict[str, float]:
+        """The test scores, keyed as :meth:`TaskKind.scores <vision_transfer.evaluation.kinds.TaskKind.scores>`."""
+        fields = {"acc": self.test_acc, "acc_top5": self.test_acc_top5, "balanced_acc": self.balanced_accuracy,
+                  "f1_macro": self.f1_macro, "map": self.test_map, "f1_micro": self.test_f1_micro}  # fmt: skip
+        return {key: value for key, value in fields.items() if value is not None}
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if k not in ("weight", "bias")}
@@ -126,8 +125,8 @@ class Standardizer:
 
 
 def task_of(labels: torch.Tensor | np.ndarray) -> Task:
-    """``multilabel`` for an ``(N, C)`` label matrix, ``multiclass`` for a vector of class indices."""
-    return "multilabel" if labels.ndim == 2 else "multiclass"
+    """The task kind's name of these labels: an ``(N, C)`` label matrix is multi-label."""
+    return kind_of_labels(labels).name
 
 
 def class_weights(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -522,51 +521,34 @@ def _extrapolate(
 
 def _check_labels(train: Pair, val: Pair, test: Pair | None, num_classes: int, solver: str) -> Task:
     """The task the labels describe; DataError for labels a probe cannot use."""
-    task = task_of(train[1])
+    kind = kind_of_labels(train[1])
     for name, pair in (("train", train), ("val", val), ("test", test)):
         if pair is None:
             continue
         features, labels = pair
         if len(features) != len(labels):
             raise DataError(f"probe: {name} has {len(features)} feature rows but {len(labels)} labels.")
-        if task_of(labels) != task:
-            raise DataError(f"probe: train labels are {task} but {name} labels are not; use one kind for every split.")
-        if task == "multilabel":
-            if labels.shape[1] != num_classes:
-                raise DataError(f"probe: {name} label matrix has {labels.shape[1]} columns for {num_classes} classes.")
-            if len(labels) and not bool(((labels == 0) | (labels == 1)).all()):
-                raise DataError(f"probe: {name} multi-label targets must be 0 or 1.")
-        elif len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        if kind_of_labels(labels) is not kind:
             raise DataError(
-                f"probe: {name} labels must lie in [0, {num_classes}); found {int(labels.min())}..{int(labels.max())}."
+                f"probe: train labels are {kind.name} but {name} labels are not; use one kind for every split."
             )
+        kind.check_labels(labels, num_classes, f"probe: {name}")
     if len(train[1]) == 0 or len(val[1]) == 0:
         raise DataError("probe: the train and val splits need at least one sample each.")
-    labels = train[1]
-    if task == "multilabel":
-        positives = labels.sum(0)
-        missing = torch.nonzero((positives == 0) | (positives == len(labels))).flatten().tolist()
-        if missing:
-            raise DataError(
-                f"probe: multi-label class(es) {missing} have no positive or no negative training example, "
-                "so no probe can learn them; drop those columns."
-            )
-    elif solver == "lbfgs":
-        missing = torch.nonzero(torch.bincount(labels, minlength=num_classes) == 0).flatten().tolist()
-        if missing:
-            # its bias would run to minus infinity: logistic regression then has no optimum
-            raise DataError(f"probe: class(es) {missing} have no training example; the L-BFGS probe needs every class.")
-    return task
+    # L-BFGS: a class without examples sends its bias to minus infinity (logistic regression has no optimum)
+    why = kind.unlearnable_classes(train[1], num_classes, needs_every_class=solver == "lbfgs")
+    if why:
+        raise DataError(f"probe: {why}.")
+    return kind.name
 
 
 def _metric(task: Task) -> str:
-    return "val_map" if task == "multilabel" else "val_acc"
+    return f"val_{task_kind(task).metric}"
 
 
 def _val_score(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    if labels.ndim == 2:
-        return {"val_map": mean_average_precision(logits, labels), "val_f1_micro": f1_micro(logits > 0, labels)}
-    return {"val_acc": top_k_accuracy(logits, labels)}
+    scores = kind_of_labels(labels).selection_scores(logits, labels)
+    return {f"val_{k}": v for k, v in scores.items()}
 
 
 def _finish(
@@ -585,22 +567,12 @@ def _finish(
     result = ProbeResult(
         solver, None, None, None, chosen, sweep, 0.0, weight, bias, task=task, class_weight=class_weight
     )
-    if task == "multilabel":
-        result.val_map, result.val_f1_micro = best["val_map"], best["val_f1_micro"]  # the chosen sweep model
-        if test is not None:
-            logits = test[0] @ weight.T + bias
-            per_class = average_precision_per_class(logits, test[1])
-            result.test_map = mean_average_precision(logits, test[1])
-            result.test_ap_per_class = [None if np.isnan(ap) else float(ap) for ap in per_class]
-            result.test_f1_micro = f1_micro(logits > 0, test[1])
-    else:
-        result.val_acc = best["val_acc"]
-        if test is not None:
-            logits = test[0] @ weight.T + bias
-            predictions = logits.argmax(1)  # the first maximum: top_k_accuracy's tie rule
-            result.test_acc, result.test_acc_top5 = top_k_accuracy(logits, test[1]), top_k_accuracy(logits, test[1], 5)
-            result.balanced_accuracy = balanced_accuracy(predictions, test[1])
-            result.f1_macro = f1_macro(predictions, test[1])
+    for key, value in best.items():  # the chosen sweep model's validation scores
+        if key.startswith("val_"):
+            setattr(result, key, value)
+    if test is not None:
+        for key, value in task_kind(task).probe_test_scores(test[0] @ weight.T + bias, test[1]).items():
+            setattr(result, key, value)
     result.seconds = time.perf_counter() - start
     return result
 

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from vision_transfer.errors import DataError, VisionTransferError
+from vision_transfer.evaluation.kinds import SINGLE
 from vision_transfer.evaluation.linear import (
     DEFAULT_LRS,
     DEFAULT_WDS,
@@ -239,6 +240,9 @@ def stream_accuracy(
         top5 += torch.from_numpy(top_k_hits(ranked, row_labels).reshape(len(x), heads).sum(0))
     total = max(1, len(labels))
     return (top1 / total).numpy(), (top5 / total).numpy()
+
+
+STREAMED_TASKS = (SINGLE,)  # the streamed SGD probe: single-label, unweighted
 
 
 def stream_sgd_probe(

@@ -21,6 +21,7 @@ from torch import nn
 from vision_transfer.backbones import DataConfig
 from vision_transfer.backbones.weights import load_file
 from vision_transfer.errors import WeightsError
+from vision_transfer.evaluation.kinds import SINGLE, task_kind
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -71,11 +72,9 @@ def write_export(
         "vision_transfer": ours,
     }
     if prediction:
-        multilabel = prediction.get("task") == "multilabel"
-        config["multi_label"] = multilabel
-        if multilabel:
-            config["thresholds"] = prediction.get("thresholds")
-        final = "a sigmoid per class, positive at or above its threshold" if multilabel else "softmax"
+        kind = task_kind(prediction.get("task", SINGLE))
+        config |= kind.timm_config(prediction)
+        final = kind.activation
         ours["prediction"] = prediction
         ours["note"] = (
             "timm.create_model builds the plain model: it outputs raw logits. The prediction settings "
