@@ -28,9 +28,9 @@ MAY_LOAD = {
     "inference": set(),
     "features": {"backbones", "data"},  # extraction and the cache only: nothing that evaluates
     "checkpoint": {"backbones"},  # the checkpoint format: one reader and writer (a module)
-    "export": {"backbones", "checkpoint", "data", "evaluation", "inference"},
-    "report": {"evaluation"},
-    "datamodules": {"backbones", "data", "evaluation", "features"},
+    "export": {"backbones", "checkpoint", "data", "evaluation", "inference", "losses"},
+    "report": {"evaluation"},  # the metrics only (numpy): the task kinds load on first use
+    "datamodules": {"backbones", "data", "evaluation", "features", "inference", "losses"},
     "callbacks": {"evaluation", "report"},
     "tasks": {"backbones", "checkpoint", "data", "tuning", "losses", "evaluation", "inference", "callbacks", "report"},
     "app": set(PACKAGES),
@@ -204,3 +204,69 @@ def test_one_checkpoint_reader_and_writer() -> None:
     assert keys == {"vision_transfer": ["export/timm_format.py"], "hyper_parameters": []}
     source = (REPO / "vision_transfer" / "checkpoint.py").read_text()
     assert 'ENTRY = "vision_transfer"' in source and 'SETTINGS = "hyper_parameters"' in source
+
+
+# the data readers decide the kind (from the labels' shape and the user's CSV options); everything else asks it
+KIND_DECIDED = {"vision_transfer/evaluation/kinds.py", "vision_transfer/data/sources.py"}
+KIND_FLAG_READERS = {  # a multilabel flag read from files or given as an option (the CSV datamodule)
+    "vision_transfer/data/sources.py",
+    "vision_transfer/data/mixing.py",
+    "vision_transfer/data/check.py",
+    "vision_transfer/datamodules/image.py",
+}
+
+
+def _kind_branches(path: Path) -> list[str]:
+    """Kind names as string constants (not docstrings), and conditions that test a ``multilabel`` flag."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in ("multiclass", "multilabel") and id(node) not in docstrings:
+            found.append(f"{path.name}:{node.lineno} the literal {node.value!r}")
+        if isinstance(node, (ast.If, ast.IfExp, ast.While, ast.BoolOp)):
+            tests = [node.test] if not isinstance(node, ast.BoolOp) else node.values
+            for test in tests:
+                for sub in ast.walk(test):
+                    name = sub.attr if isinstance(sub, ast.Attribute) else sub.id if isinstance(sub, ast.Name) else ""
+                    if name == "multilabel":
+                        found.append(f"{path.name}:{sub.lineno} a condition on `multilabel`")
+    return found
+
+
+def test_no_branch_on_the_task_kind_outside_the_kind_module() -> None:
+    """Single- vs multi-label is decided in ``evaluation/kinds.py`` (and read from the data in ``data/``):
+    no other module names a kind or tests a ``multilabel`` flag."""
+    branches = []
+    for path in sorted((REPO / "vision_transfer").rglob("*.py")):
+        relative = str(path.relative_to(REPO))
+        found = _kind_branches(path)
+        if relative in KIND_DECIDED:
+            continue
+        if relative in KIND_FLAG_READERS:
+            found = [f for f in found if "literal" in f]
+        branches += found
+    assert not branches, branches
+
+
+def test_the_kind_branch_check_finds_what_it_looks_for(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        '"""A docstring naming "multilabel" is prose."""\n'
+        "def f(model, task):\n"
+        "    if model.multilabel:\n"
+        "        return 1\n"
+        "    x = 2 if task == 'multiclass' else 3\n"
+        "    return x and multilabel\n"
+    )
+    found = _kind_branches(sample)
+    assert len(found) == 3 and any("'multiclass'" in f for f in found), found

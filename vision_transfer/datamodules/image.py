@@ -318,7 +318,7 @@ class ImageDataModule(pl.LightningDataModule):
             counts = splits["train"].class_counts(len(self.class_names))
             absent = [name for name, n in zip(self.class_names, counts, strict=True) if n == 0]
             if absent:
-                kind = "positive example" if splits["train"].multilabel else "sample"
+                kind = kind_of_labels(splits["train"].labels).example
                 raise DataError(
                     f"{self.describe()}: class(es) {', '.join(map(repr, absent[:5]))} have no {kind} in the training "
                     "split; add images of them, lower val_fraction/test_fraction or max_train_samples' cut, or "

@@ -42,6 +42,7 @@ class TaskKind:
     grid_columns: ClassVar[dict[str, str]]  # a benchmark grid row's score column -> its score key
     loss_options: ClassVar[tuple[str, ...]]  # the loss options this kind uses (the others are refused)
     headline: ClassVar[tuple[str, str]]  # the two test scores a one-line summary shows
+    example: ClassVar[str]  # what a class needs in the training split to be learnt
     activation: ClassVar[str]  # in words, for exported configs
 
     @property
@@ -186,6 +187,7 @@ class SingleLabel(TaskKind):
     }
     loss_options = ("class_weighting", "focal_gamma", "logit_adjustment")
     headline = ("acc", "acc_top5")
+    example = "sample"
     activation = "softmax"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -340,6 +342,7 @@ class MultiLabel(TaskKind):
     }  # never an accuracy
     loss_options = ("asymmetric_loss",)
     headline = ("map", "f1_micro")
+    example = "positive example"
     activation = "a sigmoid per class, positive at or above its threshold"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     stats_f1 = aggregate(rows, "f1_macro")
     gains = transfer_gains(rows)
     costs = {r["backbone"]: (r["params_m"], r["gmacs"]) for r in rows}
-    multilabel = {r["dataset"] for r in rows if r.get("map") not in (None, "")}
+    map_datasets = {r["dataset"] for r in rows if r.get("map") not in (None, "")}  # multi-label
     header = ["dataset", "backbone", "protocol", "seeds", "top-1 or mAP* (mean ± 95% CI)", "balanced acc.", "macro F1"]
     header += ["gain over random init", "params (M)", "GMACs"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
@@ -262,7 +262,7 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
         gain = gains.get(key)
         gain_text = "" if gain is None else f"{plus_minus(gain[0], gain[1], '+')} ({gain_verdict(*gain)})"
         params, gmacs = costs[backbone]
-        score = f"{plus_minus(mean, ci)}{'*' if dataset in multilabel else ''}"
+        score = f"{plus_minus(mean, ci)}{'*' if dataset in map_datasets else ''}"
         cells = [dataset, backbone, protocol, str(n), score, balanced, f1, gain_text, params, gmacs]
         lines.append("| " + " | ".join(cells) + " |")
     notes = [
