@@ -173,16 +173,18 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # The tiny size of benchmarks/longtail.py and benchmarks/multilabel.py: a few hundred images at 32 px,
-# one epoch, one thread per process (2 threads on a loaded 2-core machine were 10x slower). Notebook 04's
-# small mode runs the same commands (its options are a subset of these), so it reuses these runs.
+# one epoch, one thread (2 threads on a loaded 2-core machine were 10x slower), the vision-transfer commands
+# in the script's own process (--in-process: one torch import, not one per command; the console script
+# itself is tested in test_cli). Notebook 04's small mode runs the same commands (its options are a subset
+# of these) in subprocesses, reusing these runs.
 LONGTAIL_TINY = (
     *("--max-per-class", "40", "--ratio", "10", "--val-per-class", "5", "--test-per-class", "10"),
-    *("--image-size", "32", "--epochs", "1", "--num-workers", "0", "--threads", "1"),
+    *("--image-size", "32", "--epochs", "1", "--num-workers", "0", "--threads", "1", "--in-process"),
     *("--options", "plain_ce", "logit_adj_posthoc", "logit_adj_loss"),
 )
 MULTILABEL_TINY = (
     *("--train", "160", "--val", "40", "--test", "40", "--image-size", "32"),
-    *("--epochs", "1", "--num-workers", "0", "--threads", "1"),
+    *("--epochs", "1", "--num-workers", "0", "--threads", "1", "--in-process"),
 )
 
 
