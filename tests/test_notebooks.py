@@ -38,6 +38,8 @@ def test_python3_kernel_is_this_interpreter() -> None:
 
 # Notebooks whose small mode runs the same tiny benchmark commands as the session's fixtures: they
 # reuse those finished runs (the scripts' --reuse, their full mode's path) instead of training again.
+# Their remaining commands (check-data, predict) run in subprocesses, the scripts' default path (the
+# fixtures run theirs --in-process).
 REUSES_BENCHMARK_RUNS = {"04_imbalance_and_multilabel": 3}  # fits reused: 2 long-tail options, 1 multi-label
 
 
