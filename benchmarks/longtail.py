@@ -39,9 +39,9 @@ Defaults: 2 epochs (about 8-10 min per option on the loaded 2-core development m
 other jobs on the 2 cores, torch's default of 2 threads made a training step about 10x slower.
 ``--reuse`` keeps finished runs made by exactly the same ``fit`` command.
 
-Tiny (tests/test_benchmark_scripts.py): ``--max-per-class 40 --ratio 10 --val-per-class 5
---test-per-class 10 --image-size 32 --epochs 1 --num-workers 0 --threads 1 --options plain_ce
-logit_adj_posthoc``.
+Tiny (tests/test_benchmark_scripts.py; ``LONGTAIL_TINY`` in tests/conftest.py): ``--max-per-class 40
+--ratio 10 --val-per-class 5 --test-per-class 10 --image-size 32 --epochs 1 --num-workers 0 --threads 1
+--options plain_ce logit_adj_posthoc logit_adj_loss --in-process``.
 """
 
 from __future__ import annotations
@@ -147,35 +147,67 @@ def build_folder(
 
 
 # -- running the user's commands ---------------------------------------------------------------
+# --in-process (the tests' tiny runs): each command runs in this interpreter instead of a fresh one. A
+# tiny command spent 15-20 of its 20-30 s importing torch, Lightning and timm on the loaded 2-core
+# machine; the price is the isolation a user's separate commands have (one process, shared state).
+IN_PROCESS = False
+
+
+def _run_in_process(args: list[str], threads: int | None) -> tuple[int, str]:
+    """``vision-transfer <args>`` called in this process (cwd and threads as for the subprocess)."""
+    import contextlib
+    import io
+    import traceback
+
+    import torch
+
+    from vision_transfer.cli import main as cli_main
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    output, code = io.StringIO(), 0
+    with contextlib.chdir(ROOT), contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        try:
+            cli_main(args)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:  # what a subprocess would print before exiting with status 1
+            traceback.print_exc()
+            code = 1
+    return code, output.getvalue()
+
+
 def vision_transfer(
     args: list[str], log: Path | None = None, check: bool = True, threads: int | None = None
 ) -> tuple[int, str, float]:
     """Run ``vision-transfer <args>`` (``python -m vision_transfer.cli``, this tree's code) in a
-    subprocess; returns (exit status, output, seconds). Output also goes to ``log`` when given;
-    ``threads`` sets ``OMP_NUM_THREADS`` (torch's intra-op threads) for it."""
-    env = dict(os.environ)
-    if threads is not None:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    subprocess, or in this process with ``IN_PROCESS``; returns (exit status, output, seconds). Output
+    also goes to ``log`` when given; ``threads`` sets ``OMP_NUM_THREADS`` (torch's intra-op threads) for it."""
     start = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-m", "vision_transfer.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    if IN_PROCESS:
+        code, output = _run_in_process(args, threads)
+    else:
+        env = dict(os.environ)
+        if threads is not None:
+            env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        done = subprocess.run(
+            [sys.executable, "-m", "vision_transfer.cli", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        code, output = done.returncode, done.stdout
     seconds = time.perf_counter() - start
     if log is not None:
         log.parent.mkdir(parents=True, exist_ok=True)
-        log.write_text(
-            f"$ vision-transfer {' '.join(args)}\n{done.stdout}\n[exit {done.returncode}, {seconds:.0f} s]\n"
-        )
-    if check and done.returncode != 0:
-        tail = "\n".join(done.stdout.splitlines()[-30:])
-        raise SystemExit(f"vision-transfer {args[0]} failed (exit {done.returncode}):\n{tail}")
-    return done.returncode, done.stdout, seconds
+        log.write_text(f"$ vision-transfer {' '.join(args)}\n{output}\n[exit {code}, {seconds:.0f} s]\n")
+    if check and code != 0:
+        tail = "\n".join(output.splitlines()[-30:])
+        raise SystemExit(f"vision-transfer {args[0]} failed (exit {code}):\n{tail}")
+    return code, output, seconds
 
 
 def run_folder(out: Path, name: str, version: str) -> Path:
@@ -345,7 +377,10 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: torch's, one per core)"
     )
     parser.add_argument("--reuse", action="store_true", help="keep finished runs made by the same command")
+    parser.add_argument("--in-process", action="store_true", help="run the commands in this process (tests)")
     args = parser.parse_args(argv)
+    global IN_PROCESS
+    IN_PROCESS = args.in_process
     if "plain_ce" in args.options:  # the baseline first
         args.options = ["plain_ce", *(o for o in args.options if o != "plain_ce")]
     out: Path = args.out.resolve()

@@ -21,7 +21,8 @@ at the tuned thresholds, are printed beside them as a cross-check).
     nice -n 10 python benchmarks/multilabel.py [--out runs/benchmarks/multilabel] [--train 5000]
         [--val 1000] [--test 2000] [--epochs 3] [--image-size 64] [--no-probe]
 
-Tiny (the test): ``--train 200 --val 60 --test 60 --image-size 32 --epochs 1 --no-probe``.
+Tiny (tests/test_benchmark_scripts.py; ``MULTILABEL_TINY`` in tests/conftest.py): ``--train 160 --val 40
+--test 40 --image-size 32 --epochs 1 --num-workers 0 --threads 1 --in-process``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import longtail
 import numpy as np
 from longtail import ROOT, fit_once, folder_name, read_per_class, vision_transfer
 
@@ -287,7 +289,9 @@ def main(argv: list[str] | None = None) -> None:
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of the runs (default: torch's, one per core)"
     )
     parser.add_argument("--reuse", action="store_true", help="keep a finished fine-tune made by the same command")
+    parser.add_argument("--in-process", action="store_true", help="run the commands in this process (tests)")
     args = parser.parse_args(argv)
+    longtail.IN_PROCESS = args.in_process  # see longtail.IN_PROCESS
     out: Path = args.out.resolve()
     start = time.perf_counter()
     description = build_mosaics(out / "data", {"train": args.train, "val": args.val, "test": args.test}, args.seed)

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -117,3 +124,107 @@ def tiny_fit_args(data_args: list[str], tmp_path: Path, *extra: str) -> list[str
         f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
         *extra,
     ]
+
+
+# -- session-scoped runs: trained once, shared by every test that only reads them ------------------------
+@dataclass(frozen=True)
+class TinyRun:
+    """One ``vision-transfer fit`` of the tiny model on ``data`` (train/val/test folders), 2 epochs, then
+    its test of the best checkpoint: the run folder, its checkpoint, the command's stdout and which
+    VisionTransferCLI subcommand methods ran. Read-only: copy files into ``tmp_path`` to change them."""
+
+    data: Path
+    run_dir: Path
+    best: Path
+    stdout: str
+    subcommands: tuple[str, ...]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> TinyRun:
+    from vision_transfer.app.lightning_cli import VisionTransferCLI
+    from vision_transfer.cli import main
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    data = root / "split_images"
+    for split, n, seed in (("train", 8, 0), ("val", 3, 1), ("test", 3, 2)):
+        write_folder(data / split, per_class=n, seed=seed)
+    calls: list[str] = []
+    stdout = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(stdout):
+        patch.chdir(root)
+        for name in ("fit", "test"):  # records which of the CLI's own subcommand methods run
+            original = getattr(VisionTransferCLI, name)
+
+            def wrapped(self, *args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
+                calls.append(_name)
+                return _original(self, *args, **kwargs)
+
+            patch.setattr(VisionTransferCLI, name, wrapped)
+        torch.manual_seed(0)
+        args = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={data}"]
+        try:
+            main(tiny_fit_args(args, root, "--trainer.max_epochs=2"))
+        except SystemExit as e:
+            assert not e.code, f"tiny fit failed with exit code {e.code}: {stdout.getvalue()[-3000:]}"
+    run_dir = next((root / "runs" / "lightning_logs").glob("version_*"))
+    return TinyRun(data, run_dir, run_dir / "checkpoints" / "best.ckpt", stdout.getvalue(), tuple(calls))
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+# The tiny size of benchmarks/longtail.py and benchmarks/multilabel.py: a few hundred images at 32 px,
+# one epoch, one thread (2 threads on a loaded 2-core machine were 10x slower), the vision-transfer commands
+# in the script's own process (--in-process: one torch import, not one per command; the console script
+# itself is tested in test_cli). Notebook 04's small mode runs the same commands (its options are a subset
+# of these) in subprocesses, reusing these runs.
+LONGTAIL_TINY = (
+    *("--max-per-class", "40", "--ratio", "10", "--val-per-class", "5", "--test-per-class", "10"),
+    *("--image-size", "32", "--epochs", "1", "--num-workers", "0", "--threads", "1", "--in-process"),
+    *("--options", "plain_ce", "logit_adj_posthoc", "logit_adj_loss"),
+)
+MULTILABEL_TINY = (
+    *("--train", "160", "--val", "40", "--test", "40", "--image-size", "32"),
+    *("--epochs", "1", "--num-workers", "0", "--threads", "1", "--in-process"),
+)
+
+
+@dataclass(frozen=True)
+class ScriptRun:
+    """A benchmark script's run: its ``--out`` folder, its stdout and its ``results.json`` as written then
+    (notebook 04 rewrites results.json when it reuses the runs; the data and run folders stay as they are)."""
+
+    out: Path
+    stdout: str
+    results: dict[str, Any]
+
+
+def run_benchmark_script(name: str, out: Path, *args: str) -> ScriptRun:
+    """``python benchmarks/<name> --out <out> <args>``, as a user runs it; it must succeed."""
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--out", str(out), *args],
+        cwd=BENCHMARKS.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:]
+    return ScriptRun(out, done.stdout, json.loads((out / "results.json").read_text()))
+
+
+@pytest.fixture(scope="session")
+def benchmark_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder holding the session's tiny benchmark script runs (``longtail/``, ``multilabel/``)."""
+    return tmp_path_factory.mktemp("benchmarks")
+
+
+@pytest.fixture(scope="session")
+def longtail_run(benchmark_runs: Path) -> ScriptRun:
+    """benchmarks/longtail.py at ``LONGTAIL_TINY``: plain CE, post-hoc and loss logit adjustment."""
+    return run_benchmark_script("longtail.py", benchmark_runs / "longtail", *LONGTAIL_TINY)
+
+
+@pytest.fixture(scope="session")
+def multilabel_run(benchmark_runs: Path) -> ScriptRun:
+    """benchmarks/multilabel.py at ``MULTILABEL_TINY``: the fine-tune and the linear probe."""
+    return run_benchmark_script("multilabel.py", benchmark_runs / "multilabel", *MULTILABEL_TINY)

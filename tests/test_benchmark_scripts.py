@@ -1,8 +1,8 @@
 """benchmarks/longtail.py and benchmarks/multilabel.py end to end at a tiny size, as a user runs them.
 
 Each script writes real PNG files (an image folder, a CSV) from Fashion-MNIST and runs the real
-``vision-transfer`` commands on them in subprocesses; here with a few hundred images at 32 px,
-one epoch, one thread per process (2 threads on a loaded 2-core machine were 10x slower).
+``vision-transfer`` commands on them in subprocesses; the session runs each once at the tiny size of
+``tests/conftest.py`` (``longtail_run``, ``multilabel_run``), which notebook 04's test reuses.
 """
 
 from __future__ import annotations
@@ -10,33 +10,18 @@ from __future__ import annotations
 import csv
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.conftest import BENCHMARKS, LONGTAIL_TINY, ScriptRun
 from vision_transfer.data.sources import FASHION_MNIST_DEBIAN_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCHMARKS = ROOT / "benchmarks"
 needs_fashion_mnist = pytest.mark.skipif(
     not any(FASHION_MNIST_DEBIAN_ROOT.glob("train-images*")), reason="Fashion-MNIST IDX files not installed"
 )
-
-
-def run_script(name: str, *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / name), *args],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:]
-    return done.stdout
+OPTIONS = LONGTAIL_TINY[LONGTAIL_TINY.index("--options") + 2 :]  # after plain_ce
 
 
 def table_rows(output: str, header_start: str) -> dict[str, list[str]]:
@@ -81,14 +66,8 @@ def test_mosaic_labels_have_one_to_four_distinct_classes(scripts: None) -> None:
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_longtail_script_end_to_end_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "longtail"
-    output = run_script(
-        "longtail.py",
-        *("--out", str(out), "--max-per-class", "40", "--ratio", "10", "--val-per-class", "5"),
-        *("--test-per-class", "10", "--image-size", "32", "--epochs", "1", "--num-workers", "0", "--threads", "1"),
-        *("--options", "logit_adj_posthoc", "plain_ce"),
-    )
+def test_longtail_script_end_to_end_tiny(longtail_run: ScriptRun) -> None:
+    out, output = longtail_run.out, longtail_run.stdout
     assert "imbalance ratio (largest / smallest class in train): 10.0" in output  # from vision-transfer check-data
     counts = json.loads((out / "data" / "dataset.json").read_text())["counts"]
     assert sorted(counts["train"].values()) == [4, 5, 7, 9, 11, 14, 19, 24, 31, 40]
@@ -96,31 +75,30 @@ def test_longtail_script_end_to_end_tiny(tmp_path: Path) -> None:
     assert len(list((out / "data" / "train").rglob("*.png"))) == sum(counts["train"].values())
 
     rows = table_rows(output, "| option |")
-    assert list(rows) == ["plain_ce", "logit_adj_posthoc"]  # the baseline first
+    assert list(rows) == ["plain_ce", *OPTIONS]  # the baseline first, then the options in the order given
     for option, cells in rows.items():
         values = [float(v) for v in cells[1:5]]  # top-1, balanced acc, macro-F1, rare-class recall
         assert all(0.0 <= v <= 1.0 for v in values), (option, values)
     balanced = {option: float(cells[2]) for option, cells in rows.items()}
-    gain = float(rows["logit_adj_posthoc"][5])
-    assert gain == pytest.approx(100 * (balanced["logit_adj_posthoc"] - balanced["plain_ce"]), abs=0.011)
+    for option in OPTIONS:
+        gain = float(rows[option][5])
+        assert gain == pytest.approx(100 * (balanced[option] - balanced["plain_ce"]), abs=0.011), option
     assert rows["plain_ce"][5] == ""
     assert re.search(r"goal of >= 5 points: (met|NOT met)\.", output)
-    results = json.loads((out / "results.json").read_text())
-    assert {r["option"] for r in results["rows"]} == {"plain_ce", "logit_adj_posthoc"}
+    results = longtail_run.results
+    assert {r["option"] for r in results["rows"]} == {"plain_ce", *OPTIONS}
     for row in results["rows"]:
         assert (Path(row["run_dir"]) / "checkpoints" / "best.ckpt").is_file()
         assert len(row["per_class_recall"]) == 10
+    # the post-hoc option's confusion matrix was checked against `vision-transfer predict`'s (or the script stops)
+    posthoc = next(r for r in results["rows"] if r["option"] == "logit_adj_posthoc")
+    assert posthoc["confusion"]["source"] == "confusion_matrix.csv, equal to vision-transfer predict's"
 
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_multilabel_script_end_to_end_tiny(tmp_path: Path) -> None:
-    out = tmp_path / "multilabel"
-    output = run_script(
-        "multilabel.py",
-        *("--out", str(out), "--train", "160", "--val", "40", "--test", "40", "--image-size", "32"),
-        *("--epochs", "1", "--num-workers", "0", "--threads", "1"),
-    )
+def test_multilabel_script_end_to_end_tiny(multilabel_run: ScriptRun) -> None:
+    out, output = multilabel_run.out, multilabel_run.stdout
     with (out / "data" / "labels.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["split"] for r in rows].count("test") == 40 and len(rows) == 240
@@ -135,7 +113,7 @@ def test_multilabel_script_end_to_end_tiny(tmp_path: Path) -> None:
     assert names[0] == "fine-tune (1 epochs)" and names[1].startswith("linear probe (sgd")
     values = [float(v) for v in table["fine-tune (1 epochs)"][:5]]  # mAP, micro/macro-F1 at 0.5 and tuned
     assert all(0.0 <= v <= 1.0 for v in values), values
-    results = json.loads((out / "results.json").read_text())
+    results = multilabel_run.results
     row, fit = results["rows"][0], results["fit_test_metrics"]
     # the F1 computed from `vision-transfer predict`'s probabilities at the tuned thresholds is the fit's own
     assert row["f1_micro_tuned"] == pytest.approx(fit["test/f1_micro"], abs=1e-3)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLASSES, tiny_fit_args
+from tests.conftest import CLASSES, TinyRun, tiny_fit_args
 from vision_transfer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,7 +59,8 @@ def test_every_shipped_config_runs(
 @pytest.mark.slow
 @pytest.mark.parametrize("config", BENCHMARK_CONFIGS, ids=[c.stem for c in BENCHMARK_CONFIGS])
 def test_every_shipped_benchmark_config_runs(config: Path, tmp_path: Path, image_folder: Path) -> None:
-    """The config's real backbones and protocols, on one seed of a tiny dataset and a short C grid."""
+    """The config's real backbones and protocols, on one seed of a tiny dataset, a short C grid and
+    two few-shot episodes."""
     tiny = (
         f"[{{name: shapes, data: {{class_path: vision_transfer.datamodules.ImageFolderDataModule, "
         f"init_args: {{root: {image_folder}, num_workers: 0}}}}}}]"
@@ -67,6 +68,8 @@ def test_every_shipped_benchmark_config_runs(config: Path, tmp_path: Path, image
     args = [f"--config={config}", f"--datasets={tiny}", "--seeds=[0]"]
     if "solver: sgd" not in config.read_text():  # a short C grid for L-BFGS (SGD refuses one)
         args.append("--c_grid_size=3")
+    if "fewshot" in config.read_text():  # 2 episodes, not 20: the count proves nothing; 20 were 28 of 49 s
+        args.append("--fewshot_episodes=2")
     args += [f"--output={tmp_path / 'bench'}", f"--cache_dir={tmp_path / 'cache'}"]
     assert run_cli(["benchmark", *args]) == 0
     with (tmp_path / "bench" / "results.csv").open() as f:
@@ -76,22 +79,18 @@ def test_every_shipped_benchmark_config_runs(config: Path, tmp_path: Path, image
     assert protocols == {"linear_probe", "knn", "fewshot"}
 
 
-def test_fit_test_predict_end_to_end(
-    tmp_path: Path, split_folder: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_fit_test_predict_end_to_end(tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The session's tiny fit (2 epochs on train/val/test folders), then validate, test and predict."""
     monkeypatch.chdir(tmp_path)  # validate/test/predict log into ./runs
-    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={split_folder}"]
-    assert run_cli(tiny_fit_args(data, tmp_path, "--trainer.max_epochs=2")) == 0
-    out = capsys.readouterr().out
+    split_folder, run, best = tiny_run.data, tiny_run.run_dir, tiny_run.best
+    out = tiny_run.stdout
     assert "test/acc" in out and "checkpoint" in out and "plots" in out and "summary.md" in out
-    run = next((tmp_path / "runs" / "lightning_logs").glob("version_*"))
     for name in ("curves.png", "confusion_matrix.png"):
         assert _png_ok(run / name), name
     assert (run / "config.yaml").is_file() and (run / "per_class.csv").is_file()
     with (run / "splits.csv").open() as f:
         splits = {row["split"] for row in csv.DictReader(f)}
     assert splits == {"train", "val", "test"}
-    best = run / "checkpoints" / "best.ckpt"
     assert best.is_file() and (run / "checkpoints" / "last.ckpt").is_file()
 
     # validate and test from the checkpoint alone: model and data settings come from it
@@ -163,10 +162,9 @@ def test_csv_row_with_missing_file(tmp_path: Path, csv_dataset: Path, capsys: py
 
 
 def test_label_unknown_to_the_checkpoint(
-    tmp_path: Path, image_folder: Path, csv_dataset: Path, capsys: pytest.CaptureFixture[str]
+    tiny_run: TinyRun, csv_dataset: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert _fit_folder(image_folder, tmp_path, "--test_after_fit=false") == 0
-    best = next((tmp_path / "runs").rglob("best.ckpt"))
+    best = tiny_run.best
     with csv_dataset.open("a") as f:
         f.write("circle/circle_0.png,triangle\n")
     code = run_cli(
@@ -204,19 +202,10 @@ def test_console_script_is_installed() -> None:
     assert "tf_efficientnet_lite0" in result.stdout and "packaged" in result.stdout
 
 
-def test_checkpoint_loads_with_weights_only(tmp_path: Path, image_folder: Path) -> None:
-    assert _fit_folder(image_folder, tmp_path, "--test_after_fit=false") == 0
-    best = next((tmp_path / "runs").rglob("best.ckpt"))
-    checkpoint = torch.load(best, weights_only=True)
+def test_checkpoint_loads_with_weights_only(tiny_run: TinyRun) -> None:
+    checkpoint = torch.load(tiny_run.best, weights_only=True)
     assert checkpoint["hyper_parameters"]["weights"] == "none"
     assert checkpoint["vision_transfer"]["initial_weights"]["kind"] == "none"
-
-
-@pytest.fixture
-def trained(tmp_path: Path, image_folder: Path) -> Path:
-    """best.ckpt of a one-epoch tiny fit on ``image_folder``."""
-    assert _fit_folder(image_folder, tmp_path, "--test_after_fit=false") == 0
-    return next((tmp_path / "runs").rglob("best.ckpt"))
 
 
 @pytest.mark.parametrize(
@@ -237,12 +226,12 @@ def test_a_file_that_is_no_checkpoint_is_named_as_what_it_is(
 
 
 def test_a_checkpoint_cannot_choose_a_module_to_import(
-    tmp_path: Path, trained: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, tiny_run: TinyRun, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     marker = tmp_path / "imported"
     (tmp_path / "planted.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Data: pass\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint = torch.load(tiny_run.best, weights_only=True)
     checkpoint["vision_transfer"]["datamodule"]["class_path"] = "planted.Data"
     torch.save(checkpoint, tmp_path / "planted.ckpt")
     assert run_cli(["validate", f"--ckpt_path={tmp_path / 'planted.ckpt'}"]) == 2
@@ -260,13 +249,13 @@ def test_optimizer_flags_that_would_replace_the_schedule_are_refused(
 
 
 def test_cli_predicts_with_the_checkpoints_preprocessing_as_python_does(
-    tmp_path: Path, image_folder: Path, trained: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, image_folder: Path, tiny_run: TinyRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vision_transfer import load_classifier
 
     monkeypatch.chdir(tmp_path)
     # a model trained with other preprocessing than its architecture's default (as with weights timm:<tag>)
-    checkpoint = torch.load(trained, weights_only=True)
+    checkpoint = torch.load(tiny_run.best, weights_only=True)
     other = {**checkpoint["hyper_parameters"]["data_config"], "mean": [0.2, 0.3, 0.4], "std": [0.1, 0.2, 0.3]}
     other |= {"crop_pct": 0.5, "interpolation": "bilinear"}
     checkpoint["hyper_parameters"]["data_config"] = other  # its one copy
@@ -277,9 +266,10 @@ def test_cli_predicts_with_the_checkpoints_preprocessing_as_python_does(
     predict = ["predict", f"--ckpt_path={path}", f"--data.init_args.predict_paths={image_folder / 'square'}"]
     assert run_cli([*predict, f"--prediction.output={output}", "--prediction.top_k=3"]) == 0
     with output.open() as f:
-        cli = {
-            row["path"]: {row[f"label_{k}"]: float(row[f"prob_{k}"]) for k in (1, 2, 3)} for row in csv.DictReader(f)
-        }
+        rows = list(csv.DictReader(f))
+    # the session's run fitted a temperature on val: the probabilities are calibrated ones, in Python too
+    prob = "calibrated_prob" if "calibrated_prob_1" in rows[0] else "prob"
+    cli = {row["path"]: {row[f"label_{k}"]: float(row[f"{prob}_{k}"]) for k in (1, 2, 3)} for row in rows}
     python = load_classifier(path).predict(images, top_k=3)
     for image, pairs in zip(images, python, strict=True):
         assert cli[image] == pytest.approx(dict(pairs), abs=1e-4)
@@ -304,21 +294,8 @@ def test_precision_is_chosen_by_device_unless_set(
     assert default_precision(accelerator) == expected
 
 
-def test_lightning_cli_runs_the_cli_own_subcommand_methods(
-    tmp_path: Path, image_folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_lightning_cli_runs_the_cli_own_subcommand_methods(tiny_run: TinyRun) -> None:
     """Pins what VisionTransferCLI relies on in LightningCLI: a method named after the subcommand
-    (fit, test, ...) is run instead of the Trainer's (that is where expected warnings are scoped)."""
-    from vision_transfer.app.lightning_cli import VisionTransferCLI
-
-    calls: list[str] = []
-    for name in ("fit", "test"):
-        original = getattr(VisionTransferCLI, name)
-
-        def wrapped(self, *args, _name=name, _original=original, **kwargs):  # type: ignore[no-untyped-def]
-            calls.append(_name)
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(VisionTransferCLI, name, wrapped)
-    assert _fit_folder(image_folder, tmp_path) == 0
-    assert calls == ["fit", "test"]  # test: after_fit's test of the best checkpoint
+    (fit, test, ...) is run instead of the Trainer's (that is where expected warnings are scoped).
+    ``tiny_run`` wraps VisionTransferCLI.fit and .test around its fit and records the calls."""
+    assert tiny_run.subcommands == ("fit", "test")  # test: after_fit's test of the best checkpoint

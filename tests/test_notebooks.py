@@ -36,12 +36,25 @@ def test_python3_kernel_is_this_interpreter() -> None:
     assert notebook.cells[0].outputs[0]["text"].strip() == sys.executable
 
 
+# Notebooks whose small mode runs the same tiny benchmark commands as the session's fixtures: they
+# reuse those finished runs (the scripts' --reuse, their full mode's path) instead of training again.
+# Their remaining commands (check-data, predict) run in subprocesses, the scripts' default path (the
+# fixtures run theirs --in-process).
+REUSES_BENCHMARK_RUNS = {"04_imbalance_and_multilabel": 3}  # fits reused: 2 long-tail options, 1 multi-label
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_in_small_mode(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_notebook_runs_in_small_mode(
+    path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     monkeypatch.setenv("VT_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("VT_NOTEBOOK_OUT", str(tmp_path / "out"))  # the notebooks write here, not into runs/
     monkeypatch.setenv("VISION_TRANSFER_CACHE", str(tmp_path / "cache"))  # a cold feature cache every time
+    if path.stem in REUSES_BENCHMARK_RUNS:
+        request.getfixturevalue("longtail_run")
+        request.getfixturevalue("multilabel_run")
+        monkeypatch.setenv("VT_NOTEBOOK_REUSE", str(request.getfixturevalue("benchmark_runs")))
     notebook = nbformat.read(path, as_version=4)
     client = NotebookClient(
         notebook, timeout=CELL_TIMEOUT_S, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
@@ -50,3 +63,6 @@ def test_notebook_runs_in_small_mode(path: Path, tmp_path: Path, monkeypatch: py
         client.execute()
     except CellExecutionError as error:  # the message holds the cell source and the traceback
         pytest.fail(f"{path.name}: {error}", pytrace=False)
+    if path.stem in REUSES_BENCHMARK_RUNS:  # a command that drifted from the fixture's would train again
+        text = "".join(o.get("text", "") for c in notebook.cells if c.cell_type == "code" for o in c.outputs)
+        assert text.count("(made by the same command)") == REUSES_BENCHMARK_RUNS[path.stem], text[-3000:]
