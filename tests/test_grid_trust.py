@@ -672,9 +672,10 @@ def test_every_tta_entry_point_refuses_an_unknown_mode_as_a_config_error() -> No
     import torch
 
     from vision_transfer.errors import ConfigError
+    from vision_transfer.evaluation.kinds import SINGLE, task_kind
     from vision_transfer.inference.outputs import PredictionHead, tta_views
 
     with pytest.raises(ConfigError, match="flp"):
         tta_views(torch.zeros(1, 3, 4, 4), "flp")
     with pytest.raises(ConfigError, match="flp"):
-        PredictionHead(torch.nn.Identity(), tta="flp")
+        PredictionHead(torch.nn.Identity(), task_kind(SINGLE), tta="flp")

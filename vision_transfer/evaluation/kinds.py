@@ -99,6 +99,20 @@ class TaskKind:
         """Cheap per-batch training scores on the hard labels."""
         return {}
 
+    def logistic_terms(
+        self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact probe's loss entries and their gradient in the logits (predicted minus true)."""
+        raise NotImplementedError
+
+    def entry_weights(self, sample_weight: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``(N,)`` or per-entry ``(N, C)`` weights, shaped to scale :meth:`logistic_terms`."""
+        raise NotImplementedError
+
+    def weight_total(self, sample_weight: torch.Tensor, num_classes: int) -> float:
+        """Sum of weights per sample: N for unweighted and for balanced weights alike, as in scikit-learn."""
+        raise NotImplementedError
+
     # -- scores -------------------------------------------------------------------------------
     def scores(
         self,
@@ -219,6 +233,18 @@ class SingleLabel(TaskKind):
 
     def train_scores(self, logits: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"acc": (logits.argmax(1) == labels).float().mean()}
+
+    def logistic_terms(
+        self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        log_p = logits.log_softmax(1)
+        return -log_p.gather(1, labels[:, None]), log_p.exp() - targets
+
+    def entry_weights(self, sample_weight: torch.Tensor) -> torch.Tensor:
+        return sample_weight[:, None]
+
+    def weight_total(self, sample_weight: torch.Tensor, num_classes: int) -> float:
+        return float(sample_weight.sum())
 
     def scores(
         self,
@@ -366,6 +392,20 @@ class MultiLabel(TaskKind):
 
     def sample_losses(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(logits.float(), labels.float(), reduction="none").sum(1)
+
+    def logistic_terms(
+        self, logits: torch.Tensor, labels: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # binary cross-entropy softplus(z) - t * z; softplus written out: F.softplus returns z itself
+        # above 20, 2e-9 off, which misleads the line search
+        losses = logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - targets * logits
+        return losses, torch.sigmoid(logits) - targets
+
+    def entry_weights(self, sample_weight: torch.Tensor) -> torch.Tensor:
+        return sample_weight
+
+    def weight_total(self, sample_weight: torch.Tensor, num_classes: int) -> float:
+        return float(sample_weight.sum()) / num_classes
 
     def scores(
         self,

@@ -289,15 +289,10 @@ class _Objective:
         self, x: torch.Tensor, y: torch.Tensor, num_classes: int, c: float, sample_weight: torch.Tensor | None
     ):
         self.x, self.num_classes, self.labels = x, num_classes, y
-        self.multilabel = y.ndim == 2
-        self.targets = y.to(x.dtype) if self.multilabel else F.one_hot(y, num_classes).to(x.dtype)
-        self.weight = None if sample_weight is None else sample_weight.to(x.dtype)
-        # sum of weights per sample: N for unweighted and for balanced weights alike, as in scikit-learn
-        total = (
-            float(len(x))
-            if sample_weight is None
-            else float(sample_weight.sum()) / (num_classes if self.multilabel else 1)
-        )
+        self.kind = kind_of_labels(y)
+        self.targets = self.kind.targets(y, num_classes, x.dtype)
+        self.weight = None if sample_weight is None else self.kind.entry_weights(sample_weight.to(x.dtype))
+        total = float(len(x)) if sample_weight is None else self.kind.weight_total(sample_weight, num_classes)
         self.scale = 1.0 / total
         self.l2 = 1.0 / (c * total)
 
@@ -321,17 +316,9 @@ class _Objective:
     def __call__(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         weight, bias = self.split(theta)
         logits = torch.addmm(bias, self.x, weight.T)
-        if self.multilabel:  # binary cross-entropy softplus(z) - t * z, and its gradient sigmoid(z) - t
-            # softplus written out: F.softplus returns z itself above 20, 2e-9 off, which misleads the line search
-            losses = logits.clamp_min(0) + torch.log1p(torch.exp(-logits.abs())) - self.targets * logits
-            residual = torch.sigmoid(logits) - self.targets
-        else:
-            log_p = logits.log_softmax(1)
-            losses = -log_p.gather(1, self.labels[:, None])
-            residual = log_p.exp() - self.targets
+        losses, residual = self.kind.logistic_terms(logits, self.labels, self.targets)
         if self.weight is not None:
-            weights = self.weight if self.multilabel else self.weight[:, None]
-            losses, residual = losses * weights, residual * weights
+            losses, residual = losses * self.weight, residual * self.weight
         residual *= self.scale
         grad_w = torch.addmm(weight, residual.T, self.x, beta=self.l2)
         value = float(losses.sum()) * self.scale + 0.5 * self.l2 * float(weight.pow(2).sum())
