@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from vision_transfer.errors import DataError
+from vision_transfer.errors import ConfigError, DataError
 from vision_transfer.evaluation.metrics import accuracy, balanced_accuracy, top_k_classes, top_k_hits
 from vision_transfer.evaluation.stream import iter_chunks, split_rows
 
@@ -179,7 +179,7 @@ def knn_evaluate(
     Ties on val top-1 go to the smaller k.
     """
     if test_memory not in ("train+val", "train"):
-        raise ValueError(f"test_memory must be 'train+val' or 'train', not {test_memory!r}.")
+        raise ConfigError(f"test_memory must be 'train+val' or 'train', not {test_memory!r}.")
     start = time.perf_counter()
     train_labels = np.asarray(train[1], dtype=np.int64)
     split_rows(train[0], train_labels)
