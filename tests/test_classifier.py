@@ -156,7 +156,32 @@ def test_drop_rate_drops_features_before_the_head_in_every_mode(mode: str) -> No
     model.train()
     with torch.no_grad():
         assert not torch.equal(model(images), model(images))  # dropout active in training, backbone frozen or not
-        assert not torch.equal(model._logits(features), model._logits(features))  # cached features too
+        assert not torch.equal(features.logits(model), features.logits(model))  # cached features too
     model.eval()
     with torch.no_grad():
         assert torch.equal(model(images), model(images))
+
+
+@pytest.mark.parametrize("task", ["multiclass", "multilabel"])
+def test_a_feature_batch_and_an_image_batch_give_the_same_steps(task: str) -> None:
+    """Cached features and the images they came from: the same logits, loss and final probabilities
+    (temperature and thresholds included) at every step; the batch answers, the model never asks."""
+    from vision_transfer.data.dataset import FeatureBatch, ImageBatch
+
+    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe", task=task)
+    model.set_class_names(["a", "b", "c"])
+    model.temperature.fill_(2.5)
+    model.eval()
+    images = torch.randint(0, 256, (4, 3, TINY_SIZE, TINY_SIZE), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 1]) if task == "multiclass" else torch.tensor([[1, 0, 1], [0, 1, 0]] * 2).float()
+    image_batch = model.on_after_batch_transfer(
+        (images, labels), 0
+    )  # a plain (images, labels) pair, as users' loaders give
+    assert isinstance(image_batch, ImageBatch)
+    with torch.no_grad():
+        features = FeatureBatch(model.forward_features(image_batch.images), labels)
+        assert model.on_after_batch_transfer(features, 0) is features
+        torch.testing.assert_close(features.logits(model), image_batch.logits(model))
+        torch.testing.assert_close(model.predict_step(features, 0), model.predict_step(image_batch, 0))
+        torch.testing.assert_close(model.test_step(features, 0), model.test_step(image_batch, 0))
+    assert features.tta_logits(model) is None and image_batch.tta_logits(model) is not None

@@ -270,3 +270,24 @@ def test_the_kind_branch_check_finds_what_it_looks_for(tmp_path: Path) -> None:
     )
     found = _kind_branches(sample)
     assert len(found) == 3 and any("'multiclass'" in f for f in found), found
+
+
+def _batch_kind_tests(path: Path) -> list[str]:
+    """``isinstance`` tests (and names) of the batch types in ``path``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Name) and node.id in ("FeatureBatch", "ImageBatch"):
+            found.append(f"{path.name}:{node.lineno} names {node.id}")
+    return found
+
+
+def test_the_classifier_never_asks_which_batch_it_has() -> None:
+    """Images or cached features: the batch answers (``data/dataset.py``); the model never branches on it."""
+    found = [f for path in sorted((REPO / "vision_transfer" / "tasks").rglob("*.py")) for f in _batch_kind_tests(path)]
+    assert not found, found
+    sample = REPO / "vision_transfer" / "app" / "calibrate.py"
+    assert not _batch_kind_tests(sample), "calibration collects logits through the batch too"
+    # the check sees what it looks for
+    assert _batch_kind_tests(REPO / "vision_transfer" / "datamodules" / "features.py")

@@ -19,7 +19,7 @@ import torch
 from vision_transfer.app.checkpoints import model_from_checkpoint, recorded_datamodule
 from vision_transfer.app.connect import connect
 from vision_transfer.checkpoint import read_checkpoint, save_checkpoint, set_prediction
-from vision_transfer.data.dataset import FeatureBatch
+from vision_transfer.data.dataset import as_model_batch
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.errors import DataError
 from vision_transfer.evaluation.kinds import task_kind
@@ -35,14 +35,13 @@ def collect_logits(model: ImageClassifier, loader: Any, device: torch.device) ->
     model.eval().to(device)
     tta = model.hparams.get("tta", "none")
     logits, labels = [], []
-    for batch in loader:
-        if isinstance(batch, FeatureBatch):
-            out = model.forward_head(batch.features.to(device).float())[None]
-        else:
-            images = model.preprocess(batch[0].to(device))
-            out = torch.stack([model(view) for view in tta_views(images, tta)])
+    for loaded in loader:
+        batch = as_model_batch(loaded)
+        # an ImageBatch's views (``tta``); a FeatureBatch's one plain head output
+        views = batch.to(device).prepared(model).view_logits(model, lambda images: tta_views(images, tta))
+        out = torch.stack(views)
+        labels.append(batch.labels)
         logits.append(out.float().cpu())
-        labels.append(batch[1])
     return torch.cat(logits, dim=1).squeeze(0), torch.cat(labels)
 
 

@@ -1,6 +1,6 @@
 """Image sources, splits, decoding and albumentations transforms; no Lightning here."""
 
-from vision_transfer.data.dataset import FeatureBatch, ImageDataset, list_predict_files
+from vision_transfer.data.dataset import FeatureBatch, ImageBatch, ImageDataset, list_predict_files
 from vision_transfer.data.images import check_image_header, load_image
 from vision_transfer.data.sources import (
     Samples,
@@ -15,6 +15,7 @@ from vision_transfer.data.transforms import create_eval_transform, create_train_
 
 __all__ = [
     "FeatureBatch",
+    "ImageBatch",
     "ImageDataset",
     "Samples",
     "SourceSplits",

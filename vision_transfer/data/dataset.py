@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -30,11 +31,98 @@ class SkippingBatch(NamedTuple):
     skipped: list[UnreadableImage]
 
 
+class BatchModel(Protocol):
+    """What a batch needs of the model it feeds (:class:`~vision_transfer.tasks.ImageClassifier`)."""
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor: ...
+    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor: ...
+    def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor: ...
+    def tta_logits(self, images: torch.Tensor) -> torch.Tensor: ...
+
+
+class ImageBatch(NamedTuple):
+    """A batch of images (uint8 from the loader, normalised once :meth:`prepared`) and their labels.
+
+    It and :class:`FeatureBatch` answer the same questions, so the model never asks which it has.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def prepared(self, model: BatchModel) -> ImageBatch:
+        return ImageBatch(model.preprocess(self.images), self.labels)
+
+    def mixed(self, mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> tuple[
+        ImageBatch, torch.Tensor
+    ]:  # fmt: skip
+        """The batch with mixed images (mixup/CutMix) and its soft targets."""
+        images, target = mix(self.images, self.labels)
+        return ImageBatch(images, self.labels), target
+
+    def logits(self, model: BatchModel) -> torch.Tensor:
+        """Raw logits of one plain view."""
+        return model(self.images)
+
+    def final_logits(self, model: BatchModel) -> torch.Tensor:
+        """The logits predictions come from: adjusted, calibrated and averaged over the TTA views."""
+        return model.tta_logits(self.images)
+
+    def tta_logits(self, model: BatchModel) -> torch.Tensor | None:
+        """:meth:`final_logits`, where test-time augmentation can apply (images)."""
+        return model.tta_logits(self.images)
+
+    def view_logits(self, model: BatchModel, views: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[
+        torch.Tensor
+    ]:  # fmt: skip
+        """Raw logits of each test-time view (calibration fits on them as predictions average them)."""
+        return [model(view) for view in views(self.images)]
+
+    def to(self, device: torch.device) -> ImageBatch:
+        return ImageBatch(self.images.to(device), self.labels)
+
+
 class FeatureBatch(NamedTuple):
-    """A batch of cached backbone features (not images) and their labels."""
+    """A batch of cached backbone features (not images) and their labels: only the head runs."""
 
     features: torch.Tensor
     labels: torch.Tensor
+
+    def prepared(self, model: BatchModel) -> FeatureBatch:
+        return self
+
+    def mixed(self, mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> tuple[
+        FeatureBatch, torch.Tensor
+    ]:  # fmt: skip
+        return self, self.labels  # features do not mix (the model refuses mixup with cache_features)
+
+    def logits(self, model: BatchModel) -> torch.Tensor:
+        return model.forward_head(self.features.float())
+
+    def final_logits(self, model: BatchModel) -> torch.Tensor:
+        return model.prediction_logits(self.logits(model))
+
+    def tta_logits(self, model: BatchModel) -> torch.Tensor | None:
+        return None  # no views of a feature vector
+
+    def view_logits(self, model: BatchModel, views: Callable[[torch.Tensor], list[torch.Tensor]]) -> list[
+        torch.Tensor
+    ]:  # fmt: skip
+        return [self.logits(model)]
+
+    def to(self, device: torch.device) -> FeatureBatch:
+        return FeatureBatch(self.features.to(device), self.labels)
+
+
+ModelBatch = ImageBatch | FeatureBatch
+
+
+def as_model_batch(batch: Any) -> ModelBatch:
+    """A loader's batch as :class:`ImageBatch` or :class:`FeatureBatch` (a plain ``(images, labels)``
+    sequence, e.g. from a user's own DataLoader, is taken as images)."""
+    if isinstance(batch, (ImageBatch, FeatureBatch)):
+        return batch
+    return ImageBatch(batch[0], batch[1])
 
 
 class ImageDataset(Dataset):
@@ -81,11 +169,17 @@ class ImageDataset(Dataset):
         return self.transform(image=image)["image"], target
 
 
+def collate_images(samples: list[Any]) -> ImageBatch:
+    """``default_collate`` of ``(image, label)`` samples, as an :class:`ImageBatch`."""
+    images, labels = default_collate(samples)
+    return ImageBatch(images, labels)
+
+
 def collate_readable(samples: list[Any]) -> Any:
     """``default_collate`` of the samples that decoded; a :class:`SkippingBatch` names the others."""
     skipped = [s for s in samples if isinstance(s, UnreadableImage)]
     if not skipped:
-        return default_collate(samples)
+        return collate_images(samples)
     if len(skipped) == len(samples):
         first = skipped[0]
         raise ImageLoadError(first.path, f"{first.reason} (and every other image of its batch is unreadable)")

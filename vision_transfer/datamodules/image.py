@@ -22,9 +22,11 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from vision_transfer.backbones import DataConfig
 from vision_transfer.data.dataset import (
+    ImageBatch,
     ImageDataset,
     SkippingBatch,
     UnreadableImage,
+    collate_images,
     collate_readable,
     list_predict_files,
 )
@@ -372,7 +374,7 @@ class ImageDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         if isinstance(batch, SkippingBatch):
             self._record_skipped(batch.skipped)
-            return batch.images, batch.labels
+            return ImageBatch(batch.images, batch.labels)
         return batch
 
     def _record_skipped(self, images: list[UnreadableImage]) -> None:
@@ -403,7 +405,7 @@ class ImageDataModule(pl.LightningDataModule):
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            collate_fn=collate_readable if skipping else None,
+            collate_fn=collate_readable if skipping else collate_images,
             sampler=self._sampler(dataset) if shuffle else None,
             num_workers=workers,
             pin_memory=pin,

@@ -13,7 +13,7 @@ from torch import nn
 
 from vision_transfer.backbones import DataConfig, create_backbone
 from vision_transfer.checkpoint import CheckpointEntry, parse_checkpoint, save_checkpoint, write_entry
-from vision_transfer.data.dataset import FeatureBatch
+from vision_transfer.data.dataset import ModelBatch, as_model_batch
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import CheckpointError, ConfigError, DataError, VisionTransferError
@@ -33,7 +33,8 @@ class ImageClassifier(pl.LightningModule):
 
     Give the classes with ``class_names``, or let :func:`vision_transfer.connect` take them from
     the datamodule (the command line does it). Batches are ``(uint8 images, labels)`` from an
-    image datamodule, or :class:`~vision_transfer.data.FeatureBatch` from a
+    image datamodule (:class:`~vision_transfer.data.ImageBatch`), or
+    :class:`~vision_transfer.data.FeatureBatch` from a
     :class:`~vision_transfer.datamodules.CachedFeatureDataModule`, which only the head sees.
 
     Args:
@@ -352,11 +353,9 @@ class ImageClassifier(pl.LightningModule):
         """uint8 NCHW batch (as the datamodules yield it) -> normalised float batch."""
         return self.normalize(images)
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        if isinstance(batch, FeatureBatch):
-            return batch
-        images, *rest = batch
-        return (self.preprocess(images), *rest)
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> ModelBatch:
+        """Images normalised (features as they are); the steps then ask the batch, never its kind."""
+        return as_model_batch(batch).prepared(self)
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; frozen stage groups run without autograd."""
@@ -369,11 +368,6 @@ class ImageClassifier(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of a normalised image batch."""
         return self.forward_head(self.forward_features(images))
-
-    def _logits(self, batch: Any) -> torch.Tensor:
-        if isinstance(batch, FeatureBatch):  # cached features: the backbone already ran
-            return self.forward_head(batch.features.float())
-        return self(batch[0])
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
@@ -439,17 +433,12 @@ class ImageClassifier(pl.LightningModule):
             self._pending_losses.append((finite, loss.detach(), None))
 
     # -- steps -------------------------------------------------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        labels = batch[1]
-        trains_bn = self.policy.num_frozen < len(self.policy.groups)
-        if isinstance(batch, FeatureBatch):
-            logits = self.forward_head(batch.features.float())
-            target = labels
-        else:
-            if len(labels) < 2 and trains_bn:
-                return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
-            images, target = self._mix(batch[0], labels)
-            logits = self(images)
+    def training_step(self, batch: ModelBatch, batch_idx: int) -> torch.Tensor | None:
+        labels = batch.labels
+        if len(labels) < 2 and self.policy.num_frozen < len(self.policy.groups):
+            return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
+        inputs, target = batch.mixed(self._mix)
+        logits = inputs.logits(self)
         loss = self._loss(logits, target)
         if self.hparams.get("stop_on_nan", True):
             self._watch_loss(loss)
@@ -480,24 +469,24 @@ class ImageClassifier(pl.LightningModule):
         self.log_dict(scalars, prog_bar=prog_bar)
         return values
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        labels = batch[1]
-        logits = self._logits(batch)
+    def validation_step(self, batch: ModelBatch, batch_idx: int) -> None:
+        labels = batch.labels
+        logits = batch.logits(self)
         self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True)
         self.val_scores.update(self._scores_input(logits), labels)
 
     def on_validation_epoch_end(self) -> None:
         self._log_scores(self.val_scores, "val/", prog_bar=True)
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: ModelBatch, batch_idx: int) -> torch.Tensor:
         """Returns the logits, so callbacks (RunReport's worst images) can use them."""
-        labels = batch[1]
-        logits = self._logits(batch)
+        labels = batch.labels
+        logits = batch.logits(self)
         self.log("test/loss", self._loss(logits, labels), sync_dist=True)
         self.test_scores.update(self._scores_input(logits), labels)
-        tta = self.hparams.get("tta", "none")
-        if tta != "none" and not isinstance(batch, FeatureBatch):
-            self.tta_scores.update(self._scores_input(self.tta_logits(batch[0]), final=True), labels)
+        views = batch.tta_logits(self) if self.hparams.get("tta", "none") != "none" else None
+        if views is not None:
+            self.tta_scores.update(self._scores_input(views, final=True), labels)
         return logits
 
     def on_test_epoch_end(self) -> None:
@@ -505,11 +494,10 @@ class ImageClassifier(pl.LightningModule):
         if self.tta_scores.update_count:
             self._log_scores(self.tta_scores, "test/tta/")
 
-    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: ModelBatch, batch_idx: int) -> torch.Tensor:
         """Final probabilities of each image: calibrated, logit-adjusted and averaged over TTA views
         as configured (multilabel: one sigmoid per class)."""
-        logits = self._logits(batch) if isinstance(batch, FeatureBatch) else self.tta_logits(batch[0])
-        return self.task_kind.probabilities(logits)
+        return self.task_kind.probabilities(batch.final_logits(self))
 
     # -- predictions -------------------------------------------------------------------------
     def logit_shift(self) -> torch.Tensor | None:
