@@ -433,7 +433,8 @@ class ImageClassifier(pl.LightningModule):
             self._pending_losses.append((finite, loss.detach(), None))
 
     # -- steps -------------------------------------------------------------------------------
-    def training_step(self, batch: ModelBatch, batch_idx: int) -> torch.Tensor | None:
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        batch = as_model_batch(batch)  # also a plain (images, labels) pair, called directly
         labels = batch.labels
         if len(labels) < 2 and self.policy.num_frozen < len(self.policy.groups):
             return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
@@ -469,7 +470,8 @@ class ImageClassifier(pl.LightningModule):
         self.log_dict(scalars, prog_bar=prog_bar)
         return values
 
-    def validation_step(self, batch: ModelBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        batch = as_model_batch(batch)  # also a plain (images, labels) pair, called directly
         labels = batch.labels
         logits = batch.logits(self)
         self.log("val/loss", self._loss(logits, labels), prog_bar=True, sync_dist=True)
@@ -478,8 +480,9 @@ class ImageClassifier(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_scores(self.val_scores, "val/", prog_bar=True)
 
-    def test_step(self, batch: ModelBatch, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Returns the logits, so callbacks (RunReport's worst images) can use them."""
+        batch = as_model_batch(batch)  # also a plain (images, labels) pair, called directly
         labels = batch.labels
         logits = batch.logits(self)
         self.log("test/loss", self._loss(logits, labels), sync_dist=True)
@@ -494,9 +497,10 @@ class ImageClassifier(pl.LightningModule):
         if self.tta_scores.update_count:
             self._log_scores(self.tta_scores, "test/tta/")
 
-    def predict_step(self, batch: ModelBatch, batch_idx: int) -> torch.Tensor:
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         """Final probabilities of each image: calibrated, logit-adjusted and averaged over TTA views
         as configured (multilabel: one sigmoid per class)."""
+        batch = as_model_batch(batch)  # also a plain (images, labels) pair, called directly
         return self.task_kind.probabilities(batch.final_logits(self))
 
     # -- predictions -------------------------------------------------------------------------
