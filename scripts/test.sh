@@ -6,4 +6,4 @@ bash scripts/setup.sh dev
 .venv/bin/ruff check vision_transfer tests benchmarks
 .venv/bin/ruff format --check vision_transfer tests benchmarks
 .venv/bin/mypy
-.venv/bin/python -m pytest --durations=30 "$@"
+.venv/bin/python -m pytest -n 2 --dist loadgroup --durations=30 "$@"

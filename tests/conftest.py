@@ -6,6 +6,7 @@ import contextlib
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -101,6 +102,25 @@ def csv_dataset(image_folder: Path) -> Path:
         for image in sorted(image_folder.rglob("*.png")):
             writer.writerow([image.relative_to(image_folder).as_posix(), image.parent.name])
     return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n 2``, as scripts/test.sh runs) each worker keeps to one CPU thread, its
+    subprocesses too: two workers of one thread each, not two of two fighting for two cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+# the session-scoped runs below: every test that reads one runs on the worker that made it (made once)
+SHARED_RUNS = {"tiny_run": "tiny_run", "longtail_run": "benchmark_runs", "multilabel_run": "benchmark_runs"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        group = next((g for name, g in SHARED_RUNS.items() if name in getattr(item, "fixturenames", ())), None)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(autouse=True)
