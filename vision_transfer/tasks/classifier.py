@@ -21,9 +21,8 @@ from vision_transfer.evaluation import EpochScores
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import balanced_class_weights, log_prior
-from vision_transfer.tuning import TuningConfig, TuningPolicy, build_param_groups
+from vision_transfer.tuning import TuningConfig, TuningPolicy
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Scheduler, Unit
-from vision_transfer.tuning.schedule import constant_lr_lambdas, group_lr_lambdas
 
 _D = TuningConfig()  # the one source of the tuning options' defaults
 
@@ -382,22 +381,8 @@ class ImageClassifier(pl.LightningModule):
         if changed or not self._announced:
             self._announced = True
             self.print(f"epoch {self.current_epoch}, step {self.global_step}: training {self.policy.describe()}")
-        self._finish_probe_phase()
-
-    def _finish_probe_phase(self) -> None:
-        """LP-FT under ``plateau`` (which scales each group's learning rate in place): the head moves
-        from ``head_lr`` to ``lr`` when the fine-tune starts, as the other schedulers' multipliers do.
-        Applied once (the flag is saved with the optimizer state, so a resumed run does not apply it
-        again)."""
-        t = self.tuning
-        if t.mode != "lp_ft" or t.scheduler != "plateau" or self.current_epoch < t.lp_epochs:
-            return
-        if self._trainer is None or not self.trainer.optimizers:
-            return
-        for group in self.trainer.optimizers[0].param_groups:
-            if group.get("stage") == -1 and not group.get("finetune_phase"):
-                group["lr"] *= t.lr / t.effective_head_lr
-                group["finetune_phase"] = True
+        if self._trainer is not None and self.trainer.optimizers:  # LP-FT's head rate under plateau
+            self.policy.finish_probe_phase(self.trainer.optimizers[0], self.current_epoch)
 
     def on_train_epoch_start(self) -> None:
         self._sync_policy()
@@ -528,35 +513,10 @@ class ImageClassifier(pl.LightningModule):
 
     # -- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        t = self.tuning
-        groups = build_param_groups(
-            self.policy.groups, self.backbone, self.head, lr=t.lr, head_lr=t.effective_head_lr,
-            layer_decay=t.layer_decay, weight_decay=t.weight_decay,
-        )  # fmt: skip
-        if t.optimizer == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
-        else:
-            # fused: one kernel per parameter group on CUDA instead of a loop of small ones
-            optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=True if self.device.type == "cuda" else None)
-        if t.scheduler == "plateau":
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": self.monitor}}
-        total, per_epoch = self._schedule_length()
-        starts = self.policy.start_steps(per_epoch)
-        stages = [g["stage"] for g in groups]
-        phase_start = starts[0] if t.mode == "lp_ft" else None
-        if t.scheduler == "constant":
-            lambdas = constant_lr_lambdas(stages, starts, phase_start, t.lr / t.effective_head_lr)
-        else:
-            lambdas = group_lr_lambdas(
-                stages, starts, total_steps=total, warmup_steps=int(t.warmup_epochs * per_epoch),
-                min_ratio=t.min_lr_ratio, rewarm=t.rewarm, phase_start=phase_start,
-                head_scale_after_phase=t.lr / t.effective_head_lr,
-            )  # fmt: skip
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        """The tuning policy's optimizer and schedule (:meth:`TuningPolicy.configure_optimizers`)."""
+        return self.policy.configure_optimizers(
+            self.head, self._schedule_length, self.monitor, fused=self.device.type == "cuda"
+        )
 
     def _schedule_length(self) -> tuple[int, float]:
         """(optimizer steps in the whole run, optimizer steps per epoch), from the train dataloader.

@@ -116,6 +116,12 @@ class TuningConfig:
     def effective_head_lr(self) -> float:
         return self.lr if self.head_lr is None else self.head_lr
 
+    @property
+    def phase_start(self) -> int | None:
+        """``lp_ft``: the epoch at which the fine-tune phase begins (every stage group starts training, with
+        its own warmup and decay, and the head moves from ``head_lr`` to ``lr``); None in the one-phase modes."""
+        return self.lp_epochs if self.mode == "lp_ft" else None
+
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TuningConfig:
         """The config from a mapping that may hold other keys too (a model's hyperparameters)."""

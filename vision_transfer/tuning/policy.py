@@ -1,9 +1,10 @@
-"""Which stage groups train when, how their BatchNorm behaves, and their optimizer groups."""
+"""Which stage groups train when, how their BatchNorm behaves, their optimizer groups and learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -13,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from vision_transfer.errors import ConfigError, UnsupportedBackboneError
 from vision_transfer.tuning.config import BnPolicy, Mode, TuningConfig, Unit
 from vision_transfer.tuning.groups import stage_groups
+from vision_transfer.tuning.schedule import constant_lr_lambdas, group_lr_lambdas
 
 __all__ = ["NEVER", "BnPolicy", "Mode", "TuningPolicy", "Unit", "build_param_groups"]
 
@@ -38,6 +40,10 @@ class TuningPolicy:
     The trainable set is a pure function of training progress (epoch, step), never stored state,
     so a resumed run trains exactly what an uninterrupted one would.
 
+    The policy also owns the optimization that follows this schedule: :meth:`configure_optimizers`
+    builds the parameter groups, the optimizer and the learning-rate schedule of every mode and
+    scheduler, and :meth:`finish_probe_phase` moves LP-FT's head rate under ``plateau``.
+
     Args:
         backbone: a headless timm model.
         config: the tuning options (see :class:`~vision_transfer.tuning.config.TuningConfig`);
@@ -50,7 +56,7 @@ class TuningPolicy:
         self.groups = stage_groups(backbone)
         self.mode: Mode = config.mode
         self.bn: BnPolicy = config.bn
-        self.milestone_unit: Unit = "epoch" if config.mode == "lp_ft" else config.milestone_unit
+        self.milestone_unit: Unit = "epoch" if config.phase_start is not None else config.milestone_unit
         self.starts = self._start_points(config, len(self.groups))
         self.num_frozen = self.frozen_at(0, 0)
         self._params = dict(backbone.named_parameters())
@@ -72,8 +78,8 @@ class TuningPolicy:
             milestones = sorted(config.unfreeze_milestones or [config.unfreeze_every * (k + 1) for k in range(n)])
             # group i (0 = stem) starts with the (n - i)-th milestone
             return [float(milestones[n - 1 - i]) if n - 1 - i < len(milestones) else NEVER for i in range(n)]
-        if config.mode == "lp_ft":
-            return [float(config.lp_epochs)] * n
+        if config.phase_start is not None:  # lp_ft: every group starts with the fine-tune phase
+            return [float(config.phase_start)] * n
         if config.mode == "partial":
             if not 0 <= config.trainable_groups <= n:
                 raise ConfigError(f"trainable_groups={config.trainable_groups}: this backbone has {n} stage groups.")
@@ -105,6 +111,75 @@ class TuningPolicy:
         span = lambda a, b: f"group {a}" if a == b else f"groups {a}-{b}"  # noqa: E731
         trainable = f"stage {span(self.num_frozen, n - 1)} + head"
         return trainable + (f" ({span(0, self.num_frozen - 1)} frozen)" if self.num_frozen else "")
+
+    # -- optimization ------------------------------------------------------------------------
+    def configure_optimizers(
+        self, head: nn.Module, length: Callable[[], tuple[int, float]], monitor: str, fused: bool = False
+    ) -> dict[str, Any]:
+        """The optimizer and its learning-rate schedule, as a LightningModule's ``configure_optimizers`` returns them.
+
+        One optimizer group per stage group and weight-decay class, plus the head's
+        (:func:`build_param_groups`); SGD with Nesterov momentum or AdamW. ``plateau``:
+        ``ReduceLROnPlateau`` on ``monitor``, per epoch (see :meth:`finish_probe_phase`); ``cosine``
+        and ``constant``: per-step multipliers that hold each group at 0 until it starts training
+        (``LambdaLR``, a pure function of the step, so a resume recomputes them exactly).
+
+        Args:
+            head: the module after the backbone, which trains from the first step.
+            length: returns (optimizer steps in the whole run, optimizer steps per epoch); called
+                only by the schedulers that need it (not ``plateau``).
+            monitor: the validation metric (higher is better) that drives ``plateau``.
+            fused: AdamW runs one kernel per parameter group (CUDA) instead of a loop of small ones.
+        """
+        t = self.config
+        groups = build_param_groups(
+            self.groups, self.backbone, head, lr=t.lr, head_lr=t.effective_head_lr,
+            layer_decay=t.layer_decay, weight_decay=t.weight_decay,
+        )  # fmt: skip
+        if t.optimizer == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=True if fused else None)
+        if t.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": plateau, "monitor": monitor}}
+        lambdas = self.lr_lambdas([g["stage"] for g in groups], *length())
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def lr_lambdas(self, stages: list[int], total: int, steps_per_epoch: float) -> list[Callable[[int], float]]:
+        """The per-step multiplier of each optimizer group (by its stage index, ``-1``: the head) under
+        ``cosine`` or ``constant``, for a run of ``total`` optimizer steps."""
+        t = self.config
+        starts = self.start_steps(steps_per_epoch)
+        phase_start = None if t.phase_start is None else t.phase_start * steps_per_epoch
+        if t.scheduler == "constant":
+            return constant_lr_lambdas(stages, starts, phase_start, self.head_scale_after_phase)
+        return group_lr_lambdas(
+            stages, starts, total_steps=total, warmup_steps=int(t.warmup_epochs * steps_per_epoch),
+            min_ratio=t.min_lr_ratio, rewarm=t.rewarm, phase_start=phase_start,
+            head_scale_after_phase=self.head_scale_after_phase,
+        )  # fmt: skip
+
+    @property
+    def head_scale_after_phase(self) -> float:
+        """LP-FT: the factor that takes the head from ``head_lr`` to ``lr`` when the fine-tune begins."""
+        return self.config.lr / self.config.effective_head_lr
+
+    def finish_probe_phase(self, optimizer: torch.optim.Optimizer, epoch: int) -> None:
+        """LP-FT under ``plateau`` (which scales each group's learning rate in place): the head moves
+        from ``head_lr`` to ``lr`` when the fine-tune starts, as the other schedulers' multipliers do.
+        Call it at the start of every epoch; applied once (the flag is saved with the optimizer state,
+        so a resumed run does not apply it again)."""
+        phase_start = self.config.phase_start
+        if phase_start is None or self.config.scheduler != "plateau" or epoch < phase_start:
+            return
+        for group in optimizer.param_groups:
+            if group.get("stage") == -1 and not group.get("finetune_phase"):
+                group["lr"] *= self.head_scale_after_phase
+                group["finetune_phase"] = True
 
     @property
     def frozen_parameter_names(self) -> set[str]:
