@@ -200,8 +200,8 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "max_train_samples": (None, {FIT: Elsewhere("tests/test_data.py", "class-balanced subsets")}),
     "max_val_samples": (None, {FIT: Elsewhere("tests/test_data.py", "class-balanced subsets")}),
     "max_test_samples": (None, {FIT: Elsewhere("tests/test_data.py", "class-balanced subsets")}),
-    "verify_images": (None, {FIT: Elsewhere("tests/test_reliability.py", "bad files fail before training")}),
-    "on_bad_image": (None, {FIT: Elsewhere("tests/test_reliability.py", "skip lists the bad images")}),
+    "verify_images": (None, {FIT: Elsewhere("tests/test_bad_input.py", "bad files fail before training")}),
+    "on_bad_image": (None, {FIT: Elsewhere("tests/test_bad_input.py", "skip lists the bad images")}),
     "predict_paths": (None, {PREDICT: Elsewhere("tests/test_cli.py", "the predict command")}),
 }
 DATA_OPTIONS = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
