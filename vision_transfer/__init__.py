@@ -16,10 +16,10 @@ _EXPORTS = {
     "DataConfig": "vision_transfer.backbones",
     "ImageClassifier": "vision_transfer.tasks",
     "VisionTransferError": "vision_transfer.errors",
-    "connect": "vision_transfer.app.connect",
     "create_backbone": "vision_transfer.backbones",
     "create_model": "vision_transfer.backbones",
     "list_backbones": "vision_transfer.backbones",
+    "preprocessing": "vision_transfer.backbones",
     "load_backbone": "vision_transfer.export.loading",
     "load_classifier": "vision_transfer.export.loading",
 }
