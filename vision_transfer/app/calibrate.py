@@ -70,7 +70,8 @@ def calibrate_checkpoint(
     """Calibrate the checkpoint at ``path`` on ``datamodule``'s validation split (default: the
     datamodule the checkpoint records) and write the result into it; a reliability diagram (and
     the numbers, in ``calibration.json``) go to ``output`` (default: the checkpoint's run folder).
-    A given datamodule must have the checkpoint's classes and preprocessing (the one ``fit`` trained on has)."""
+    A given datamodule must have the checkpoint's classes and preprocessing (the one ``fit`` trained on has);
+    one given without preprocessing is built again with the checkpoint's."""
     path = Path(path)
     entry, content = read_checkpoint(path)
     model = model_from_checkpoint(entry, content)
@@ -78,12 +79,14 @@ def calibrate_checkpoint(
         images = recorded_datamodule(entry)
     else:
         images = datamodule.images if isinstance(datamodule, CachedFeatureDataModule) else datamodule
+        if images.data_config is None:
+            images = images.with_options(data_config=model.data_config)
     for what, ours, theirs in (
         ("classes", images.class_names, model.class_names),
         ("preprocessing", images.data_config, model.data_config),
     ):
         if ours != theirs:
-            raise CheckpointError(f"{path}: its {what} are {theirs}, the datamodule's {ours}; calibrate on its data.")
+            raise CheckpointError(f"{path}: {what} {theirs}, the datamodule's {ours}; calibrate on data that matches.")
     # features extracted by this model's backbone (the weights the checkpoint holds)
     datamodule = CachedFeatureDataModule(images, model) if model.hparams.get("cache_features") else images
     datamodule.setup("validate")
