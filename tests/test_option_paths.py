@@ -203,6 +203,25 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "verify_images": (None, {FIT: Elsewhere("tests/test_reliability.py", "bad files fail before training")}),
     "on_bad_image": (None, {FIT: Elsewhere("tests/test_reliability.py", "skip lists the bad images")}),
     "predict_paths": (None, {PREDICT: Elsewhere("tests/test_cli.py", "the predict command")}),
+    # what a model and its data are built with (ImageClassifier.for_data, the command line's links)
+    "class_counts": (
+        None,
+        {
+            FIT: Elsewhere(
+                "tests/test_classifier.py::test_for_data_builds_the_model_whole_and_nothing_is_handed_over_later",
+                "the data's training counts, at construction",
+            )
+        },
+    ),
+    "classes": (
+        None,
+        {
+            TEST: Elsewhere(
+                "tests/test_cli.py::test_the_checkpoints_classes_win_for_test_and_predict",
+                "a checkpoint's classes index the data's labels",
+            )
+        },
+    ),
 }
 DATA_OPTIONS = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
 

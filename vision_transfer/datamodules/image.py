@@ -212,8 +212,8 @@ class ImageDataModule(pl.LightningDataModule):
             task_kind(task)  # an unknown kind is refused here
         if classes is not None and len(classes) < 2:
             raise ConfigError(f"classes={classes}: a classifier needs at least 2 classes.")
-        # what a model built for this data shares with it: kept apart from the hyperparameters, which the
-        # model's (that hold them, resolved) are logged with and checkpoints record
+        # what the model shares with its data stays out of the hyperparameters: Lightning logs them merged with
+        # the model's, which hold the same values resolved (and a checkpoint records them there, once)
         self.save_hyperparameters(ignore=["data_config", "classes", "task"])
         self.data_config = DataConfig.from_dict(data_config) if isinstance(data_config, dict) else data_config
         self._classes = list(classes) if classes is not None else None

@@ -351,7 +351,7 @@ class ImageClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         self.configure_model()
         # the preprocessing the datamodule was built with (Lightning sets the Trainer's datamodule attribute)
-        config = getattr(getattr(self.trainer, "datamodule", None), "data_config", None)
+        config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
         if config is not None and config != self.data_config:
             raise ConfigError(
                 f"the datamodule preprocesses with {config}, this model with {self.data_config}; build the "
