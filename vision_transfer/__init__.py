@@ -12,9 +12,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "CachedFeatureDataModule": "vision_transfer.datamodules",
     "Classifier": "vision_transfer.export.loading",
+    "CsvDataModule": "vision_transfer.datamodules",
     "DataConfig": "vision_transfer.backbones",
     "ImageClassifier": "vision_transfer.tasks",
+    "ImageFolderDataModule": "vision_transfer.datamodules",
     "VisionTransferError": "vision_transfer.errors",
     "create_backbone": "vision_transfer.backbones",
     "create_model": "vision_transfer.backbones",
