@@ -217,22 +217,24 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 def run_ours(setup: Setup, recipe: str, seed: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     import pytorch_lightning as pl
 
-    from vision_transfer import connect
+    from vision_transfer.backbones import preprocessing
     from vision_transfer.datamodules import ImageFolderDataModule
     from vision_transfer.tasks import ImageClassifier
 
     model_options, data_options = ours_recipe(recipe, overrides)
     pl.seed_everything(seed, verbose=False)
     data = ImageFolderDataModule(
-        root=setup.images, batch_size=setup.batch_size, num_workers=setup.workers, split_seed=seed, **data_options
+        root=setup.images, batch_size=setup.batch_size, num_workers=setup.workers, split_seed=seed,
+        data_config=preprocessing(BACKBONE, setup.weights, setup.image_size), **data_options,
+    )  # fmt: skip
+    model = ImageClassifier.for_data(
+        data, backbone=BACKBONE, weights=setup.weights, image_size=setup.image_size, **model_options
     )
-    model = ImageClassifier(BACKBONE, weights=setup.weights, image_size=setup.image_size, **model_options)
     check_weights(model.backbone, setup.weights)
     trainer = pl.Trainer(
         max_epochs=setup.epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )  # fmt: skip
-    connect(model, data)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_s = time.perf_counter() - start

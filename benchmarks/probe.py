@@ -15,8 +15,8 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from vision_transfer import connect
 from vision_transfer.app.features import extract_datamodule, split_arrays
+from vision_transfer.backbones import preprocessing
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.evaluation.linear import KORNBLITH_C_GRID, lbfgs_probe, sgd_probe
 from vision_transfer.tasks import ImageClassifier
@@ -32,23 +32,24 @@ def datamodule(args: argparse.Namespace) -> FashionMNISTDataModule:
         max_val_samples=args.val,
         max_test_samples=args.test,
         augment=False,  # a linear probe on frozen features: both sides see eval transforms
+        data_config=preprocessing("tf_efficientnet_lite0", "packaged", args.image_size),
     )
 
 
 def probe_without_cache(args: argparse.Namespace) -> tuple[float, float]:
     """The same 10-epoch linear probe as a Lightning run over images (backbone forward every epoch)."""
     pl.seed_everything(0, verbose=False)
-    model = ImageClassifier(
-        "tf_efficientnet_lite0", weights="packaged", mode="linear_probe", image_size=args.image_size,
+    data = datamodule(args)
+    model = ImageClassifier.for_data(
+        data, backbone="tf_efficientnet_lite0", weights="packaged", mode="linear_probe", image_size=args.image_size,
         lr=0.03, weight_decay=0.0, warmup_epochs=0, label_smoothing=0.0,
     )  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=EPOCHS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=EPOCHS,
     )  # fmt: skip
-    data = datamodule(args)
     start = time.perf_counter()
-    trainer.fit(model, connect(model, data))
+    trainer.fit(model, data)
     acc = trainer.test(model, data, verbose=False)[0]["test/acc"]
     return time.perf_counter() - start, acc
 

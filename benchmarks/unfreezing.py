@@ -16,7 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from vision_transfer import connect
+from vision_transfer.backbones import preprocessing
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -43,9 +43,10 @@ def run(options: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[st
         max_val_samples=args.val,
         max_test_samples=args.test,
         split_seed=seed,
+        data_config=preprocessing("tf_efficientnet_lite0", "packaged", args.image_size),
     )
-    model = ImageClassifier(
-        "tf_efficientnet_lite0", weights="packaged", image_size=args.image_size, **{**COMMON, **options}
+    model = ImageClassifier.for_data(
+        data, backbone="tf_efficientnet_lite0", weights="packaged", image_size=args.image_size, **{**COMMON, **options}
     )
     trainer = pl.Trainer(
         max_epochs=args.epochs,
@@ -56,7 +57,7 @@ def run(options: dict[str, Any], args: argparse.Namespace, seed: int) -> dict[st
         num_sanity_val_steps=0,
     )
     start = time.perf_counter()
-    trainer.fit(model, connect(model, data))
+    trainer.fit(model, data)
     seconds = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
     return {"acc": metrics["test/acc"], "f1": metrics["test/f1_macro"], "seconds": seconds}

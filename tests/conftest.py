@@ -23,6 +23,23 @@ TINY_SIZE = 32
 CLASSES = ("circle", "square", "stripes")
 
 
+def tiny_data(root: Path | str, **options: Any) -> Any:
+    """An ``ImageFolderDataModule`` over ``root`` with the tiny model's preprocessing (8 per batch, no workers)."""
+    from vision_transfer.backbones import preprocessing
+    from vision_transfer.datamodules import ImageFolderDataModule
+
+    config = preprocessing(TINY_BACKBONE, "none", TINY_SIZE)
+    return ImageFolderDataModule(str(root), **{"batch_size": 8, "num_workers": 0, "data_config": config, **options})
+
+
+def tiny_model(data: Any, **options: Any) -> Any:
+    """The tiny model (random weights, 32 px) built for ``data`` by ``ImageClassifier.for_data``."""
+    from vision_transfer.tasks import ImageClassifier
+
+    defaults = {"backbone": TINY_BACKBONE, "weights": "none", "image_size": TINY_SIZE}
+    return ImageClassifier.for_data(data, **{**defaults, **options})
+
+
 def make_image(kind: str, rng: np.random.Generator, size: int = 40) -> np.ndarray:
     """A noisy RGB image whose class is visible in its shape, so tiny models can learn it."""
     image = rng.integers(0, 60, (size, size, 3), dtype=np.uint8)

@@ -14,10 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
-from vision_transfer import connect
-from vision_transfer.datamodules import ImageFolderDataModule
-from vision_transfer.tasks import ImageClassifier
+from tests.conftest import tiny_data, tiny_model, write_folder
 
 
 class FrozenLog(pl.Callback):
@@ -35,9 +32,8 @@ def main() -> None:
     if not data.exists():  # rank 0 and rank 1 both get here; the content is seeded and identical
         write_folder(data, per_class=12)
     pl.seed_everything(0)
-    model = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0
-    )
+    datamodule = tiny_data(data, batch_size=4, verify_images=False)
+    model = tiny_model(datamodule, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0)
     log = FrozenLog()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -51,9 +47,7 @@ def main() -> None:
         callbacks=[log],
         default_root_dir=out,
     )
-    trainer.fit(
-        model, connect(model, ImageFolderDataModule(str(data), batch_size=4, num_workers=0, verify_images=False))
-    )
+    trainer.fit(model, datamodule)
     torch.save(
         {"state_dict": model.state_dict(), "frozen": log.frozen, "world": trainer.world_size},
         out / f"rank{trainer.global_rank}.pt",

@@ -12,14 +12,11 @@ import pytorch_lightning as pl
 from PIL import Image
 from pytorch_lightning.callbacks import ModelCheckpoint
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
+from tests.conftest import tiny_data, tiny_fit_args, tiny_model, write_folder
 from tests.test_cli import run_cli
-from vision_transfer import connect
 from vision_transfer.data import load_image
 from vision_transfer.data.check import check_source, read_any
-from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import ImageLoadError, VisionTransferError
-from vision_transfer.tasks import ImageClassifier
 
 
 def _corrupt(folder: Path) -> None:
@@ -91,7 +88,8 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
                 with torch.no_grad():
                     pl_module.head.weight.fill_(float("nan"))
 
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, warmup_epochs=0)
+    data = tiny_data(image_folder)
+    model = tiny_model(data, warmup_epochs=0)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     trainer = pl.Trainer(
         max_epochs=5, logger=False, enable_progress_bar=False, enable_model_summary=False,
@@ -100,6 +98,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     with pytest.raises(
         VisionTransferError, match=r"loss is nan at step 5 \(epoch 2\).*last good checkpoint is .*last\.ckpt"
     ):
-        trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
+        trainer.fit(model, data)
     good = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert good["global_step"] == 4 and all(torch.isfinite(v).all() for v in good["state_dict"].values())

@@ -12,22 +12,21 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import CLASSES, TINY_BACKBONE, TINY_SIZE, write_folder
+from tests.conftest import CLASSES, TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_model, write_folder
 from tests.test_cli import run_cli
-from vision_transfer import connect, load_backbone, load_classifier
+from vision_transfer import load_backbone, load_classifier
 from vision_transfer.app.calibrate import calibrate_checkpoint
 from vision_transfer.checkpoint import ENTRY, SETTINGS, read_checkpoint
-from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import CheckpointError
 from vision_transfer.tasks import ImageClassifier
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint of the tiny model connected to a generated image folder (not trained: format only)."""
+    """A checkpoint of the tiny model built for a generated image folder (not trained: format only)."""
     folder = tmp_path_factory.mktemp("checkpoint")
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
-    datamodule = connect(model, ImageFolderDataModule(str(write_folder(folder / "images")), num_workers=0))
+    datamodule = tiny_data(write_folder(folder / "images"))
+    model = tiny_model(datamodule)
     return model.save_standalone_checkpoint(folder / "good.ckpt", datamodule)
 
 

@@ -11,10 +11,8 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
-from vision_transfer import connect
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_model, write_folder
 from vision_transfer.checkpoint import read_checkpoint
-from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import CheckpointError
 from vision_transfer.tasks import ImageClassifier
 from vision_transfer.tuning.schedule import cosine_with_warmup
@@ -36,12 +34,10 @@ def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
 
 def _fit(tmp_path: Path, folder: Path, **model_kwargs) -> tuple[ImageClassifier, dict, dict]:
     """Train a few steps; return the model and its backbone's state before and after."""
-    model = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, lr=0.05, warmup_epochs=0, **model_kwargs
-    )
+    datamodule = tiny_data(folder)
+    model = tiny_model(datamodule, lr=0.05, warmup_epochs=0, **model_kwargs)
     before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
-    datamodule = ImageFolderDataModule(str(folder), batch_size=8, num_workers=0)
-    _trainer(tmp_path).fit(model, connect(model, datamodule))
+    _trainer(tmp_path).fit(model, datamodule)
     return model, before, model.backbone.state_dict()
 
 
@@ -78,11 +74,10 @@ def test_bn_frozen_keeps_every_batchnorm_in_eval_mode() -> None:
 
 
 def test_optimizer_groups_have_absolute_learning_rates(tmp_path: Path, image_folder: Path) -> None:
-    model = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, lr=0.1, head_lr=1.0, layer_decay=0.5, weight_decay=0.05
-    )
+    data = tiny_data(image_folder)
+    model = tiny_model(data, lr=0.1, head_lr=1.0, layer_decay=0.5, weight_decay=0.05)
     trainer = _trainer(tmp_path, max_steps=1)
-    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
+    trainer.fit(model, data)
     groups = trainer.optimizers[0].param_groups
     lrs = {g["name"]: g["initial_lr"] for g in groups}  # before the schedule's multiplier
     top = len(model.policy.groups) - 1
@@ -102,10 +97,10 @@ def test_cosine_schedule_warms_up_then_decays() -> None:
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path: Path, image_folder: Path) -> None:
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, warmup_epochs=0)
-    datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
+    datamodule = tiny_data(image_folder)
+    model = tiny_model(datamodule, warmup_epochs=0)
     trainer = _trainer(tmp_path, precision="bf16-mixed", limit_val_batches=1.0)
-    trainer.fit(model, connect(model, datamodule))
+    trainer.fit(model, datamodule)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert trainer.callback_metrics["val/acc"] >= 0
     assert next(model.parameters()).dtype == torch.float32  # mixed: master weights stay fp32
@@ -117,9 +112,10 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[ImageClassifier, Pa
     root = tmp_path_factory.mktemp("classifier_checkpoint")
     folder = write_folder(root / "images")
     torch.manual_seed(0)
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE)
+    data = tiny_data(folder)
+    model = tiny_model(data)
     trainer = _trainer(root)
-    trainer.fit(model, connect(model, ImageFolderDataModule(str(folder), batch_size=8, num_workers=0)))
+    trainer.fit(model, data)
     path = root / "model.ckpt"
     trainer.save_checkpoint(path)
     return model, path, folder
@@ -145,12 +141,61 @@ def test_checkpoint_with_other_classes_is_refused(saved: tuple[ImageClassifier, 
         )
 
 
+def test_a_datamodule_with_other_preprocessing_than_the_checkpoint_is_refused_by_name(
+    saved: tuple[ImageClassifier, Path, Path],
+) -> None:
+    """The data keeps the preprocessing it was built with; a checkpoint trained with another is refused, in one
+    line naming the file and both configs (the datamodule would otherwise resize and crop as the other)."""
+    from vision_transfer.backbones import preprocessing
+
+    _, path, folder = saved
+    data = tiny_data(folder, data_config=preprocessing(TINY_BACKBONE, "none", 40))
+    model = tiny_model(data, image_size=40)
+    with pytest.raises(CheckpointError) as error:
+        pl.Trainer(logger=False, enable_progress_bar=False).validate(model, data, ckpt_path=path, weights_only=True)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"{path}: its preprocessing DataConfig(input_size=(3, 32, 32)")
+    assert "differs from DataConfig(input_size=(3, 40, 40)" in message
+    assert data.data_config.input_size == (3, 40, 40)  # nothing replaced it
+
+
+def test_for_data_builds_the_model_whole_and_nothing_is_handed_over_later(tmp_path: Path) -> None:
+    """The model takes the data's classes, task, class counts and preprocessing at construction; fitting
+    changes none of them on either side (no late ``connect``)."""
+    folder = write_folder(tmp_path / "images", per_class=6)
+    for image in sorted((folder / "square").glob("*.png"))[2:]:
+        image.unlink()  # uneven classes: the counts are the data's, not a default
+    data = tiny_data(folder, val_fraction=0.2, test_fraction=0.2)
+    config = data.data_config
+    model = tiny_model(data, class_weighting="balanced", warmup_epochs=0)
+    assert model.class_names == data.class_names == ["circle", "square", "stripes"]
+    assert model.task == data.task == "multiclass" and model.data_config == config
+    assert model.class_counts.tolist() == data.class_counts().tolist() == [4.0, 2.0, 4.0]
+    built = (list(model.class_names), model.task, model.class_counts.tolist(), dict(data.hparams))
+    _trainer(tmp_path, max_steps=2).fit(model, data)
+    assert data.data_config is config
+    assert (model.class_names, model.task, model.class_counts.tolist(), dict(data.hparams)) == built
+
+
+def test_for_data_refuses_what_the_data_cannot_give(tmp_path: Path, image_folder: Path) -> None:
+    from vision_transfer.datamodules import ImageFolderDataModule
+    from vision_transfer.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="has no data_config: build it with data_config=preprocessing"):
+        ImageClassifier.for_data(ImageFolderDataModule(str(image_folder)), backbone=TINY_BACKBONE, weights="none")
+    with pytest.raises(ConfigError, match="image_size=64, but the datamodule's preprocessing is 32 px"):
+        tiny_model(tiny_data(image_folder), image_size=64)
+    with pytest.raises(ConfigError, match="class_names: for_data takes them from the datamodule"):
+        tiny_model(tiny_data(image_folder), class_names=["a", "b"])
+
+
 @pytest.mark.parametrize("mode", ["linear_probe", "lp_ft", "full", "gradual", "partial"])
 def test_drop_rate_drops_features_before_the_head_in_every_mode(mode: str) -> None:
     from vision_transfer.data.dataset import FeatureBatch
 
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode=mode, drop_rate=0.5)
-    model.set_class_names(["a", "b", "c"])
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode=mode, drop_rate=0.5, class_names=["a", "b", "c"]
+    )
     images = torch.randn(4, 3, TINY_SIZE, TINY_SIZE)
     features = FeatureBatch(torch.randn(4, model.backbone.num_features), torch.zeros(4, dtype=torch.long))
     model.train()
@@ -168,8 +213,9 @@ def test_a_feature_batch_and_an_image_batch_give_the_same_steps(task: str) -> No
     (temperature and thresholds included) at every step; the batch answers, the model never asks."""
     from vision_transfer.data.dataset import FeatureBatch, ImageBatch
 
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe", task=task)
-    model.set_class_names(["a", "b", "c"])
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe", task=task, class_names=["a", "b", "c"]
+    )
     model.temperature.fill_(2.5)
     model.eval()
     images = torch.randint(0, 256, (4, 3, TINY_SIZE, TINY_SIZE), dtype=torch.uint8)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import CLASSES, TinyRun, tiny_fit_args
+from tests.conftest import CLASSES, TINY_BACKBONE, TINY_SIZE, TinyRun, tiny_fit_args, write_folder
 from vision_transfer.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,6 +274,81 @@ def test_cli_predicts_with_the_checkpoints_preprocessing_as_python_does(
     python = load_classifier(path).predict(images, top_k=3)
     for image, pairs in zip(images, python, strict=True):
         assert cli[image] == pytest.approx(dict(pairs), abs=1e-4)
+
+
+def test_fit_builds_the_data_with_the_models_preprocessing_and_the_model_with_the_datas_classes(
+    tmp_path: Path, image_folder: Path
+) -> None:
+    """The argument links: the parsed datamodule arguments hold the model's preprocessing; the model is
+    constructed with the datamodule's classes, task and training class counts."""
+    from vision_transfer.app.lightning_cli import VisionTransferCLI
+    from vision_transfer.backbones import preprocessing
+
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+    args = tiny_fit_args(data, tmp_path, "--model.class_weighting=balanced")[1:]  # run=False: no subcommand
+    cli = VisionTransferCLI(args=args, run=False)
+    config = preprocessing(TINY_BACKBONE, "none", TINY_SIZE)
+    assert cli.config["data"]["init_args"]["data_config"] == config.to_dict()
+    assert cli.datamodule.data_config == config == cli.model.data_config
+    assert cli.model.class_names == cli.datamodule.class_names == list(CLASSES)
+    assert cli.model.task == cli.datamodule.task == "multiclass"
+    assert cli.model.class_counts.tolist() == cli.datamodule.class_counts().tolist()
+    assert cli.model.hparams["class_counts"] == cli.datamodule.class_counts().tolist()  # a constructor argument
+
+
+def test_the_checkpoints_classes_win_for_test_and_predict(
+    tiny_run: TinyRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Data with two of the checkpoint's three classes, listed in another order: its labels index the trained
+    head's classes, in test and in predict, and both sides hold the checkpoint's preprocessing."""
+    from vision_transfer.app.lightning_cli import VisionTransferCLI
+
+    folder = write_folder(tmp_path / "two", per_class=10, classes=("stripes", "circle"))
+    seen: dict[str, object] = {}
+
+    def record(self: VisionTransferCLI, model: object, **kwargs: object) -> list[dict[str, float]]:
+        seen[self.subcommand or ""] = self
+        return []
+
+    monkeypatch.setattr(VisionTransferCLI, "test", record)
+    monkeypatch.setattr(VisionTransferCLI, "predict", record)
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={folder}"]
+    ckpt = f"--ckpt_path={tiny_run.best}"
+    assert run_cli(["test", ckpt, *data, "--data.init_args.num_workers=0"]) == 0
+    assert run_cli(["predict", ckpt, f"--data.init_args.predict_paths={folder / 'circle'}"]) == 0
+    test, predict = seen["test"], seen["predict"]
+    entry_config = torch.load(tiny_run.best, weights_only=True)["hyper_parameters"]["data_config"]
+    for cli in (test, predict):
+        assert cli.model.class_names == cli.datamodule.class_names == list(CLASSES)  # type: ignore[attr-defined]
+        assert cli.datamodule.data_config.to_dict() == entry_config  # type: ignore[attr-defined]
+    test.datamodule.prepare_splits()  # type: ignore[attr-defined]
+    labels = np.concatenate([s.labels for s in test.datamodule.splits.values()])  # type: ignore[attr-defined]
+    assert sorted(set(labels.tolist())) == [0, 2]  # circle 0, stripes 2: the checkpoint's indices
+
+
+def test_classes_given_against_the_checkpoint_are_refused(
+    tiny_run: TinyRun, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+    args = ["validate", f"--ckpt_path={tiny_run.best}", *data, "--data.init_args.classes=[square,circle,stripes]"]
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{tiny_run.best} was trained on ['circle', 'square', 'stripes']" in err
+
+
+def test_preprocessing_that_contradicts_the_checkpoint_is_one_line_naming_both(
+    tiny_run: TinyRun, image_folder: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--model.data_config`` replaces the checkpoint's and the data is built with it: loading the checkpoint's
+    weights is refused, naming the file and both configs."""
+    other = {"input_size": [3, 40, 40], "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+    args = ["validate", f"--ckpt_path={tiny_run.best}", *data, f"--model.data_config={json.dumps(other)}"]
+    assert run_cli([*args, "--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0, err
+    assert err.startswith(f"vision-transfer: error: {tiny_run.best}: its preprocessing DataConfig(input_size=(3, 32,")
+    assert "differs from DataConfig(input_size=(3, 40, 40), mean=(0.5, 0.5, 0.5)" in err
 
 
 @pytest.mark.parametrize(

@@ -11,12 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_fit_args, tiny_model
 from tests.test_cli import run_cli
-from vision_transfer import connect
 from vision_transfer.app.features import extract_datamodule
 from vision_transfer.checkpoint import read_checkpoint
-from vision_transfer.datamodules import CsvDataModule, ImageFolderDataModule
+from vision_transfer.datamodules import CachedFeatureDataModule, CsvDataModule, ImageFolderDataModule
 from vision_transfer.features import FeatureCache, extract
 from vision_transfer.features.extract import build_spec, extract_splits, feature_spec
 
@@ -261,9 +260,10 @@ def test_linear_probe_classifier_trains_on_the_feature_cache(image_folder: Path,
     from vision_transfer.tasks import ImageClassifier
 
     def fit() -> tuple[ImageClassifier, int]:
-        model = ImageClassifier(
-            TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe",
-            cache_features=True, cache_dir=str(tmp_path / "cache"), lr=0.05, warmup_epochs=0,
+        images = tiny_data(image_folder)
+        model = tiny_model(
+            images, mode="linear_probe", cache_features=True, cache_dir=str(tmp_path / "cache"), lr=0.05,
+            warmup_epochs=0,
         )  # fmt: skip
         calls = []
         model.backbone.register_forward_hook(lambda *args: calls.append(1))
@@ -271,7 +271,7 @@ def test_linear_probe_classifier_trains_on_the_feature_cache(image_folder: Path,
             max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
             enable_model_summary=False, default_root_dir=tmp_path,
         )  # fmt: skip
-        trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
+        trainer.fit(model, CachedFeatureDataModule(images, model))
         assert torch.isfinite(trainer.callback_metrics["train/loss"]) and "val/acc" in trainer.callback_metrics
         return model, len(calls)
 

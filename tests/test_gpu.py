@@ -8,13 +8,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_fit_args, tiny_model
 from tests.test_cli import run_cli
-from vision_transfer import connect
 from vision_transfer.backbones import create_backbone
-from vision_transfer.datamodules import ImageFolderDataModule
+from vision_transfer.datamodules import CachedFeatureDataModule
 from vision_transfer.features.extract import FeatureExtractor
-from vision_transfer.tasks import ImageClassifier
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -22,7 +20,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
 @pytest.mark.parametrize("mode", ["full", "gradual", "linear_probe"])
 def test_mixed_precision_training_on_cuda(tmp_path: Path, image_folder: Path, precision: str, mode: str) -> None:
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode=mode, warmup_epochs=0)
+    data = tiny_data(image_folder)
+    model = tiny_model(data, mode=mode, warmup_epochs=0)
     before = {k: v.detach().clone() for k, v in model.backbone.state_dict().items() if v.is_floating_point()}
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision=precision, max_epochs=2, logger=False,
@@ -32,7 +31,7 @@ def test_mixed_precision_training_on_cuda(tmp_path: Path, image_folder: Path, pr
     trainer.callbacks.append(  # type: ignore[attr-defined]
         pl.callbacks.LambdaCallback(on_train_batch_end=lambda t, m, *_: devices.add(m.head.weight.device.type))
     )
-    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
+    trainer.fit(model, data)
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert devices == {"cuda"}  # Lightning moves the model back to the CPU after fit
     after = model.backbone.state_dict()
@@ -66,15 +65,15 @@ def test_cached_linear_probe_extracts_on_the_training_device(
         return call(self, images)
 
     monkeypatch.setattr(FeatureExtractor, "__call__", recording)
-    model = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe", cache_features=True,
-        cache_dir=str(tmp_path / "cache"), warmup_epochs=0,
-    )  # fmt: skip
+    images = tiny_data(image_folder)
+    model = tiny_model(
+        images, mode="linear_probe", cache_features=True, cache_dir=str(tmp_path / "cache"), warmup_epochs=0
+    )
     trainer = pl.Trainer(
         accelerator="gpu", devices=1, precision=precision, max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
     )  # fmt: skip
-    trainer.fit(model, connect(model, ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)))
+    trainer.fit(model, CachedFeatureDataModule(images, model))
     expected = "bf16" if precision == "bf16-mixed" else "32"
     assert seen and set(seen) == {("cuda", expected)}, seen
 

@@ -66,9 +66,10 @@ def test_focal_loss_is_cross_entropy_at_gamma_zero_and_discounts_easy_examples()
 def test_posthoc_logit_adjustment_moves_predictions_to_the_rare_class() -> None:
     from vision_transfer.tasks import ImageClassifier
 
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, logit_adjustment="posthoc")
-    model.set_class_names(["common", "rare"])
-    model.set_class_counts(torch.tensor([99.0, 1.0]))
+    model = ImageClassifier(
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, logit_adjustment="posthoc",
+        class_names=["common", "rare"], class_counts=[99.0, 1.0],
+    )  # fmt: skip
     tied = torch.zeros(1, 2)  # the raw scores cannot tell: the adjusted ones favour the rare class
     adjusted = model.prediction_logits(tied)
     assert torch.allclose(adjusted, -log_prior(torch.tensor([99.0, 1.0]))[None]) and adjusted.argmax() == 1
@@ -81,10 +82,9 @@ def test_the_test_confusion_matrix_counts_the_adjusted_predictions() -> None:
     from vision_transfer.tasks import ImageClassifier
 
     model = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, logit_adjustment="posthoc", logit_adjustment_tau=50.0
-    )
-    model.set_class_names(["common", "rare"])
-    model.set_class_counts(torch.tensor([99.0, 1.0]))
+        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, logit_adjustment="posthoc", logit_adjustment_tau=50.0,
+        class_names=["common", "rare"], class_counts=[99.0, 1.0],
+    )  # fmt: skip
     model.eval()
     images, labels = torch.randn(6, 3, TINY_SIZE, TINY_SIZE), torch.tensor([0, 0, 0, 1, 1, 1])
     with torch.no_grad(), pytest.warns(UserWarning, match="trainer"):

@@ -272,8 +272,59 @@ def test_the_kind_branch_check_finds_what_it_looks_for(tmp_path: Path) -> None:
     assert len(found) == 3 and any("'multiclass'" in f for f in found), found
 
 
+# what a model and its datamodule are built with (LightningCLI links, ImageClassifier.for_data): never patched later
+BUILT_WITH = {"data_config", "class_names", "class_counts", "task", "kind", "classes", "fixed_classes", "fixed_task"}
+
+
+def _assignments_to_others(path: Path) -> list[str]:
+    """Assignments (``x.attr = ...``, ``setattr(x, "attr", ...)``) from outside an object: to one of the
+    ``BUILT_WITH`` attributes or a private one of any object but ``self``."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets: list[tuple[ast.expr, str]] = []
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for sub in ast.walk(target):  # tuple targets too
+                    if isinstance(sub, ast.Attribute) and isinstance(sub.ctx, ast.Store):
+                        targets.append((sub.value, sub.attr))
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) == "setattr" and len(node.args) == 3:
+            name = node.args[1]
+            if isinstance(name, ast.Constant) and isinstance(name.value, str):
+                targets.append((node.args[0], name.value))
+        for owner, attr in targets:
+            if isinstance(owner, ast.Name) and owner.id == "self":
+                continue
+            if attr in BUILT_WITH or (attr.startswith("_") and not attr.startswith("__")):
+                found.append(f"{path.name}:{node.lineno} {ast.unparse(owner)}.{attr}")
+    return found
+
+
+def test_no_module_patches_what_an_object_was_built_with() -> None:
+    """Built whole: the preprocessing, classes, task and class counts are constructor arguments; no module
+    assigns them (or a private attribute) to another object afterwards."""
+    found = [f for path in sorted((REPO / "vision_transfer").rglob("*.py")) for f in _assignments_to_others(path)]
+    assert not found, found
+
+
+def test_the_patch_check_finds_what_it_looks_for(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "def link(model, data):\n"
+        "    self = model\n"
+        "    self.data_config = 1\n"  # a name called self: the check reads names, as a reviewer would
+        "    data.data_config = model.data_config\n"
+        "    model._handed_out = True\n"
+        "    setattr(data, 'class_names', [])\n"
+        "    data.batch_size = 8\n"
+    )
+    found = _assignments_to_others(sample)
+    assert [f.split()[1] for f in found] == ["data.data_config", "model._handed_out", "data.class_names"], found
+
+
 def _batch_kind_tests(path: Path) -> list[str]:
-    """``isinstance`` tests (and names) of the batch types in ``path``."""
+    """Names of the batch types in ``path`` (a module that names them can ask which it has)."""
     import ast
 
     found = []

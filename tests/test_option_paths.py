@@ -157,7 +157,7 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
         None,
         {
             FIT: Elsewhere(
-                "tests/test_trust.py::test_connect_gives_class_counts_to_a_model_built_with_class_names",
+                "tests/test_trust.py::test_a_model_for_data_with_given_classes_gets_the_training_class_counts",
                 "counts still come from the data",
             )
         },
@@ -203,6 +203,25 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "verify_images": (None, {FIT: Elsewhere("tests/test_bad_input.py", "bad files fail before training")}),
     "on_bad_image": (None, {FIT: Elsewhere("tests/test_bad_input.py", "skip lists the bad images")}),
     "predict_paths": (None, {PREDICT: Elsewhere("tests/test_cli.py", "the predict command")}),
+    # what a model and its data are built with (ImageClassifier.for_data, the command line's links)
+    "class_counts": (
+        None,
+        {
+            FIT: Elsewhere(
+                "tests/test_classifier.py::test_for_data_builds_the_model_whole_and_nothing_is_handed_over_later",
+                "the data's training counts, at construction",
+            )
+        },
+    ),
+    "classes": (
+        None,
+        {
+            TEST: Elsewhere(
+                "tests/test_cli.py::test_the_checkpoints_classes_win_for_test_and_predict",
+                "a checkpoint's classes index the data's labels",
+            )
+        },
+    ),
 }
 DATA_OPTIONS = set(inspect.signature(ImageDataModule.__init__).parameters) - {"self"}
 
@@ -303,20 +322,22 @@ def _split(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _build(settings: dict[str, Any], root: Path, csv: Path, cache: Path) -> tuple[ImageClassifier, Any]:
-    from vision_transfer import connect
-    from vision_transfer.datamodules import CsvDataModule
+    from vision_transfer.backbones import preprocessing
+    from vision_transfer.datamodules import CachedFeatureDataModule, CsvDataModule
 
     model_options, data_options = _split(settings)
+    model_options.pop("task", None)  # the data's (the CSV's labels): ImageClassifier.for_data takes it
     if model_options.get("cache_features"):
         model_options["cache_dir"] = str(cache)
     model_options.setdefault("backbone", TINY_BACKBONE)
-    model = ImageClassifier(weights="none", image_size=TINY_SIZE, **model_options)
+    config = preprocessing(model_options["backbone"], "none", TINY_SIZE)
     common = {"batch_size": 4, "num_workers": 0, "val_fraction": 0.2, "test_fraction": 0.2, **data_options}
     if settings.get("task") == "multilabel":
-        data: Any = CsvDataModule(str(csv), **common)
+        data: Any = CsvDataModule(str(csv), data_config=config, **common)
     else:
-        data = ImageFolderDataModule(str(root), **common)
-    return model, connect(model, data)
+        data = ImageFolderDataModule(str(root), data_config=config, **common)
+    model = ImageClassifier.for_data(data, weights="none", image_size=TINY_SIZE, **model_options)
+    return model, CachedFeatureDataModule(data, model) if model.hparams.get("cache_features") else data
 
 
 _RUNS: dict[str, dict[str, Any]] = {}
@@ -401,11 +422,10 @@ def _predictions(settings: dict[str, Any], path: str, tmp_path: Path) -> torch.T
     torch.manual_seed(0)
     model = ImageClassifier(
         TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["a", "b", "c"], tta=tta,
-        logit_adjustment=settings.get("logit_adjustment", "none"),
+        logit_adjustment=settings.get("logit_adjustment", "none"), class_counts=[30.0, 15.0, 5.0],
     )  # fmt: skip
     with torch.no_grad():
         model.head.weight.mul_(50)  # spread the logits so the settings move predictions
-    model.set_class_counts(torch.tensor([30.0, 15.0, 5.0]))
     if settings.get("calibrate", True):
         model.temperature.fill_(0.25)  # what a fitted temperature looks like in the checkpoint
     model.eval()

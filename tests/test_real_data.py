@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from vision_transfer import connect
+from vision_transfer.backbones import preprocessing
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.tasks import ImageClassifier
 
@@ -15,11 +15,13 @@ from vision_transfer.tasks import ImageClassifier
 def _fine_tune(weights: str, tmp_path: Path) -> float:
     pl.seed_everything(0)
     datamodule = FashionMNISTDataModule(
-        batch_size=64, num_workers=0, max_train_samples=768, max_val_samples=100, max_test_samples=500
-    )
-    model = ImageClassifier(
-        "tf_efficientnet_lite0", weights=weights, image_size=64, lr=2e-3, head_lr=4e-3, warmup_epochs=0.2
-    )
+        batch_size=64, num_workers=0, max_train_samples=768, max_val_samples=100, max_test_samples=500,
+        data_config=preprocessing("tf_efficientnet_lite0", weights, image_size=64),
+    )  # fmt: skip
+    model = ImageClassifier.for_data(
+        datamodule, backbone="tf_efficientnet_lite0", weights=weights, image_size=64, lr=2e-3, head_lr=4e-3,
+        warmup_epochs=0.2,
+    )  # fmt: skip
     trainer = pl.Trainer(
         max_epochs=2,
         logger=False,
@@ -29,7 +31,7 @@ def _fine_tune(weights: str, tmp_path: Path) -> float:
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    trainer.fit(model, connect(model, datamodule))
+    trainer.fit(model, datamodule)
     return float(trainer.test(model, datamodule, verbose=False)[0]["test/acc"])
 
 

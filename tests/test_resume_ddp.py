@@ -10,10 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
-from vision_transfer import connect
-from vision_transfer.datamodules import ImageFolderDataModule
-from vision_transfer.tasks import ImageClassifier
+from tests.conftest import tiny_data, tiny_model, write_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,9 +27,9 @@ class StopAfterEpoch(pl.Callback):
 def _run(folder: Path, root: Path, callbacks: list[pl.Callback], ckpt_path: str | None = None, **model_kwargs):
     pl.seed_everything(0)
     options = dict(mode="gradual", unfreeze_every=1, lr=0.02, head_lr=0.05, layer_decay=0.7, warmup_epochs=0.5)
-    model = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, **{**options, **model_kwargs})
     # no random augmentation, so an interrupted and an uninterrupted run see identical batches
-    data = ImageFolderDataModule(str(folder), batch_size=8, num_workers=0, augment=False)
+    data = tiny_data(folder, augment=False)
+    model = tiny_model(data, **{**options, **model_kwargs})
     trainer = pl.Trainer(
         max_epochs=5,
         logger=False,
@@ -42,7 +39,7 @@ def _run(folder: Path, root: Path, callbacks: list[pl.Callback], ckpt_path: str 
         callbacks=callbacks,
         default_root_dir=root,
     )
-    trainer.fit(model, connect(model, data), ckpt_path=ckpt_path, weights_only=True)
+    trainer.fit(model, data, ckpt_path=ckpt_path, weights_only=True)
     return model, trainer
 
 

@@ -10,9 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
-from vision_transfer import connect
-from vision_transfer.datamodules import ImageFolderDataModule
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_model, write_folder
 from vision_transfer.tasks import ImageClassifier
 
 LR, HEAD_LR = 0.01, 0.05
@@ -41,17 +39,16 @@ def _fit(tmp_path: Path, mode: str, scheduler: str, max_steps: int) -> tuple[LrL
         write_folder(folder, per_class=12)
     pl.seed_everything(0)
     cosine = {"warmup_epochs": 0, "min_lr_ratio": 0.1} if scheduler == "cosine" else {}  # refused elsewhere
-    model = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode=mode, scheduler=scheduler, lr=LR, head_lr=HEAD_LR,
-        unfreeze_every=1, lp_epochs=1, **cosine,
-    )  # fmt: skip
+    data = tiny_data(folder, batch_size=4, augment=False)
+    model = tiny_model(
+        data, mode=mode, scheduler=scheduler, lr=LR, head_lr=HEAD_LR, unfreeze_every=1, lp_epochs=1, **cosine
+    )
     log = LrLog()
     trainer = pl.Trainer(
         max_epochs=4, max_steps=max_steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, callbacks=[log], default_root_dir=tmp_path,
     )  # fmt: skip
-    data = ImageFolderDataModule(str(folder), batch_size=4, num_workers=0, augment=False)
-    trainer.fit(model, connect(model, data))
+    trainer.fit(model, data)
     return log, int(trainer.num_training_batches), model
 
 
@@ -86,12 +83,13 @@ def test_a_skipped_batch_counts_as_a_step_for_the_schedule_and_the_policy(tmp_pa
         def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
             return None if batch_idx == 1 else super().training_step(batch, batch_idx)
 
-    model = SkipsOne(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, warmup_epochs=0, mode="gradual")
+    data = tiny_data(tmp_path / "images", batch_size=4)
+    model = SkipsOne.for_data(data, backbone=TINY_BACKBONE, weights="none", warmup_epochs=0, mode="gradual")
     trainer = pl.Trainer(
         max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         default_root_dir=tmp_path,
     )  # fmt: skip
-    trainer.fit(model, connect(model, ImageFolderDataModule(str(tmp_path / "images"), batch_size=4, num_workers=0)))
+    trainer.fit(model, data)
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert trainer.global_step == scheduler.last_epoch == 2 * math.ceil(trainer.num_training_batches)  # type: ignore[attr-defined]
 

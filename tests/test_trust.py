@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, write_folder
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_model, write_folder
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.losses import CrossEntropyLoss
 from vision_transfer.tasks import ImageClassifier
@@ -41,9 +41,8 @@ def test_tta_metrics_count_what_predict_returns(tta: str, adjustment: str, tempe
     """Finding 1: ``test/tta/*`` applied the post-hoc shift and the temperature twice."""
     model = ImageClassifier(
         TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["a", "b", "c"], tta=tta,
-        logit_adjustment=adjustment, logit_adjustment_tau=1.0,
+        logit_adjustment=adjustment, logit_adjustment_tau=1.0, class_counts=[60.0, 30.0, 10.0],
     )  # fmt: skip
-    model.set_class_counts(torch.tensor([60.0, 30.0, 10.0]))
     model.temperature.fill_(temperature)
     model.forward = _pixel_logits  # type: ignore[method-assign]
     model.eval()
@@ -61,20 +60,16 @@ def test_tta_metrics_count_what_predict_returns(tta: str, adjustment: str, tempe
 
 def test_cached_features_keep_balanced_sampling(tmp_path: Path) -> None:
     """Finding 2: ``cache_features`` dropped ``balanced_sampling`` (the epoch shuffle sampler instead)."""
-    from vision_transfer import connect
-    from vision_transfer.datamodules import ImageFolderDataModule
+    from vision_transfer.datamodules import CachedFeatureDataModule
 
     root = _long_tailed_folder(tmp_path / "images")
     shares = {}
     for cached in (False, True):
-        model = ImageClassifier(
-            TINY_BACKBONE, weights="none", image_size=TINY_SIZE, mode="linear_probe",
-            cache_features=cached, cache_dir=str(tmp_path / "cache") if cached else None,
-        )  # fmt: skip
-        data = ImageFolderDataModule(
-            str(root), batch_size=4, num_workers=0, balanced_sampling=True, val_fraction=0.2, test_fraction=0.2
+        images = tiny_data(root, batch_size=4, balanced_sampling=True, val_fraction=0.2, test_fraction=0.2)
+        model = tiny_model(
+            images, mode="linear_probe", cache_features=cached, cache_dir=str(tmp_path / "cache") if cached else None
         )
-        data = connect(model, data)
+        data = CachedFeatureDataModule(images, model) if cached else images
         data.setup("fit")
         shares[cached] = torch.cat([batch[1] for batch in data.train_dataloader()]).numpy()
     # one draw of the same seed and epoch on both paths (the image loader drops its last partial batch)
@@ -83,20 +78,13 @@ def test_cached_features_keep_balanced_sampling(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("option", [{"logit_adjustment": "posthoc"}, {"class_weighting": "balanced"}])
-def test_connect_gives_class_counts_to_a_model_built_with_class_names(tmp_path: Path, option: dict) -> None:
-    """Finding 3: a model given ``class_names`` never got the training class counts from ``connect``."""
-    from vision_transfer import connect
-    from vision_transfer.datamodules import ImageFolderDataModule
-
+def test_a_model_for_data_with_given_classes_gets_the_training_class_counts(tmp_path: Path, option: dict) -> None:
+    """Finding 3: a model given ``class_names`` never got the training class counts (then from ``connect``;
+    now the classes are the datamodule's ``classes``, and ``for_data`` counts them)."""
     root = _long_tailed_folder(tmp_path / "images")
-    data = ImageFolderDataModule(str(root), batch_size=4, num_workers=0, val_fraction=0.2, test_fraction=0.2)
-    reference = ImageClassifier(TINY_BACKBONE, weights="none", image_size=TINY_SIZE, **option)
-    connect(reference, data)
-    named = ImageClassifier(
-        TINY_BACKBONE, weights="none", image_size=TINY_SIZE, class_names=["circle", "square", "stripes"], **option
-    )
-    data = ImageFolderDataModule(str(root), batch_size=4, num_workers=0, val_fraction=0.2, test_fraction=0.2)
-    connect(named, data)
+    split = {"batch_size": 4, "val_fraction": 0.2, "test_fraction": 0.2}
+    reference = tiny_model(tiny_data(root, **split), **option)
+    named = tiny_model(tiny_data(root, classes=["circle", "square", "stripes"], **split), **option)
     assert named.class_counts.tolist() == reference.class_counts.tolist() == [14.0, 4.0, 1.0]
     logits, target = torch.randn(5, 3), torch.tensor([0, 1, 2, 0, 1])
     assert torch.equal(named._loss(logits, target), reference._loss(logits, target))

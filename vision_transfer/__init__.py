@@ -12,14 +12,17 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "CachedFeatureDataModule": "vision_transfer.datamodules",
     "Classifier": "vision_transfer.export.loading",
+    "CsvDataModule": "vision_transfer.datamodules",
     "DataConfig": "vision_transfer.backbones",
     "ImageClassifier": "vision_transfer.tasks",
+    "ImageFolderDataModule": "vision_transfer.datamodules",
     "VisionTransferError": "vision_transfer.errors",
-    "connect": "vision_transfer.app.connect",
     "create_backbone": "vision_transfer.backbones",
     "create_model": "vision_transfer.backbones",
     "list_backbones": "vision_transfer.backbones",
+    "preprocessing": "vision_transfer.backbones",
     "load_backbone": "vision_transfer.export.loading",
     "load_classifier": "vision_transfer.export.loading",
 }

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 
 from vision_transfer.app.checkpoints import model_from_checkpoint, recorded_datamodule
-from vision_transfer.app.connect import connect
 from vision_transfer.checkpoint import read_checkpoint, save_checkpoint, set_prediction
 from vision_transfer.data.dataset import as_model_batch
 from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
-from vision_transfer.errors import DataError
+from vision_transfer.errors import CheckpointError, DataError
 from vision_transfer.evaluation.kinds import task_kind
 from vision_transfer.files import write_atomic
 from vision_transfer.inference.outputs import tta_views
@@ -69,13 +68,26 @@ def calibrate_checkpoint(
 ) -> dict[str, Any]:
     """Calibrate the checkpoint at ``path`` on ``datamodule``'s validation split (default: the
     datamodule the checkpoint records) and write the result into it; a reliability diagram (and
-    the numbers, in ``calibration.json``) go to ``output`` (default: the checkpoint's run folder)."""
+    the numbers, in ``calibration.json``) go to ``output`` (default: the checkpoint's run folder).
+    A given datamodule must have the checkpoint's classes and preprocessing (the one ``fit`` trained on has);
+    one given without preprocessing is built again with the checkpoint's."""
     path = Path(path)
     entry, content = read_checkpoint(path)
     model = model_from_checkpoint(entry, content)
     if datamodule is None:
-        datamodule = recorded_datamodule(entry)
-    datamodule = connect(model, datamodule)
+        images = recorded_datamodule(entry)
+    else:
+        images = datamodule.images if isinstance(datamodule, CachedFeatureDataModule) else datamodule
+        if images.data_config is None:
+            images = images.with_options(data_config=model.data_config)
+    for what, ours, theirs in (
+        ("classes", images.class_names, model.class_names),
+        ("preprocessing", images.data_config, model.data_config),
+    ):
+        if ours != theirs:
+            raise CheckpointError(f"{path}: {what} {theirs}, the datamodule's {ours}; calibrate on data that matches.")
+    # features extracted by this model's backbone (the weights the checkpoint holds)
+    datamodule = CachedFeatureDataModule(images, model) if model.hparams.get("cache_features") else images
     datamodule.setup("validate")
     if "val" not in datamodule.splits:
         raise DataError(f"{path}: calibration needs a validation split, and this data has none.")

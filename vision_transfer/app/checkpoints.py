@@ -29,10 +29,12 @@ def model_settings(entry: CheckpointEntry) -> dict[str, Any]:
 def checkpoint_defaults(entry: CheckpointEntry, with_data: bool = True) -> dict[str, Any]:
     """Model and (with ``with_data``) datamodule settings of a checkpoint, as a LightningCLI config.
 
-    Only datamodule classes of vision-transfer are accepted: a checkpoint must not choose which
-    module gets imported.
+    The classes, task and class counts are left out of the model's: the command line links them from
+    the datamodule, which gets the checkpoint's classes and task. Only datamodule classes of
+    vision-transfer are accepted: a checkpoint must not choose which module gets imported.
     """
-    defaults: dict[str, Any] = {"model": model_settings(entry)}
+    linked = ("class_names", "task", "class_counts")
+    defaults: dict[str, Any] = {"model": {k: v for k, v in model_settings(entry).items() if k not in linked}}
     if entry.datamodule and with_data:
         class_path = entry.datamodule["class_path"]
         _datamodule_class(class_path, entry.source)
@@ -42,12 +44,14 @@ def checkpoint_defaults(entry: CheckpointEntry, with_data: bool = True) -> dict[
 
 
 def recorded_datamodule(entry: CheckpointEntry) -> ImageDataModule:
-    """The datamodule the checkpoint was trained on, built from its record."""
+    """The datamodule the checkpoint was trained on, built from its record with the checkpoint's
+    preprocessing, classes and task."""
     if not entry.datamodule:
         raise CheckpointError(f"{entry.source}: records no datamodule; give the data (--data ...).")
     cls = _datamodule_class(entry.datamodule["class_path"], entry.source)
     init_args = {k: v for k, v in entry.datamodule.get("init_args", {}).items() if not k.startswith("_")}
-    return cls(**init_args)
+    trained = {"data_config": entry.data_config.to_dict(), "classes": entry.class_names, "task": entry.task}
+    return cls(**{**init_args, **trained})
 
 
 def model_from_checkpoint(entry: CheckpointEntry, content: dict[str, Any]) -> ImageClassifier:

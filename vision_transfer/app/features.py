@@ -163,14 +163,14 @@ def probe_datamodule(
 
     from vision_transfer.tasks import ImageClassifier  # Lightning only for the checkpoint
 
+    counts = [float(c) for c in datamodule.splits["train"].class_counts(len(class_names))]
     model = ImageClassifier(
         backbone, weights=weights, mode="linear_probe", class_names=class_names,
-        image_size=extract_options.get("image_size"), task=datamodule.task_kind.name,
+        image_size=extract_options.get("image_size"), task=datamodule.task_kind.name, class_counts=counts,
     )  # fmt: skip
     with torch.no_grad():
         model.head.weight.copy_(result.weight)  # type: ignore[operator]
         model.head.bias.copy_(result.bias)  # type: ignore[operator]
-        model.set_class_counts(torch.as_tensor(datamodule.splits["train"].class_counts(len(class_names))))
         # the prediction settings (temperature or per-class thresholds) on val, as fit does
         from vision_transfer.app.calibrate import calibrate_model
 

@@ -139,11 +139,8 @@ def backbone_cost(name: str, image_size: int) -> tuple[float, float]:
 
 
 def _with_seed(data: ImageDataModule, seed: int) -> ImageDataModule:
-    """A copy of the datamodule whose split and subsets use ``seed``."""
-    clone = copy.deepcopy(data)
-    clone.hparams["split_seed"] = seed
-    clone.splits = {}
-    return clone
+    """A new datamodule like ``data`` whose split and subsets use ``seed``."""
+    return data.with_options(split_seed=seed)
 
 
 def resolve_options(protocols: list[str], options: dict[str, Any]) -> dict[str, Any]:
@@ -300,13 +297,14 @@ def _fine_tune(
 ) -> dict[str, Any]:
     import pytorch_lightning as pl
 
-    from vision_transfer.app.connect import connect
+    from vision_transfer.backbones import preprocessing
     from vision_transfer.tasks import ImageClassifier
 
     pl.seed_everything(seed, verbose=False)
     epochs = options["finetune_epochs"]
-    model = ImageClassifier(
-        entry.name, weights=entry.weights, mode=protocol, image_size=image_size,  # type: ignore[arg-type]
+    data = data.with_options(data_config=preprocessing(entry.name, entry.weights, image_size))
+    model = ImageClassifier.for_data(
+        data, backbone=entry.name, weights=entry.weights, mode=protocol, image_size=image_size,  # type: ignore[arg-type]
         lr=options["finetune_lr"], unfreeze_every=max(1, epochs // 4), warmup_epochs=0.3,
         class_weighting=options["class_weight"] or "none",
     )  # fmt: skip
@@ -315,7 +313,6 @@ def _fine_tune(
         enable_model_summary=False, num_sanity_val_steps=0, precision=fine_tune_precision(),  # type: ignore[arg-type]
     )  # fmt: skip
     start = time.perf_counter()
-    data = connect(model, data)  # type: ignore[assignment]
     trainer.fit(model, data)
     train_s = time.perf_counter() - start
     metrics = trainer.test(model, data, verbose=False)[0]
@@ -450,7 +447,7 @@ def run_grid(
     bar = tqdm(todo, desc="benchmark", unit="run", disable=not opts.get("progress", True))
     for run in bar:
         bar.set_postfix_str(run.row["run"][:60])
-        data = copy.deepcopy(run.data)  # a fine-tune connects its model to the data: never share it between runs
+        data = copy.deepcopy(run.data)  # each run reads (and caches splits in) its own copy
         if run.protocol == "linear_probe":
             row = _linear_probe(run.backbone, data, run.seed, image_size, opts)
         elif run.protocol == "knn":

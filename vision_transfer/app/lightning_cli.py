@@ -20,7 +20,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 
 from vision_transfer.app.checkpoints import checkpoint_defaults
-from vision_transfer.app.connect import connect
+from vision_transfer.backbones import preprocessing
 from vision_transfer.callbacks import (
     AtomicCheckpointIO,
     OutOfMemoryAdvice,
@@ -30,8 +30,8 @@ from vision_transfer.callbacks import (
     RunReport,
 )
 from vision_transfer.callbacks.checkpointing import newest_last_checkpoint
-from vision_transfer.checkpoint import read_checkpoint
-from vision_transfer.datamodules import ImageDataModule
+from vision_transfer.checkpoint import CheckpointEntry, read_checkpoint
+from vision_transfer.datamodules import CachedFeatureDataModule, ImageDataModule
 from vision_transfer.errors import CheckpointError, ConfigError, VisionTransferError
 from vision_transfer.tasks import ImageClassifier
 
@@ -46,13 +46,19 @@ class VisionTransferCLI(LightningCLI):
     defaults that ``--config`` files and the command line still override. ``--ckpt_path last``
     is the newest ``last.ckpt`` of the run folder the logger settings name; ``fit`` then logs
     into that same folder, or starts a fresh run when there is none, so one command both starts
-    and resumes a run. Model and datamodule are linked once, by :func:`vision_transfer.connect`.
+    and resumes a run. Model and datamodule are built whole, through argument links: the datamodule
+    gets the model's preprocessing when the arguments are parsed (the checkpoint's, given
+    ``--ckpt_path``), the model the datamodule's classes, task and training class counts when the
+    datamodule is built; a checkpoint's classes and task go into the datamodule's arguments (its
+    labels index them) and its class counts into the model's. A ``cache_features`` model trains on a
+    :class:`~vision_transfer.datamodules.CachedFeatureDataModule` built over the datamodule.
     Unset ``trainer.precision`` is bf16-mixed on a CUDA GPU that has bf16 (16-mixed on older
     ones) and 32-true on the CPU. Only public LightningCLI hooks are overridden.
     """
 
     _resumed_step: int | None = None
     _ckpt_path: str | None = None
+    _trained_counts: list[float] | None = None  # a checkpoint's training class counts
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         super().__init__(
@@ -89,6 +95,22 @@ class VisionTransferCLI(LightningCLI):
         )
         parser.add_lightning_class_args(RunReport, "report")
         parser.add_lightning_class_args(PredictionWriter, "prediction")
+        # built whole: the data gets the model's preprocessing at parse time, the model the data's classes
+        parser.link_arguments(
+            ("model.backbone", "model.weights", "model.image_size", "model.data_config"),
+            "data.init_args.data_config",
+            compute_fn=model_preprocessing,
+            apply_on="parse",
+        )
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.task", "model.task", apply_on="instantiate")
+        parser.link_arguments("data", "model.class_counts", compute_fn=self._class_counts, apply_on="instantiate")
+
+    def _class_counts(self, data: ImageDataModule) -> list[float]:
+        """The model's ``class_counts``: a checkpoint's (a trained model's prior), else the data's training split's."""
+        if self._trained_counts is not None:
+            return self._trained_counts
+        return [float(c) for c in data.class_counts()]
 
     # -- parsing -----------------------------------------------------------------------------
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
@@ -113,7 +135,11 @@ class VisionTransferCLI(LightningCLI):
             defaults = checkpoint_defaults(entry, with_data=not gives_data)
             # the checkpoint's settings as the first config: later --config files and flags override them
             argv = [subcommand, "--config", json.dumps(defaults), *argv[1:]]
+            counts = checkpoint["state_dict"].get("class_counts") if checkpoint else None
+            self._trained_counts = [float(c) for c in counts.tolist()] if counts is not None else None
         self._parse(parser, argv)
+        if subcommand and entry is not None:
+            _data_of_checkpoint(self.config[subcommand], entry)
         if subcommand and last:
             self._use_last_checkpoint(subcommand, *last, checkpoint)
         if subcommand:
@@ -123,7 +149,7 @@ class VisionTransferCLI(LightningCLI):
             self.config[subcommand].ckpt_path = None
 
     def _parse(self, parser: LightningArgumentParser, argv: list[str]) -> None:
-        with warnings.catch_warnings():  # argv is the command line itself, passed on as a list
+        with warnings.catch_warnings(), _link_errors():  # argv is the command line itself, passed on as a list
             warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
             super().parse_arguments(parser, argv)
 
@@ -150,8 +176,10 @@ class VisionTransferCLI(LightningCLI):
             config.trainer.precision = default_precision(config.trainer.get("accelerator"))
 
     def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        self.datamodule = connect(self.model, self.datamodule)
+        with _link_errors():
+            super().instantiate_classes()
+        if self.model.hparams.get("cache_features"):
+            self.datamodule = CachedFeatureDataModule(self.datamodule, self.model)
         checkpoint = self.trainer.checkpoint_callback
         if isinstance(checkpoint, RunCheckpoint) and checkpoint.monitor == "val/acc":
             checkpoint.monitor = self.model.monitor  # the default follows the task kind (multi-label: val/map)
@@ -206,6 +234,41 @@ class VisionTransferCLI(LightningCLI):
         writer = next((c for c in self.trainer.callbacks if isinstance(c, PredictionWriter)), None)  # type: ignore[attr-defined]
         if writer is not None and writer.path is not None and self.trainer.global_rank == 0:
             print(f"predictions: {writer.path.resolve()}")
+
+
+def model_preprocessing(
+    backbone: str, weights: str | None, image_size: int | None, data_config: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The datamodule's ``data_config`` from the model's arguments (:func:`vision_transfer.backbones.preprocessing`)."""
+    return preprocessing(backbone, weights, image_size, data_config).to_dict()
+
+
+def _data_of_checkpoint(config: Namespace, entry: CheckpointEntry) -> None:
+    """Put a checkpoint's classes and task into the parsed datamodule arguments (before anything is built):
+    the labels index the trained head's classes. Classes given otherwise are refused."""
+    data = config.get("data")
+    init = data.get("init_args") if isinstance(data, Namespace) else None
+    if init is None:
+        return  # no datamodule given: instantiating says so
+    given = init.get("classes")
+    if given is not None and list(given) != entry.class_names:
+        raise ConfigError(
+            f"--data.init_args.classes {list(given)}: {entry.source} was trained on {entry.class_names}; "
+            "drop the option (the checkpoint's classes are used)."
+        )
+    init["classes"], init["task"] = list(entry.class_names), entry.task  # arguments, before anything is built
+
+
+@contextlib.contextmanager
+def _link_errors() -> Iterator[None]:
+    """A user error inside an argument link's computation as itself (jsonargparse wraps it in a ValueError)."""
+    try:
+        yield
+    except ValueError as e:
+        cause = e.__cause__
+        if isinstance(cause, VisionTransferError):
+            raise cause from None
+        raise
 
 
 @contextlib.contextmanager

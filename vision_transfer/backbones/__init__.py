@@ -6,6 +6,7 @@ from vision_transfer.backbones.create import (
     create_backbone,
     create_model,
     list_backbones,
+    preprocessing,
     resolve_data_config,
 )
 from vision_transfer.backbones.weights import WeightsSource, load_file, resolve_weights, state_fingerprint
@@ -18,6 +19,7 @@ __all__ = [
     "create_model",
     "list_backbones",
     "load_file",
+    "preprocessing",
     "resolve_data_config",
     "resolve_weights",
     "state_fingerprint",

@@ -176,6 +176,23 @@ def resolve_data_config(name: str, source: WeightsSource, image_size: int | None
     return DataConfig.from_model(model, image_size)
 
 
+def preprocessing(
+    backbone: str,
+    weights: str | None = "auto",
+    image_size: int | None = None,
+    data_config: DataConfig | dict[str, Any] | None = None,
+) -> DataConfig:
+    """The preprocessing an ``ImageClassifier`` of these arguments uses, without building it: ``data_config``
+    when given (a checkpoint's, or one chosen by hand), else the one its weights imply (timm's
+    ``pretrained_cfg``, as :func:`create_backbone` resolves it) at ``image_size``.
+
+    Give it to a datamodule (``data_config=...``) that a model of these arguments will train or predict on.
+    """
+    if data_config:
+        return data_config if isinstance(data_config, DataConfig) else DataConfig.from_dict(data_config)
+    return resolve_data_config(backbone, resolve_weights(backbone, weights), image_size)
+
+
 def create_backbone(
     name: str,
     weights: str | None = "auto",

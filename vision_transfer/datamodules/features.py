@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import pytorch_lightning as pl
 import torch
@@ -54,8 +54,8 @@ def _collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> FeatureBatch:
 class CachedFeatureDataModule(pl.LightningDataModule):
     """Train and validate a head on cached features of ``images``' splits; test and predict on images.
 
-    The features come from the backbone of the model :func:`vision_transfer.connect` hands over
-    (:meth:`use_features_of`), taken when the loaders are built: after a checkpoint is restored,
+    The features come from the backbone of ``source``, the model trained on them (built for
+    ``images``: :meth:`ImageClassifier.for_data`), taken when the loaders are built: after a checkpoint is restored,
     so a resumed or re-validated run uses the weights the model actually holds. They are keyed by
     those weights' provenance and checked against the backbone's content fingerprint recorded at
     extraction; a mismatch is refused. Missing splits are extracted on the Trainer's device, at
@@ -66,14 +66,19 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
     Args:
         images: the image datamodule whose splits are served.
-        cache_dir: feature cache folder; None uses ``$VISION_TRANSFER_CACHE``.
+        source: the model whose backbone extracts the features (an ``ImageClassifier`` with
+            ``cache_features=True``); it must preprocess as ``images`` does.
+        cache_dir: feature cache folder; None: the model's ``cache_dir`` option, else ``$VISION_TRANSFER_CACHE``.
         batch_size: feature rows per batch; None uses ``images``' batch size.
         extract_batch_size: images per extraction batch.
     """
 
+    yields_features: ClassVar[bool] = True  # what a cache_features=True model checks before it fits
+
     def __init__(
         self,
         images: ImageDataModule,
+        source: FeatureSource,
         cache_dir: str | None = None,
         batch_size: int | None = None,
         extract_batch_size: int = 256,
@@ -89,43 +94,25 @@ class CachedFeatureDataModule(pl.LightningDataModule):
                 f"{setting}: cached features are extracted once, with the eval transform, so training "
                 "augmentation cannot apply; drop it, or train without cache_features."
             )
+        if images.data_config is not None and images.data_config != source.data_config:
+            raise ConfigError(
+                f"{images.describe()} preprocesses with {images.data_config}, the model extracting its features with "
+                f"{source.data_config}; build the model for this data (ImageClassifier.for_data)."
+            )
         self.images = images
-        self.cache_dir = cache_dir
+        self.source = source
+        self.cache_dir = cache_dir if cache_dir is not None else getattr(source, "hparams", {}).get("cache_dir")
         self.batch_size = batch_size or images.batch_size
         self.extract_batch_size = extract_batch_size
-        self.source: FeatureSource | None = None
         self.caches: dict[str, FeatureCache] = {}
 
-    # -- what the model hands over (vision_transfer.connect) ---------------------------------
-    def use_features_of(self, source: FeatureSource) -> None:
-        self.source = source
-
+    # -- the images' class information and preprocessing ------------------------------------
     @property
     def data_config(self) -> DataConfig | None:
         return self.images.data_config
 
-    @data_config.setter
-    def data_config(self, config: DataConfig | None) -> None:
-        self.images.data_config = config
-
     @property
-    def fixed_classes(self) -> list[str] | None:
-        return self.images.fixed_classes
-
-    @fixed_classes.setter
-    def fixed_classes(self, names: list[str] | None) -> None:
-        self.images.fixed_classes = names
-
-    @property
-    def fixed_task(self) -> str | None:
-        return self.images.fixed_task
-
-    @fixed_task.setter
-    def fixed_task(self, task: str | None) -> None:
-        self.images.fixed_task = task
-
-    @property
-    def class_names(self) -> list[str] | None:
+    def class_names(self) -> list[str]:
         return self.images.class_names
 
     @property
@@ -158,11 +145,6 @@ class CachedFeatureDataModule(pl.LightningDataModule):
 
     def _cache(self, split: str) -> FeatureCache:
         """The split's features, extracted now if missing, from the weights the source holds now."""
-        if self.source is None:
-            raise DataError(
-                "CachedFeatureDataModule has no backbone to extract with: "
-                "call vision_transfer.connect(model, datamodule)."
-            )
         if split not in self.images.splits:
             raise DataError(f"{self.images.describe()}: no {split} split.")
         source = self.source

@@ -1,8 +1,9 @@
 """LightningDataModules for image folders, CSVs, Fashion-MNIST and scikit-learn's digits.
 
-Transforms come from the model's :class:`DataConfig`, handed over once by
-:func:`vision_transfer.connect` (the CLI calls it), so the data is always preprocessed the way
-the backbone was pretrained; a trained model's classes fix the label indices the same way.
+A datamodule is built whole: its transforms come from the :class:`DataConfig` it is constructed
+with (:func:`vision_transfer.backbones.preprocessing` gives the one a model uses; the command line
+links it from the model's arguments), so the data is preprocessed the way the backbone expects; a
+trained model's classes and task, given at construction too, fix the label indices.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 from abc import abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -49,9 +50,10 @@ from vision_transfer.data.transforms import (
     create_train_transform,
 )
 from vision_transfer.errors import ConfigError, DataError, ImageLoadError
-from vision_transfer.evaluation.kinds import TaskKind, kind_of_flag, kind_of_labels
+from vision_transfer.evaluation.kinds import TaskKind, TaskOption, kind_of_flag, kind_of_labels, task_kind
 
 log = logging.getLogger(__name__)
+Data = TypeVar("Data", bound="ImageDataModule")
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -162,7 +164,15 @@ class ImageDataModule(pl.LightningDataModule):
             in ``skipped_images.csv`` in the run folder; an image that becomes unreadable later
             is left out of its batch and added to that list.
         predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
+        data_config: the preprocessing (size, crop, interpolation; the model normalises): the model's,
+            from :func:`vision_transfer.backbones.preprocessing` (the command line links it from the
+            model's arguments, or a checkpoint's). None: no loaders can be built (the classes can be read).
+        classes: a trained model's classes, in its head order: the labels index them, and a label
+            outside them is refused. None: the source's classes (sorted), for training a new model.
+        task: a trained model's task kind: data of another kind is refused; ``auto``: the labels'.
     """
+
+    yields_features: ClassVar[bool] = False  # what a cache_features=True model checks before it fits
 
     def __init__(
         self,
@@ -182,6 +192,9 @@ class ImageDataModule(pl.LightningDataModule):
         verify_images: bool = True,
         on_bad_image: Literal["error", "skip"] = "error",
         predict_paths: str | list[str] | None = None,
+        data_config: DataConfig | dict[str, Any] | None = None,
+        classes: list[str] | None = None,
+        task: TaskOption = "auto",
     ) -> None:
         super().__init__()
         for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
@@ -199,14 +212,20 @@ class ImageDataModule(pl.LightningDataModule):
                 f"val_fraction={val_fraction} + test_fraction={test_fraction} = {val_fraction + test_fraction:g}: "
                 "must be < 1, or nothing is left to train on (lower one of them)."
             )
-        self.save_hyperparameters()
+        if task != "auto":
+            task_kind(task)  # an unknown kind is refused here
+        if classes is not None and len(classes) < 2:
+            raise ConfigError(f"classes={classes}: a classifier needs at least 2 classes.")
+        # what the model shares with its data stays out of the hyperparameters: Lightning logs them merged with
+        # the model's, which hold the same values resolved (and a checkpoint records them there, once)
+        self.save_hyperparameters(ignore=["data_config", "classes", "task"])
+        self.data_config = DataConfig.from_dict(data_config) if isinstance(data_config, dict) else data_config
+        self._classes = list(classes) if classes is not None else None
+        self._task = task
         self.batch_size = batch_size
         self.predict_paths = predict_paths
         self.num_workers = min(8, os.cpu_count() or 1) if num_workers is None else num_workers
-        self.data_config: DataConfig | None = None  # set by vision_transfer.connect (or by hand)
-        self.fixed_classes: list[str] | None = None  # a trained model's classes: labels index these
-        self.fixed_task: str | None = None  # a trained model's task: the data must be of it
-        self.class_names: list[str] | None = None
+        self._class_names: list[str] | None = None  # read with the splits
         self.splits: dict[str, Samples] = {}
         self.predict_files: list[str] = []
         self.skipped: list[tuple[str, str]] = []
@@ -220,10 +239,9 @@ class ImageDataModule(pl.LightningDataModule):
     def setup(self, stage: str) -> None:
         config = self._require_data_config()
         if stage == "predict":
-            self.class_names = self.fixed_classes
             self.predict_files = list_predict_files(self.predict_paths or [])
             return
-        if not self.splits:  # vision_transfer.connect may have made them already
+        if not self.splits:  # reading the classes may have made them already
             self.prepare_splits()
         if self.trainer is not None and getattr(self, "_recorded_for", None) is not self.trainer:
             self._recorded_for = self.trainer
@@ -249,40 +267,58 @@ class ImageDataModule(pl.LightningDataModule):
         augment = self.hparams["augment"]
         return "light" if augment is True else "none" if augment is False else augment  # type: ignore[no-any-return]
 
+    # -- what a model built for this data takes from it (ImageClassifier.for_data; the CLI's links) --
+    @property
+    def class_names(self) -> list[str]:
+        """The classes, in label order: ``classes`` when given, else the source's (read on first use)."""
+        if self._classes is not None:
+            return list(self._classes)
+        if self._class_names is None:
+            self.prepare_splits()
+        return list(self._class_names or [])
+
     @property
     def task(self) -> str:
-        """The task kind's name, from the labels (the source is read first)."""
+        """The task kind's name: ``task`` when given, else the labels' (the source is read first)."""
         return self.task_kind.name
 
     @property
     def task_kind(self) -> TaskKind:
-        """Single- or multi-label, from the labels (the source is read first)."""
+        """Single- or multi-label: ``task`` when given, else from the labels (the source is read first)."""
+        if self._task != "auto":
+            return task_kind(self._task)
         if not self.splits:
             self.prepare_splits()
         return kind_of_labels(self.splits["train"].labels)
 
     def class_counts(self) -> np.ndarray:
-        """Training samples (multi-label: positives) of each class."""
+        """Training samples (multi-label: positives) of each class: the prior that class weighting and
+        logit adjustment use (the source is read first)."""
         if not self.splits:
             self.prepare_splits()
-        return self.splits["train"].class_counts(len(self.class_names or []))
+        return self.splits["train"].class_counts(len(self.class_names))
+
+    def with_options(self: Data, **changes: Any) -> Data:
+        """A new datamodule of this class and arguments, ``changes`` replacing some (nothing is read yet)."""
+        shared = {"data_config": self.data_config, "classes": self._classes, "task": self._task}
+        return type(self)(**{**self.hparams, **shared, **changes})
 
     def _require_data_config(self) -> DataConfig:
         if self.data_config is None:
             raise DataError(
-                f"{type(self).__name__} has no data_config: call vision_transfer.connect(model, datamodule) before "
-                "Trainer.fit/validate/test/predict (the command line does it), or set .data_config."
+                f"{type(self).__name__} has no data_config: build it with data_config=preprocessing(backbone, ...) "
+                "(vision_transfer.backbones; the command line links it from the model)."
             )
         return self.data_config
 
     def prepare_splits(self) -> dict[str, Samples]:
-        """Read the source and make the train/val/test splits (no Trainer needed); also sets
-        ``class_names`` (``fixed_classes``, a trained model's, when set)."""
+        """Read the source and make the train/val/test splits (no Trainer needed); the labels index
+        ``classes`` (a trained model's) when given, else the source's classes."""
         source = self.read_source()
         splits = dict(source.splits)
-        if self.fixed_task not in (None, "auto", source.task):
-            raise DataError(f"{self.describe()}: the data is {source.task}, the model is {self.fixed_task}.")
-        model_classes = self.fixed_classes
+        if self._task not in ("auto", source.task):
+            raise DataError(f"{self.describe()}: the data is {source.task}, the model is {self._task}.")
+        model_classes = self._classes
         if model_classes is not None:  # a trained model fixes the label indices
             lookup = {name: i for i, name in enumerate(model_classes)}
             unknown = [c for c in source.class_names if c not in lookup]
@@ -296,11 +332,11 @@ class ImageDataModule(pl.LightningDataModule):
             splits = {
                 k: Samples(s.items, _remap(s.labels, remap, len(model_classes)), s.ids) for k, s in splits.items()
             }
-            self.class_names = list(model_classes)
+            class_names = list(model_classes)
         else:
-            self.class_names = list(source.class_names)
-        if len(self.class_names) < 2:
-            raise DataError(f"{self.describe()}: found {len(self.class_names)} class; a classifier needs at least 2.")
+            class_names = list(source.class_names)
+        if len(class_names) < 2:
+            raise DataError(f"{self.describe()}: found {len(class_names)} class; a classifier needs at least 2.")
         hp: Any = self.hparams
         missing = [s for s in ("val", "test") if s not in splits]
         fractions = [hp.val_fraction if s == "val" else hp.test_fraction for s in missing]
@@ -317,8 +353,8 @@ class ImageDataModule(pl.LightningDataModule):
                 splits[split] = splits[split].take(stratified_subset(key, limit, hp.split_seed))
         splits = {k: v for k, v in splits.items() if len(v)}
         if model_classes is None:  # training: every class needs an example to learn from
-            counts = splits["train"].class_counts(len(self.class_names))
-            absent = [name for name, n in zip(self.class_names, counts, strict=True) if n == 0]
+            counts = splits["train"].class_counts(len(class_names))
+            absent = [name for name, n in zip(class_names, counts, strict=True) if n == 0]
             if absent:
                 kind = kind_of_labels(splits["train"].labels).example
                 raise DataError(
@@ -333,6 +369,7 @@ class ImageDataModule(pl.LightningDataModule):
                 if not isinstance(samples.items, np.ndarray):
                     for path in samples.items:
                         check_image_header(path)
+        self._class_names = class_names
         self.splits = splits
         return splits
 
@@ -362,7 +399,7 @@ class ImageDataModule(pl.LightningDataModule):
             with (path.parent / "skipped_images.csv").open("w", newline="") as f:
                 csv.writer(f).writerows([("path", "reason"), *self.skipped])
             log.info("skipped %d unreadable image(s): see %s", len(self.skipped), path.parent / "skipped_images.csv")
-        names = self.class_names or []
+        names = self.class_names
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["split", "sample", "label"])

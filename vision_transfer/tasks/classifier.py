@@ -16,7 +16,7 @@ from vision_transfer.checkpoint import CheckpointEntry, parse_checkpoint, save_c
 from vision_transfer.data.dataset import ModelBatch, as_model_batch
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
-from vision_transfer.errors import CheckpointError, ConfigError, DataError, VisionTransferError
+from vision_transfer.errors import CheckpointError, ConfigError, VisionTransferError
 from vision_transfer.evaluation import EpochScores
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
@@ -30,19 +30,21 @@ _D = TuningConfig()  # the one source of the tuning options' defaults
 class ImageClassifier(pl.LightningModule):
     """A timm backbone and a linear head, trained in one of the tuning modes.
 
-    Give the classes with ``class_names``, or let :func:`vision_transfer.connect` take them from
-    the datamodule (the command line does it). Batches are ``(uint8 images, labels)`` from an
-    image datamodule (:class:`~vision_transfer.data.ImageBatch`), or
+    Built whole: the classes, task, training class counts and preprocessing are constructor
+    arguments, fixed from then on. :meth:`for_data` takes them from a datamodule (the command line
+    links them the same way); a trained model gets them from its checkpoint. Batches are
+    ``(uint8 images, labels)`` from an image datamodule (:class:`~vision_transfer.data.ImageBatch`), or
     :class:`~vision_transfer.data.FeatureBatch` from a
     :class:`~vision_transfer.datamodules.CachedFeatureDataModule`, which only the head sees.
 
     Args:
         backbone: timm architecture name.
         weights: ``auto``, ``packaged``, ``timm``, ``timm:<tag>``, ``none`` or a file path.
-        class_names: the classes, in head order; None: set by :func:`vision_transfer.connect`.
+        class_names: the classes, in head order (the head is built with them); None: no head yet (the
+            model cannot train or predict), as :meth:`for_data` and the command line never leave it.
         image_size: square input size replacing the backbone's pretrained one.
         task: ``multiclass`` (softmax, one class per image), ``multilabel`` (a sigmoid per class,
-            any number of classes per image) or ``auto`` (the datamodule's, set by ``connect``).
+            any number of classes per image) or ``auto`` (``multiclass``; :meth:`for_data` gives the data's).
         label_smoothing: smoothing of every training target, mixed or not, focal loss included: towards
             ``1/C`` (multiclass) or 0.5 (multilabel); None: 0.1 for multiclass, 0 for multilabel heads.
         class_weighting: ``balanced`` weights the loss of each class by n / (C * n_c) (multiclass).
@@ -66,8 +68,9 @@ class ImageClassifier(pl.LightningModule):
         drop_rate: dropout on the pooled features before the head (in every mode, cached features included).
         drop_path_rate: stochastic depth inside the backbone, where timm supports it.
         cache_features: ``linear_probe`` only: train and validate on cached features instead of
-            running the frozen backbone every epoch (the command line wraps the datamodule in a
-            ``CachedFeatureDataModule``; from Python, :func:`vision_transfer.connect` does).
+            running the frozen backbone every epoch: give the Trainer
+            ``CachedFeatureDataModule(data, model)`` (the command line builds it), which extracts with
+            this model's backbone; image batches are refused in training.
         cache_dir: feature cache folder; None uses ``$VISION_TRANSFER_CACHE``.
         stop_on_nan: stop with a message (step, last good checkpoint) when the loss is NaN or inf,
             before the optimizer step that would spread it into the weights.
@@ -76,11 +79,15 @@ class ImageClassifier(pl.LightningModule):
         compile: ``torch.compile`` the backbone when training starts (the first steps are slow).
         grad_checkpointing: recompute activations in the backward pass instead of storing them
             (timm's ``set_grad_checkpointing``): less memory for about a third more compute.
-        data_config: preprocessing that replaces the one the weights imply (checkpoints record it).
+        data_config: preprocessing that replaces the one the weights imply (checkpoints record it); the
+            datamodule must use the same (:meth:`for_data` gives the data's; ``setup`` checks them).
+        class_counts: training samples (multi-label: positives) per class, in head order: the prior
+            that class weighting and logit adjustment use (:meth:`for_data` counts the data's; a
+            checkpoint's weights hold the counts it was trained with).
         {tuning}
     """
 
-    # prediction buffers, made with the head (set_class_names)
+    # prediction buffers, made with the head (_build_head)
     class_counts: torch.Tensor
     temperature: torch.Tensor
     thresholds: torch.Tensor
@@ -132,6 +139,7 @@ class ImageClassifier(pl.LightningModule):
         compile: bool = False,
         grad_checkpointing: bool = False,
         data_config: dict[str, Any] | None = None,
+        class_counts: list[float] | None = None,
     ) -> None:
         super().__init__()
         self.tuning = TuningConfig.from_options(locals())
@@ -180,7 +188,6 @@ class ImageClassifier(pl.LightningModule):
         self.normalize = Normalize(self.data_config)
         self.dropout = nn.Dropout(drop_rate)
         self._announced = False
-        self._handed_out = False  # True once connect() gave data_config to a datamodule
         self._pending_losses: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
         self._loss_fn: nn.Module | None = None
         self._mixer: BatchMixer | None = None
@@ -188,7 +195,50 @@ class ImageClassifier(pl.LightningModule):
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
         if class_names is not None:
-            self.set_class_names(list(class_names))
+            self._build_head(list(class_names))
+        if class_counts is not None:
+            if self.class_names is None or len(class_counts) != len(self.class_names):
+                raise ConfigError(
+                    f"class_counts has {len(class_counts)} values for {len(self.class_names or [])} class_names: "
+                    "give one count per class (ImageClassifier.for_data counts the data's)."
+                )
+            self.class_counts.copy_(torch.as_tensor(class_counts, dtype=torch.float32))
+
+    @classmethod
+    def for_data(cls, data: Any, **options: Any) -> ImageClassifier:
+        """A new model built for ``data``: its classes, task, training class counts and preprocessing are the
+        datamodule's (what the command line links), and nothing is handed over later.
+
+        Build the datamodule with the preprocessing of the backbone first, then the model::
+
+            data = ImageFolderDataModule(root, data_config=preprocessing("tf_efficientnet_lite0", image_size=64))
+            model = ImageClassifier.for_data(data, backbone="tf_efficientnet_lite0", mode="full")
+            trainer.fit(model, data)  # cache_features=True: CachedFeatureDataModule(data, model)
+
+        Args:
+            data: an image datamodule (or a ``CachedFeatureDataModule``), built with ``data_config``; its
+                source is read here for the classes and counts.
+            options: the other constructor arguments (``backbone``, ``weights``, ``mode``...).
+        """
+        taken = sorted({"class_names", "task", "class_counts", "data_config"} & set(options))
+        if taken:
+            raise ConfigError(f"{', '.join(taken)}: for_data takes them from the datamodule; drop them here.")
+        config: DataConfig | None = data.data_config
+        if config is None:
+            raise ConfigError(
+                f"{data.describe()} has no data_config: build it with data_config=preprocessing(backbone, weights, "
+                "image_size) (vision_transfer.backbones) before building the model for it."
+            )
+        size = options.get("image_size")
+        if size is not None and config.input_size[1:] != (size, size):
+            raise ConfigError(
+                f"image_size={size}, but the datamodule's preprocessing is {config.input_size[1]} px; "
+                f"give preprocessing(..., image_size={size}) to the datamodule."
+            )
+        counts = [float(c) for c in data.class_counts()]
+        return cls(
+            class_names=data.class_names, task=data.task, class_counts=counts, data_config=config.to_dict(), **options
+        )
 
     @property
     def backbone_name(self) -> str:
@@ -197,14 +247,14 @@ class ImageClassifier(pl.LightningModule):
     # -- building ----------------------------------------------------------------------------
     @property
     def task(self) -> str:
-        """The task kind's name, or ``auto`` until :meth:`set_task` (or the classes) decide it."""
+        """The task kind's name, or ``auto`` for a model built without classes or task."""
         return self.kind.name if self.kind is not None else "auto"
 
     @property
     def task_kind(self) -> TaskKind:
         """The task kind (single- or multi-label), once the task or the classes are set."""
         if self.kind is None:
-            raise ConfigError("this model's task is not set yet: pass class_names=[...] or use connect().")
+            raise ConfigError("this model has no task: pass class_names=[...] (for_data gives the data's).")
         return self.kind
 
     @property
@@ -213,31 +263,13 @@ class ImageClassifier(pl.LightningModule):
         value = self.hparams.get("label_smoothing")
         return float(value) if value is not None else self.task_kind.default_label_smoothing
 
-    def set_task(self, task: str) -> None:
-        """Resolve ``task='auto'`` to the data's (``connect`` calls it); a set task must match the data."""
-        kind = task_kind(task)
-        if self.kind is None:
-            if self.class_names is not None:
-                raise ConfigError("set the task before the classes.")
-            self.kind = kind
-            self.hparams["task"] = kind.name
-        elif self.kind is not kind:
-            raise DataError(
-                f"this model is {self.task}, the data is {kind.name}; use a {self.task} dataset or task={kind.name}."
-            )
-
-    def set_class_names(self, class_names: list[str]) -> None:
-        """Build the head, metrics and prediction buffers for these classes (once; ``connect`` calls it)."""
-        if self.class_names is not None:
-            if list(class_names) != self.class_names:
-                raise DataError(
-                    f"this model's classes are fixed ({_show(self.class_names)}); got {_show(class_names)}."
-                )
-            return
+    def _build_head(self, class_names: list[str]) -> None:
+        """The head, metrics and prediction buffers for these classes (a construction step)."""
         if len(class_names) < 2:
-            raise DataError(f"class_names={class_names}: a classifier needs at least 2 classes.")
+            raise ConfigError(f"class_names={class_names}: a classifier needs at least 2 classes.")
         if self.kind is None:
-            self.set_task(SINGLE)
+            self.kind = task_kind(SINGLE)
+            self.hparams["task"] = self.kind.name
         hp: Any = self.hparams
         self.task_kind.check_loss_options(**{name: hp.get(name) for name in LOSS_OPTIONS})
         n = len(class_names)
@@ -253,16 +285,6 @@ class ImageClassifier(pl.LightningModule):
         self.val_scores = EpochScores(self.task_kind, n)
         self.test_scores = EpochScores(self.task_kind, n, per_class=True)
         self.tta_scores = EpochScores(self.task_kind, n)
-
-    def set_class_counts(self, counts: torch.Tensor) -> None:
-        """Training samples (multilabel: positives) per class: the prior for class weights and logit adjustment."""
-        self.class_counts.copy_(torch.as_tensor(counts, dtype=torch.float32))  # type: ignore[operator]
-        self._loss_fn = None
-
-    def hand_out_data_config(self) -> DataConfig:
-        """The preprocessing a datamodule will use; from now on a checkpoint may not replace it."""
-        self._handed_out = True
-        return self.data_config
 
     @property
     def needs_class_counts(self) -> bool:
@@ -285,7 +307,10 @@ class ImageClassifier(pl.LightningModule):
             counts: torch.Tensor = self.class_counts  # type: ignore[assignment]
             has_counts = bool(counts.sum() > 0)
             if (hp.class_weighting != "none" or hp.logit_adjustment == "loss") and not has_counts:
-                raise ConfigError("class_weighting / logit_adjustment need the training class counts: use connect().")
+                raise ConfigError(
+                    "class_weighting / logit_adjustment need the training class counts: pass class_counts=[...] "
+                    "(ImageClassifier.for_data counts the data's)."
+                )
             self._loss_fn = self.task_kind.loss(
                 self.label_smoothing,
                 class_weight=balanced_class_weights(counts) if hp.class_weighting == "balanced" else None,
@@ -319,12 +344,25 @@ class ImageClassifier(pl.LightningModule):
         """Lightning calls this before callbacks copy the model (EMAWeightAveraging): the head must exist."""
         if self.class_names is None:
             raise ConfigError(
-                "ImageClassifier has no classes: pass class_names=[...], or call "
-                "vision_transfer.connect(model, datamodule) before the Trainer runs (the command line does it)."
+                "ImageClassifier has no classes: pass class_names=[...], or build it with "
+                "ImageClassifier.for_data(datamodule, ...) (the command line does it)."
             )
 
     def setup(self, stage: str) -> None:
         self.configure_model()
+        # the preprocessing the datamodule was built with (Lightning sets the Trainer's datamodule attribute)
+        config = getattr(getattr(self._trainer, "datamodule", None), "data_config", None)
+        if config is not None and config != self.data_config:
+            raise ConfigError(
+                f"the datamodule preprocesses with {config}, this model with {self.data_config}; build the "
+                "datamodule with the model's (preprocessing(...), or ImageClassifier.for_data(datamodule))."
+            )
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if stage == "fit" and self.hparams.get("cache_features") and not getattr(datamodule, "yields_features", True):
+            raise ConfigError(
+                "cache_features=True trains on cached features: give the Trainer CachedFeatureDataModule(data, model) "
+                "instead of the image datamodule (the command line does it)."
+            )
         if stage == "fit":
             self._check_ddp()
         # Lightning gives setup the target device already (self.device), before moving the model
@@ -495,7 +533,10 @@ class ImageClassifier(pl.LightningModule):
         if hp.get("logit_adjustment") != "posthoc":
             return None
         if not self.has_class_counts:  # a constant shift would adjust nothing, silently
-            raise ConfigError("logit_adjustment='posthoc' needs the training class counts: use connect().")
+            raise ConfigError(
+                "logit_adjustment='posthoc' needs the training class counts: pass class_counts=[...] "
+                "(ImageClassifier.for_data counts the data's)."
+            )
         return -hp.logit_adjustment_tau * log_prior(self.class_counts)  # type: ignore[arg-type]
 
     def prediction_logits(self, logits: torch.Tensor) -> torch.Tensor:
@@ -543,23 +584,13 @@ class ImageClassifier(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         write_entry(checkpoint, **self._entry_fields())
 
-    def record_datamodule(self, datamodule: Any) -> None:
-        """Remember the datamodule's class and settings for the checkpoint (``connect`` calls it), so
-        ``validate``/``test``/``predict --ckpt_path`` need no data options."""
-        images = getattr(datamodule, "images", datamodule)  # a CachedFeatureDataModule records its images
-        if images is not None and getattr(images, "hparams", None):
-            cls = type(images)
-            self._datamodule_record = {
-                "class_path": f"{cls.__module__}.{cls.__qualname__}",
-                "init_args": {k: v for k, v in images.hparams.items() if not k.startswith("_")},
-            }
-
     def _entry_fields(self, datamodule: Any = None) -> dict[str, Any]:
-        """What :func:`~vision_transfer.checkpoint.write_entry` saves of this model."""
+        """What :func:`~vision_transfer.checkpoint.write_entry` saves of this model; the datamodule (default:
+        the Trainer's) is recorded so ``validate``/``test``/``predict --ckpt_path`` need no data options."""
         if self.class_names is None:
-            raise ConfigError("cannot save a model without classes: set class_names or connect() first.")
-        if datamodule is not None:
-            self.record_datamodule(datamodule)
+            raise ConfigError("cannot save a model without classes: pass class_names (or use for_data).")
+        if datamodule is None and self._trainer is not None:
+            datamodule = getattr(self._trainer, "datamodule", None)
         return {
             "settings": dict(self.hparams),
             "class_names": self.class_names,
@@ -567,7 +598,7 @@ class ImageClassifier(pl.LightningModule):
             "data_config": self.data_config,
             "initial_weights": self.weights_source,
             "prediction": self.prediction_settings(),
-            "datamodule": getattr(self, "_datamodule_record", None),
+            "datamodule": _datamodule_record(datamodule),
         }
 
     def prediction_settings(self) -> dict[str, Any]:
@@ -599,31 +630,39 @@ class ImageClassifier(pl.LightningModule):
         self.adopt_checkpoint(parse_checkpoint(checkpoint, source))
 
     def adopt_checkpoint(self, entry: CheckpointEntry) -> None:
-        """Before a checkpoint's weights load: check its classes against this model's and take its
-        preprocessing and initial-weights record."""
+        """Before a checkpoint's weights load: check that its classes, task and preprocessing are this model's
+        (it was built with them: from the checkpoint's settings, or a datamodule built with them), and take
+        its initial-weights record."""
         if self.class_names is not None and entry.class_names != self.class_names:
             raise CheckpointError(
                 f"{entry.source}: has {len(entry.class_names)} classes ({_show(entry.class_names)}), this model has "
                 f"{len(self.class_names)} ({_show(self.class_names)})."
             )
-        self.weights_source = dict(entry.initial_weights)
-        self._adopt_data_config(entry.data_config, entry.source)
-
-    def _adopt_data_config(self, config: DataConfig, source: str) -> None:
-        if config == self.data_config:
-            return
-        if self._handed_out:
+        if self.kind is not None and entry.task != self.task:
+            raise CheckpointError(f"{entry.source}: is a {entry.task} model, this model is {self.task}.")
+        if entry.data_config != self.data_config:
             raise CheckpointError(
-                f"{source}: its preprocessing {config} differs from this model's {self.data_config}, which the "
-                "datamodule already uses; build the model from the checkpoint (ImageClassifier.load_from_checkpoint, "
-                "or data_config=...) before connecting it."
+                f"{entry.source}: its preprocessing {entry.data_config} differs from {self.data_config}, which this "
+                "model and its datamodule were built with; build the datamodule with data_config=the checkpoint's "
+                "(the command line does it with --ckpt_path)."
             )
-        memory_format = self.normalize.memory_format
-        self.data_config = config
-        self.normalize = Normalize(config, memory_format).to(self.normalize.mean.device)
+        self.weights_source = dict(entry.initial_weights)
 
 
 LOSS_OPTIONS = ("class_weighting", "focal_gamma", "logit_adjustment", "asymmetric_loss")
+
+
+def _datamodule_record(datamodule: Any) -> dict[str, Any] | None:
+    """The image datamodule's class and arguments (a ``CachedFeatureDataModule`` records its images); its
+    preprocessing, classes and task are not among them: the model's settings hold them."""
+    images = getattr(datamodule, "images", datamodule)
+    if images is None or not getattr(images, "hparams", None):
+        return None
+    cls = type(images)
+    return {
+        "class_path": f"{cls.__module__}.{cls.__qualname__}",
+        "init_args": {k: v for k, v in images.hparams.items() if not k.startswith("_")},
+    }
 
 
 def _stochastic_depth_acts(backbone: nn.Module) -> bool:
