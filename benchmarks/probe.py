@@ -15,7 +15,7 @@ import time
 import pytorch_lightning as pl
 import torch
 
-from vision_transfer.app.features import extract_datamodule, split_arrays
+from vision_transfer.app.protocols import extract_datamodule, split_arrays
 from vision_transfer.backbones import preprocessing
 from vision_transfer.datamodules import FashionMNISTDataModule
 from vision_transfer.evaluation.linear import KORNBLITH_C_GRID, lbfgs_probe, sgd_probe

@@ -107,7 +107,7 @@ def test_tiny_grid_writes_csv_table_and_plots_and_resumes(
 
 
 def test_fine_tune_protocols_in_the_grid(tmp_path: Path, image_folder: Path) -> None:
-    from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
+    from vision_transfer.app.benchmark import BackboneEntry, DatasetEntry, run_grid
     from vision_transfer.datamodules import ImageFolderDataModule
 
     data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0)
@@ -145,7 +145,7 @@ def test_rankings_are_paired_and_say_when_a_difference_is_not_significant() -> N
 
 
 def test_run_grid_refuses_a_misspelt_option(tmp_path: Path) -> None:
-    from vision_transfer.app.grid import run_grid
+    from vision_transfer.app.benchmark import run_grid
     from vision_transfer.errors import VisionTransferError
 
     with pytest.raises(VisionTransferError, match="solvr"):

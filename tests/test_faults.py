@@ -20,7 +20,7 @@ from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_fit_args, write_folder
 from tests.fault_helpers import FillingDisk, lock_waiters
 from tests.test_cli import run_cli
 from vision_transfer import files
-from vision_transfer.app.features import extract_datamodule
+from vision_transfer.app.protocols import extract_datamodule
 from vision_transfer.datamodules import ImageFolderDataModule
 from vision_transfer.errors import DiskFullError
 from vision_transfer.features import FeatureCache

@@ -13,7 +13,7 @@ import torch
 
 from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_fit_args, tiny_model
 from tests.test_cli import run_cli
-from vision_transfer.app.features import extract_datamodule
+from vision_transfer.app.protocols import extract_datamodule
 from vision_transfer.checkpoint import read_checkpoint
 from vision_transfer.datamodules import CachedFeatureDataModule, CsvDataModule, ImageFolderDataModule
 from vision_transfer.features import FeatureCache, extract
@@ -244,7 +244,7 @@ def test_two_ranks_extract_one_cache(image_folder: Path, tmp_path: Path) -> None
         ddp = FeatureCache(cache.spec, cache.samples, tmp_path / "ddp", shard_size=4)
         assert ddp.is_complete() and np.allclose(ddp.load(), cache.load(), atol=1e-3)
     # a probe (any protocol) then runs on the cache the ranks filled together, with no backbone pass
-    from vision_transfer.app.features import knn_datamodule, probe_datamodule
+    from vision_transfer.app.protocols import knn_datamodule, probe_datamodule
 
     data = ImageFolderDataModule(str(image_folder), num_workers=0)
     options = {"image_size": TINY_SIZE, "cache_dir": str(tmp_path / "ddp"), "progress": False}
@@ -325,7 +325,7 @@ def test_probe_checkpoint_is_tuned_on_val_rows_its_head_never_trained_on(
     tuned on val, so its head must never have trained on val. With one grid point val chooses nothing:
     a smaller val split must leave the saved head exactly as it was."""
     from vision_transfer.app import calibrate
-    from vision_transfer.app.features import probe_datamodule, split_arrays
+    from vision_transfer.app.protocols import probe_datamodule, split_arrays
     from vision_transfer.inference import best_f1_thresholds
 
     source = request.getfixturevalue("image_folder" if task == "multiclass" else "multilabel_csv")

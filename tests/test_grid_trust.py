@@ -274,7 +274,7 @@ def test_every_probe_option_reaches_the_protocols_that_use_it_and_is_refused_by_
 ) -> None:
     """Each option with each protocol (and solver): it changes probe.json or what the extractor is
     asked for where it is used, and is refused, by name, where it would be ignored."""
-    import vision_transfer.app.features as features
+    import vision_transfer.app.protocols as features
 
     assert options_of("probe", capsys) == {*PROBE_OPTIONS, *PROBE_STRUCTURE, "config"}
     asked: list[dict[str, Any]] = []
@@ -633,7 +633,7 @@ def multilabel_csv(tmp_path: Path) -> Path:
 def test_knn_and_fewshot_probes_refuse_multilabel_data_in_one_line_as_the_grid_does(
     multilabel_csv: Path, tmp_path: Path, protocol: str
 ) -> None:
-    from vision_transfer.app.grid import BackboneEntry, DatasetEntry, run_grid
+    from vision_transfer.app.benchmark import BackboneEntry, DatasetEntry, run_grid
     from vision_transfer.datamodules import CsvDataModule
     from vision_transfer.errors import ConfigError
 

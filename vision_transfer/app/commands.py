@@ -170,7 +170,7 @@ def _feature_command(command: str, argv: list[str]) -> None:
 
 
 def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> None:
-    from vision_transfer.app.features import extract_datamodule, probe_datamodule
+    from vision_transfer.app.protocols import extract_datamodule, probe_datamodule
     from vision_transfer.evaluation.kinds import task_kind
 
     if command == "extract":
@@ -197,7 +197,7 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
 def _run_protocol(init: Any, options: dict[str, Any]) -> None:
     import json
 
-    from vision_transfer.app.features import extraction_settings, fewshot_datamodule, knn_datamodule
+    from vision_transfer.app.protocols import extraction_settings, fewshot_datamodule, knn_datamodule
     from vision_transfer.evaluation.knn import KNN_KS
 
     folder = Path(init.output)
@@ -233,7 +233,7 @@ def probe(argv: list[str]) -> None:
 
 
 def _benchmark_parser() -> ArgumentParser:
-    from vision_transfer.app.grid import BackboneEntry, DatasetEntry
+    from vision_transfer.app.benchmark import BackboneEntry, DatasetEntry
 
     parser = ArgumentParser(prog="vision-transfer benchmark", description="Backbones x datasets x seeds x protocols.")
     parser.add_argument("--config", action=ActionConfigFile)
@@ -265,7 +265,7 @@ def benchmark(argv: list[str]) -> None:
     if "--merge" in argv:
         _merge_benchmarks(argv)
         return
-    from vision_transfer.app.grid import OPTION_PROTOCOLS, run_grid
+    from vision_transfer.app.benchmark import OPTION_PROTOCOLS, run_grid
 
     parser = _benchmark_parser()
     init = parser.instantiate_classes(parser.parse_args(argv))

@@ -1,4 +1,4 @@
-"""Extract-then-probe on a datamodule: what ``vision-transfer extract`` and ``probe`` run."""
+"""Extract, then evaluate on a datamodule: ``vision-transfer extract`` and ``probe``, and the grid's protocols."""
 
 from __future__ import annotations
 

@@ -220,7 +220,7 @@ def run_settings(
 
 
 def _extract(entry: BackboneEntry, data: ImageDataModule, image_size: int | None, options: dict[str, Any]) -> Any:
-    from vision_transfer.app.features import extract_datamodule
+    from vision_transfer.app.protocols import extract_datamodule
 
     caches, _ = extract_datamodule(
         data, entry.name, entry.weights, image_size=image_size, cache_dir=options.get("cache_dir"),
@@ -232,7 +232,7 @@ def _extract(entry: BackboneEntry, data: ImageDataModule, image_size: int | None
 def _linear_probe(
     entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
 ) -> dict[str, Any]:
-    from vision_transfer.app.features import linear_probe
+    from vision_transfer.app.protocols import linear_probe
 
     start = time.perf_counter()
     caches = _extract(entry, data, image_size, options)
@@ -255,7 +255,7 @@ def _linear_probe(
 def _knn(
     entry: BackboneEntry, data: ImageDataModule, image_size: int | None, options: dict[str, Any]
 ) -> dict[str, Any]:
-    from vision_transfer.app.features import knn_datamodule
+    from vision_transfer.app.protocols import knn_datamodule
 
     start = time.perf_counter()
     _extract(entry, data, image_size, options)
@@ -271,7 +271,7 @@ def _knn(
 def _fewshot(
     entry: BackboneEntry, data: ImageDataModule, seed: int, image_size: int | None, options: dict[str, Any]
 ) -> dict[str, Any]:
-    from vision_transfer.app.features import fewshot_datamodule
+    from vision_transfer.app.protocols import fewshot_datamodule
 
     start = time.perf_counter()
     _extract(entry, data, image_size, options)
@@ -409,7 +409,7 @@ def run_grid(
     ``linear_probe``; ``knn_ks``; ``fewshot_shots`` and ``fewshot_episodes``; ``finetune_epochs``,
     ``finetune_lr`` and ``class_weight`` for ``full``/``gradual``; ``cache_dir`` and ``progress``.
     """
-    from vision_transfer.app.features import package_versions, require_single_label
+    from vision_transfer.app.protocols import package_versions, require_single_label
     from vision_transfer.features.extract import feature_spec, resolve_precision
 
     protocols = protocols or ["linear_probe"]
