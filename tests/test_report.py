@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import tiny_fit_args, write_folder
 from tests.test_cli import _png_ok, run_cli
-from vision_transfer.app.lr_finder import LrFinderResult
+from vision_transfer.app.lr_finder import LrFinderResult, valley
 
 PLOTS = ("curves.png", "confusion_matrix.png", "per_class_accuracy.png", "worst_test_images.png")
 
@@ -102,3 +102,30 @@ def test_lr_suggestion_falls_back_when_the_steepest_point_is_past_the_minimum() 
     assert inside.suggested == 1e-3
     past = LrFinderResult(lrs, [2.0, 1.5, 1.0, 0.5, 3.0], steepest=1e-1, min_over_10=1e-3, plot=None)
     assert past.suggested == 1e-3
+
+
+def _noisy_then_valley() -> tuple[list[float], list[float]]:
+    """A range test's shape: flat and noisy at tiny rates (one sharp dip), a long descent from 1e-4 to
+    1e-2, then divergence; the sharpest single drop is the noise, far below any useful rate."""
+    import numpy as np
+
+    lrs = np.geomspace(1e-7, 1.0, 100)
+    x = np.log10(lrs)
+    losses = 2.3 - 1.5 / (1 + np.exp(-3 * (x + 3))) + 4.0 * np.clip(x + 1.6, 0, None) ** 2
+    losses[12] -= 0.15  # the dip: steepest descent lands here
+    losses[13] += 0.02
+    losses[:40] += 0.01 * np.sin(np.arange(40))  # noise on the flat part
+    return lrs.tolist(), losses.tolist()
+
+
+def test_lr_suggestion_is_the_valley_not_a_noisy_steepest_point() -> None:
+    lrs, losses = _noisy_then_valley()
+    steepest = lrs[12]  # what the steepest-descent rule picked on such curves (Fashion-MNIST, lite0: 3.3e-5)
+    low = valley(lrs, losses)
+    assert low is not None and 1e-4 <= low <= 1e-2
+    result = LrFinderResult(lrs, losses, steepest=steepest, min_over_10=1e-3, plot=None, valley=low)
+    assert result.suggested == low
+    assert LrFinderResult(lrs, losses, steepest=steepest, min_over_10=1e-3, plot=None).suggested == steepest
+    assert valley(lrs[:2], losses[:2]) is None  # too short to have a valley
+    rising = valley(lrs[:10] + lrs[10:], [1.0] * 10 + [float(i) for i in range(2, 92)])
+    assert rising == lrs[0]  # no descent: the first rate, never one where the loss has grown
