@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # before numpy, scipy or torch load their BLAS: a thread pool is sized when its library loads, so the
+    # OMP_NUM_THREADS set in pytest_configure came too late for OpenBLAS (two 2-thread BLAS pools on two
+    # cores made scikit-learn's newton-cg fits in test_probe.py take 498 s instead of seconds)
+    for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_variable] = "1"
+
 import numpy as np
 import pytest
 import torch
@@ -125,7 +132,9 @@ def pytest_configure(config: pytest.Config) -> None:
     """Under pytest-xdist (``-n 2``, as scripts/test.sh runs) each worker keeps to one CPU thread, its
     subprocesses too: two workers of one thread each, not two of two fighting for two cores."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
-        os.environ["OMP_NUM_THREADS"] = "1"
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)  # any BLAS already loaded (a plugin may import numpy before this file)
         torch.set_num_threads(1)
 
 
