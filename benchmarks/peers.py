@@ -689,10 +689,7 @@ class Runner:
 def describe(job: Job) -> str:
     """A sweep point in words: ``lr 2e-3, resize`` (the recipe's own lr for ours when nothing is set)."""
     o = job.overrides
-    if job.tool == "ours":
-        lr = "find" if o.get("lr") == "find" else o.get("model.lr", recipe_lr("ours", job.recipe)[0])
-    else:
-        lr = o.get("lr", 1e-3)
+    lr = lr_of(job)
     lr_text = "lr finder" if lr == "find" else f"lr {lr:g}"
     if job.tool == "ours":
         pixels = "whole image" if o.get("data_config.crop_pct") == 1.0 else "timm eval crop"
