@@ -138,6 +138,15 @@ def pytest_configure(config: pytest.Config) -> None:
         torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads() -> Any:
+    """A test (or the benchmark script it runs in-process) that sets torch's threads leaves them as it
+    found them: two threads left behind on a worker made every later test there fight the other worker."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 # the session-scoped runs below: every test that reads one runs on the worker that made it (made once)
 SHARED_RUNS = {"tiny_run": "tiny_run", "longtail_run": "benchmark_runs", "multilabel_run": "benchmark_runs"}
 

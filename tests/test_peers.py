@@ -9,14 +9,14 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-import torch
 
 from vision_transfer.backbones.weights import packaged_weights_path
 from vision_transfer.data.sources import FASHION_MNIST_DEBIAN_ROOT
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--train", "30", "--val", "10", "--test", "20", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
-TINY += ["--repeats", "1", "--workers", "0", "--finder-steps", "8"]
+# one thread: the suite runs two workers on two cores (two threads each made this file 5-50x slower)
+TINY += ["--repeats", "1", "--workers", "0", "--finder-steps", "8", "--threads", "1"]
 
 pytestmark = [
     pytest.mark.slow,
@@ -46,13 +46,6 @@ def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     peers.write_folders(folder, train=30, val=10, test=20)
     peers.timm_weights(folder)
     return folder
-
-
-@pytest.fixture(autouse=True)
-def _threads() -> Any:
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_folders_are_the_split_sizes_and_reused(out: Path) -> None:
