@@ -101,3 +101,5 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         trainer.fit(model, data)
     good = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert good["global_step"] == 4 and all(torch.isfinite(v).all() for v in good["state_dict"].values())
+    guards = [type(c).__name__ for c in tiny_model(data, stop_on_nan=False).configure_callbacks()]
+    assert "StopOnNonFiniteLoss" not in guards  # stop_on_nan=False: no guard, the loss goes on

@@ -174,7 +174,15 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
             )
         },
     ),
-    "stop_on_nan": (None, {FIT: Elsewhere("tests/test_faults.py", "stops on a NaN loss")}),
+    "stop_on_nan": (
+        None,
+        {
+            FIT: Elsewhere(
+                "tests/test_bad_input.py::test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint",
+                "stops on a NaN loss",
+            )
+        },
+    ),
     "channels_last": (
         None,
         {

@@ -12,11 +12,12 @@ import torch
 from torch import nn
 
 from vision_transfer.backbones import DataConfig, create_backbone
+from vision_transfer.callbacks.nan_guard import StopOnNonFiniteLoss
 from vision_transfer.checkpoint import CheckpointEntry, parse_checkpoint, save_checkpoint, write_entry
 from vision_transfer.data.dataset import ModelBatch, as_model_batch
 from vision_transfer.data.mixing import BatchMixer
 from vision_transfer.data.transforms import Normalize
-from vision_transfer.errors import CheckpointError, ConfigError, VisionTransferError
+from vision_transfer.errors import CheckpointError, ConfigError
 from vision_transfer.evaluation import EpochScores
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
@@ -188,7 +189,6 @@ class ImageClassifier(pl.LightningModule):
         self.normalize = Normalize(self.data_config)
         self.dropout = nn.Dropout(drop_rate)
         self._announced = False
-        self._pending_losses: list[tuple[torch.Tensor, torch.Tensor, Any]] = []
         self._loss_fn: nn.Module | None = None
         self._mixer: BatchMixer | None = None
         self.kind: TaskKind | None = None if task == "auto" else task_kind(task)
@@ -333,12 +333,13 @@ class ImageClassifier(pl.LightningModule):
         return self._mixer(images, labels)
 
     def configure_callbacks(self) -> list[pl.Callback]:
+        callbacks: list[pl.Callback] = [StopOnNonFiniteLoss()] if self.hparams.get("stop_on_nan", True) else []
         decay = self.hparams.get("ema_decay")
-        if decay is None:
-            return []
-        from pytorch_lightning.callbacks import EMAWeightAveraging
+        if decay is not None:
+            from pytorch_lightning.callbacks import EMAWeightAveraging
 
-        return [EMAWeightAveraging(decay=decay)]
+            callbacks.append(EMAWeightAveraging(decay=decay))
+        return callbacks
 
     def configure_model(self) -> None:
         """Lightning calls this before callbacks copy the model (EMAWeightAveraging): the head must exist."""
@@ -433,28 +434,6 @@ class ImageClassifier(pl.LightningModule):
     def on_after_backward(self) -> None:
         self.policy.after_backward()
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        """Stop on a non-finite loss before this step uses its gradients. On CUDA the loss's
-        finiteness was copied to the host asynchronously, so waiting here for the forward pass
-        (not for the backward pass queued behind it) keeps the GPU busy."""
-        pending, self._pending_losses = self._pending_losses, []
-        for flag, loss, event in pending:
-            if event is not None:
-                event.synchronize()
-            if not bool(flag):
-                self._stop_on_nan(loss)
-
-    def _watch_loss(self, loss: torch.Tensor) -> None:
-        finite = torch.isfinite(loss.detach())
-        if finite.device.type == "cuda":
-            host = torch.empty((), dtype=torch.bool, pin_memory=True)
-            host.copy_(finite, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self._pending_losses.append((host, loss.detach(), event))
-        else:
-            self._pending_losses.append((finite, loss.detach(), None))
-
     # -- steps -------------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         batch = as_model_batch(batch)  # also a plain (images, labels) pair, called directly
@@ -464,21 +443,10 @@ class ImageClassifier(pl.LightningModule):
         inputs, target = batch.mixed(self._mix)
         logits = inputs.logits(self)
         loss = self._loss(logits, target)
-        if self.hparams.get("stop_on_nan", True):
-            self._watch_loss(loss)
         self.log("train/loss", loss, prog_bar=True)
         # scores on the hard labels, also when the loss saw mixed targets
         self.log_dict({f"train/{k}": v for k, v in self.task_kind.train_scores(logits, labels).items()}, prog_bar=True)
         return loss
-
-    def _stop_on_nan(self, loss: torch.Tensor) -> None:
-        checkpoint = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or ""
-        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written yet"
-        raise VisionTransferError(
-            f"training loss is {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); stopped before "
-            f"the weights took it, and {kept}. Try a lower lr/head_lr, a longer warmup, or precision 32-true / "
-            "bf16-mixed instead of 16-mixed."
-        )
 
     def _scores_input(self, logits: torch.Tensor, final: bool = False) -> torch.Tensor:
         """What the scores count: the logits predictions come from (post-hoc adjustment and temperature;
