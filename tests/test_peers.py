@@ -167,13 +167,14 @@ def test_fair_protocol_sweeps_chooses_on_val_and_resumes(out: Path, capsys: pyte
     rows = peers.main(args)
     runs = {(tuple(sorted(r["overrides"])), r["seed"]) for r in rows}
     best = peers.choose_on_val([r for r in rows if r["seed"] == 0 and r["overrides"] != {}])
-    assert ((), 0) in runs and ((), 1) in runs  # the default recipe (quickstart's lr 2e-3) on every seed
+    assert ((), 0) in runs and ((), 1) in runs  # the default recipe (quickstart's lr) on every seed
     assert (tuple(sorted(best.overrides)), 1) in runs  # the best sweep point on the remaining seed
     finder = [r for r in rows if r["overrides"] == {"lr": "find"}]
     assert finder and all(r["find_s"] > 0 and r["lr"] == r["options"]["model"]["lr"] for r in finder)
     assert all(r["options"]["model"]["head_lr"] == pytest.approx(2 * r["lr"]) for r in finder)  # the recipe's ratio
     printed = capsys.readouterr().out
-    assert "| ours | quickstart, lr 0.002, timm eval crop, no augmentation | our default recipe | 2 |" in printed
+    lr = peers.recipe_lr("ours", "quickstart")[0]  # configs/quickstart.yaml's
+    assert f"| ours | quickstart, lr {lr:g}, timm eval crop, no augmentation | our default recipe | 2 |" in printed
     assert sum(line.count("| best on val | 2 |") for line in printed.splitlines()) == 1
     assert "The whole sweep:" in printed and "lr finder" in printed
     again = peers.main(args)
