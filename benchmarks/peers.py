@@ -722,14 +722,19 @@ def fit_text(s: dict[str, Any]) -> str:
     return f"{s['fit']:.0f}" + (f" (+{s['find']:.0f} finder)" if s["find"] else "")
 
 
+def by_point(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """Rows grouped by sweep point, ``(tool, overrides as sorted JSON)``; a reused row counts once."""
+    out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in {r["key"]: r for r in rows}.values():
+        out.setdefault((row["tool"], json.dumps(row["overrides"], sort_keys=True)), []).append(row)
+    return out
+
+
 def choose_on_val(rows: list[dict[str, Any]]) -> Job:
     """The sweep point (one tool's rows) with the best mean val top-1; test top-1 plays no part."""
-    grouped: dict[str, list[float]] = {}
-    for row in {r["key"]: r for r in rows}.values():
-        grouped.setdefault(json.dumps(row["overrides"], sort_keys=True), []).append(row["val_acc"])
-    overrides = max(grouped, key=lambda k: statistics.fmean(grouped[k]))
-    first = rows[0]
-    return Job(first["tool"], first["recipe"], 0, json.loads(overrides))
+    grouped = by_point(rows)
+    tool, overrides = max(grouped, key=lambda k: statistics.fmean(r["val_acc"] for r in grouped[k]))
+    return Job(tool, rows[0]["recipe"], 0, json.loads(overrides))
 
 
 def fair(args: argparse.Namespace, runner: Runner, tools: list[str]) -> list[dict[str, Any]]:
@@ -744,12 +749,6 @@ def fair(args: argparse.Namespace, runner: Runner, tools: list[str]) -> list[dic
         return [
             Job(t, points[t][int(i)].recipe, seed, points[t][int(i)].overrides) for seed in seed_list for t, i in order
         ]
-
-    def by_point(rows: list[dict[str, Any]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
-        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        for row in {r["key"]: r for r in rows}.values():  # a reused row counts once
-            out.setdefault((row["tool"], json.dumps(row["overrides"], sort_keys=True)), []).append(row)
-        return out
 
     points = {t: [Job(t, FAIR_RECIPE[t], 0, sweep_overrides(t, lr)) for lr in lrs] for t in tools}
     rows = runner.run(jobs(points, sweep_seeds))

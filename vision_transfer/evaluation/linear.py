@@ -458,27 +458,27 @@ class _Preconditioned:
         weight, bias = self.objective.split(theta)
         return torch.cat([(weight / self.d_w).flatten(), bias / self.d_b])
 
-    def original(self, theta: torch.Tensor, gradient: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W, b)`` (or their gradient) in the original coordinates."""
-        weight, bias = self.objective.split(theta)
-        weight, bias = (weight * self.d_w, bias * self.d_b) if gradient else (weight / self.d_w, bias / self.d_b)
-        return weight @ self.rotation.basis.T, bias
+    def _rotated_back(self, rotated: torch.Tensor) -> torch.Tensor:
+        weight, bias = self.objective.split(rotated)
+        return torch.cat([(weight @ self.rotation.basis.T).flatten(), bias])
+
+    def original(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W, b)`` in the original coordinates."""
+        return self.objective.split(self._rotated_back(self.unscaled(theta)))
 
     def __call__(self, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
         value, grad = self.objective(self.unscaled(theta))
-        weight, bias = self.objective.split(grad)
-        return value, torch.cat([(weight / self.d_w).flatten(), bias / self.d_b])
+        return value, self.unscaled(grad)  # d/dtheta = (d/d(W V, b)) / d
 
     def converged(self, theta: torch.Tensor, grad: torch.Tensor, tol: float) -> bool:
-        point, gradient = self.objective.split(self.unscaled(theta)), self.objective.split(grad)
+        point, gradient = self.unscaled(theta), self.scaled(grad)  # (W V, b) and its gradient
+        weight, weight_grad = self.objective.split(point)[0], self.objective.split(gradient)[0]
         # the rotation keeps each row's norm: a gradient row with max|.| above tol * l2 * max|W| in
         # every rotation (norm / sqrt(D)) is not converged, without rotating back (most iterations)
-        gradient_norm = float((gradient[0] * self.d_w).norm(dim=1).max()) / math.sqrt(gradient[0].shape[1])
-        if gradient_norm > max(tol * self.objective.l2 * float(point[0].norm(dim=1).max()), 1e-15):
+        gradient_norm = float(weight_grad.norm(dim=1).max()) / math.sqrt(weight_grad.shape[1])
+        if gradient_norm > max(tol * self.objective.l2 * float(weight.norm(dim=1).max()), 1e-15):
             return False
-        point, gradient = self.original(theta), self.original(grad, gradient=True)
-        return self.objective.converged(torch.cat([point[0].flatten(), point[1]]),
-                                        torch.cat([gradient[0].flatten(), gradient[1]]), tol)  # fmt: skip
+        return self.objective.converged(self._rotated_back(point), self._rotated_back(gradient), tol)
 
 
 def _lbfgs_fit(
