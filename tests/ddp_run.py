@@ -1,6 +1,6 @@
 """Two-process CPU DDP (gloo) run with a gradual unfreeze milestone mid-run; used by test_resume_ddp.
 
-Usage: python tests/ddp_run.py OUT_DIR [STRATEGY]. Each rank saves its final weights to
+Usage: python tests/ddp_run.py OUT_DIR [STRATEGY] [PEFT]. Each rank saves its final weights to
 OUT_DIR/rank<N>.pt and the frozen-group count it saw at each epoch.
 """
 
@@ -33,7 +33,12 @@ def main() -> None:
         write_folder(data, per_class=12)
     pl.seed_everything(0)
     datamodule = tiny_data(data, batch_size=4, verify_images=False)
-    model = tiny_model(datamodule, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0)
+    peft = sys.argv[3] if len(sys.argv) > 3 else "none"
+    if peft == "none":
+        model = tiny_model(datamodule, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0)
+    else:  # adapters from the first step: every parameter that requires grad is used
+        model = tiny_model(datamodule, mode="full", peft=peft, lr=0.05, warmup_epochs=0)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
     log = FrozenLog()
     trainer = pl.Trainer(
         accelerator="cpu",
@@ -49,7 +54,7 @@ def main() -> None:
     )
     trainer.fit(model, datamodule)
     torch.save(
-        {"state_dict": model.state_dict(), "frozen": log.frozen, "world": trainer.world_size},
+        {"state_dict": model.state_dict(), "initial": initial, "frozen": log.frozen, "world": trainer.world_size},
         out / f"rank{trainer.global_rank}.pt",
     )
 

@@ -13,8 +13,10 @@ import copy
 import importlib
 import inspect
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 import timm
 import torch
 from timm.models._efficientnet_builder import decode_arch_def
@@ -255,6 +257,16 @@ MUST_SUPPORT = {"efficientnet", "resnet", "convnext", "vision_transformer"}
 # Families none of whose models has a group_matcher (checked by the coverage test, so a timm upgrade that
 # gives them one fails it). mobilenetv5 is not here: MobileNetV5 has one, only its encoder variant lacks it.
 WITHOUT_GROUP_MATCHER = {"csatv2", "metaformer", "pit"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models run faster on one thread than on two contended ones (CI has two shared cores): a module
+    that sweeps the families takes it as ``_one_thread = one_thread``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def build(key: str, device: str | None = None) -> torch.nn.Module:

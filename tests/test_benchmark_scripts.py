@@ -122,3 +122,43 @@ def test_multilabel_script_end_to_end_tiny(multilabel_run: ScriptRun) -> None:
     assert len(results["per_class_ap"]) == 10
     # the probe's row, from `vision-transfer predict` with probe.ckpt, is the probe's own test mAP
     assert results["rows"][1]["map"] == pytest.approx(results["probe"]["result"]["test_map"], abs=2e-3)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_robust_peft_script_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """benchmarks/robust_peft.py at a tiny size, in-process: the PEFT rate chosen on val, LoRA and the full
+    fine-tune at two seeds, WiSE-FT of each fine-tune and the greedy soup of the two, each scored on val,
+    the clean test split and its corrupted copy; a rerun resumes from results.jsonl without training again."""
+    import robust_peft  # type: ignore[import-not-found]
+
+    args = ["--out", str(tmp_path), "--train", "60", "--val", "30", "--test", "30", "--epochs", "1",
+            "--image-size", "32", "--workers", "0", "--threads", "1", "--bn-batches", "1", "--seeds", "0", "1",
+            "--methods", "lora_r8", "full", "full+wise_ft", "soup_greedy", "--in-process"]  # fmt: skip
+    robust_peft.main(args)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    trials = [r for r in rows if r["method"] == "lora_r8" and r["seed"] == 0]
+    assert sorted(r["lr"] for r in trials) == sorted(robust_peft.PEFT_LRS)  # the rate chosen on val
+    chosen = max(trials, key=lambda r: r["val_acc"])["lr"]
+    assert [r["lr"] for r in rows if r["method"] == "lora_r8" and r["seed"] == 1] == [chosen]
+    for row in rows:
+        assert 0 <= row["id_top1"] <= 1 and 0 <= row["corrupted_top1"] <= 1 and row["test_images"] == 30
+        assert row["corrupted_top1"] == pytest.approx(sum(row["per_severity"].values()) / 15)
+    lora = next(r for r in rows if r["method"] == "lora_r8")
+    full = next(r for r in rows if r["method"] == "full")
+    assert lora["trainable"] < 0.1 * full["trainable"] and full["trainable"] == full["total"]
+    wise = [r for r in rows if r["method"] == "full+wise_ft"]
+    assert len(wise) == 2 and all(len(r["alphas"]) == 11 for r in wise)
+    for r in wise:  # alpha chosen on val; alpha 1 is the fine-tune itself
+        best = max(a["val"] for a in r["alphas"])
+        assert next(a for a in r["alphas"] if a["alpha"] == r["alpha"])["val"] == best
+        assert r["alphas"][-1]["test"] == pytest.approx(
+            next(f for f in rows if f["method"] == "full" and f["seed"] == r["seed"])["id_top1"]
+        )
+    (soup,) = [r for r in rows if r["method"] == "soup_greedy"]
+    assert soup["val_acc"] >= max(r["val_acc"] for r in rows if r["method"] == "full") - 1e-9
+    table = table_rows(capsys.readouterr().out, "| method |")
+    assert list(table) == ["lora_r8", "full", "full+wise_ft", "soup_greedy"]
+    assert table["lora_r8"][-1] == "2" and table["soup_greedy"][-1] == "1"
+    robust_peft.main(args)  # resumes: nothing new
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -35,6 +34,7 @@ from tests.family_configs import (
     WITHOUT_GROUP_MATCHER,
     build,
     has_group_matcher,
+    one_thread,
 )
 from vision_transfer import errors
 from vision_transfer.tuning import TuningPolicy
@@ -48,13 +48,7 @@ class RefusedBackboneWarning(UserWarning):
     """A family that TuningPolicy refuses to freeze partially (shown in the warnings summary)."""
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run faster on one thread than on two contended ones (CI has two shared cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread  # autouse, module-scoped (tests/family_configs.py)
 
 
 # -- the table ----------------------------------------------------------------------------------------

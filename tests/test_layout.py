@@ -28,7 +28,7 @@ MAY_LOAD = {
     "inference": set(),
     "features": {"backbones", "data"},  # extraction and the cache only: nothing that evaluates
     "checkpoint": {"backbones"},  # the checkpoint format: one reader and writer (a module)
-    "export": {"backbones", "checkpoint", "data", "evaluation", "inference", "losses"},
+    "export": {"backbones", "checkpoint", "data", "evaluation", "inference", "losses", "tuning"},  # tuning: merging
     "report": {"evaluation"},  # the metrics only (numpy): the task kinds load on first use
     "datamodules": {"backbones", "data", "evaluation", "features", "inference", "losses"},
     "callbacks": {"evaluation", "report"},
@@ -99,7 +99,7 @@ def test_top_level_help_lists_every_command_without_importing_torch() -> None:
     lines = out.strip().splitlines()
     assert lines[-1] == "False"
     listed = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert listed == list(COMMANDS) and len(listed) == 13
+    assert listed == list(COMMANDS) and len(listed) == 15
 
 
 def test_command_help_is_cached_after_the_first_time(tmp_path: Path) -> None:

@@ -120,7 +120,15 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "milestone_unit": ("step", {"mode=gradual": ACTS, "alone": REFUSED}),
     "lp_epochs": (2, {"mode=lp_ft": ACTS, "alone": REFUSED}),
     "rewarm": (True, {"mode=gradual": ACTS, "alone": REFUSED}),
-    "bn": ("train", {"mode=linear_probe": ACTS, "alone": REFUSED}),
+    "bn": ("train", {"mode=linear_probe": ACTS, "peft=lora": ACTS, "alone": REFUSED}),
+    # parameter-efficient fine-tuning (tests/test_adapters.py sweeps every timm family)
+    "peft": ("lora", {FIT: ACTS, "mode=lp_ft": ACTS, CACHED: REFUSED, "mode=linear_probe": REFUSED}),
+    "peft=bitfit": ("bitfit", {FIT: ACTS, "mode=lp_ft": ACTS, "mode=linear_probe": REFUSED}),
+    "lora_r": (4, {"peft=lora": ACTS, "alone": REFUSED}),
+    "lora_alpha": (4.0, {"peft=lora": ACTS, "alone": REFUSED}),
+    "lora_dropout": (0.5, {"peft=lora": ACTS, "alone": REFUSED}),
+    "lora_dora": (True, {"peft=lora": ACTS, "alone": REFUSED}),
+    "lora_targets": ([r"blocks\.\d+\.\d+\.conv_pwl"], {"peft=lora": ACTS, "alone": REFUSED}),
     "layer_decay": (0.5, {FIT: ACTS, "mode=linear_probe": REFUSED}),
     "momentum": (0.5, {"optimizer=sgd": ACTS, "alone": REFUSED}),
     "optimizer": ("sgd", {FIT: ACTS, CACHED: ACTS}),
@@ -272,6 +280,7 @@ CONTEXT = {  # what a path name means: the settings that path runs under
     "optimizer=sgd": {"mode": "full", "optimizer": "sgd"},
     "scheduler=constant": {"mode": "full", "scheduler": "constant"},
     "scheduler=plateau": {"mode": "full", "scheduler": "plateau"},
+    "peft=lora": {"mode": "full", "peft": "lora"},
 }
 NEEDS = {  # options that act only together with another (their "alone" row says so)
     "logit_adjustment_tau": {"logit_adjustment": "loss"},

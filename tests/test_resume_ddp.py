@@ -43,12 +43,16 @@ def _run(folder: Path, root: Path, callbacks: list[pl.Callback], ckpt_path: str 
     return model, trainer
 
 
-def test_resume_mid_gradual_schedule_matches_an_uninterrupted_run(tmp_path: Path, image_folder: Path) -> None:
-    whole, whole_trainer = _run(image_folder, tmp_path / "whole", [])
+@pytest.mark.parametrize("peft", ["none", "lora"])  # bitfit freezes by requires_grad too, as LoRA's base
+def test_resume_mid_gradual_schedule_matches_an_uninterrupted_run(
+    tmp_path: Path, image_folder: Path, peft: str
+) -> None:
+    whole, whole_trainer = _run(image_folder, tmp_path / "whole", [], peft=peft)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _, first = _run(image_folder, tmp_path / "part", [checkpoint, StopAfterEpoch(1)])
+    _, first = _run(image_folder, tmp_path / "part", [checkpoint, StopAfterEpoch(1)], peft=peft)
     assert first.current_epoch == 2 and whole.policy.num_frozen == len(whole.policy.groups) - 4
-    resumed, resumed_trainer = _run(image_folder, tmp_path / "part", [], ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    resumed, resumed_trainer = _run(image_folder, tmp_path / "part", [], ckpt_path=last, peft=peft)
 
     assert resumed.policy.num_frozen == whole.policy.num_frozen
     assert resumed_trainer.global_step == whole_trainer.global_step
@@ -75,10 +79,10 @@ def test_plateau_scheduler_runs_through_unfreeze_milestones(tmp_path: Path, imag
     assert model.policy.num_frozen < len(model.policy.groups)
 
 
-def _ddp(out: Path, strategy: str) -> subprocess.CompletedProcess[str]:
+def _ddp(out: Path, strategy: str, peft: str = "none") -> subprocess.CompletedProcess[str]:
     write_folder(out / "images", per_class=12)
     return subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(out), strategy],
+        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(out), strategy, peft],
         capture_output=True,
         text=True,
         timeout=300,
@@ -104,3 +108,20 @@ def test_ddp_without_find_unused_parameters_is_refused_clearly(tmp_path: Path) -
     result = _ddp(tmp_path, "ddp")
     assert result.returncode != 0
     assert "use --trainer.strategy ddp_find_unused_parameters_true" in result.stderr
+
+
+@pytest.mark.slow
+def test_ddp_trains_lora_adapters_without_find_unused_parameters(tmp_path: Path) -> None:
+    """Only the adapters and the head require grad, and all of them are used: plain DDP works, both ranks
+    end identical, the base weights and BatchNorm statistics as they started."""
+    result = _ddp(tmp_path, "ddp", "lora")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["world"] == 2
+    for key, value in rank0["state_dict"].items():
+        assert torch.equal(value, rank1["state_dict"][key]), key
+        moved = not torch.equal(value, rank0["initial"][key])
+        if key.startswith("backbone.") and ".lora_" not in key:
+            assert not moved, f"{key}: a frozen base weight moved"
+    assert any(not torch.equal(v, rank0["initial"][k]) for k, v in rank0["state_dict"].items() if ".lora_B." in k)

@@ -30,6 +30,8 @@ COMMANDS: dict[str, str] = {
     "probe": "Linear probe, k-NN or few-shot evaluation on cached features (extracting first if missing)",
     "benchmark": "Backbones x datasets x seeds x protocols: results table, transfer gain and plots",
     "calibrate": "Fit a checkpoint's temperature (or multi-label thresholds) on its validation split",
+    "wise-ft": "WiSE-FT: interpolate a fine-tune towards its pre-trained weights, alpha chosen on val",
+    "soup": "Model soups: average fine-tunes of one pre-trained model (uniform and greedy)",
     "export": "Export a checkpoint or a pretrained backbone for timm, TorchScript and ONNX",
     "check-data": "Scan a dataset: class counts, image sizes and modes, unreadable files, duplicates",
     "report": "Print a run folder's summary and redraw its plots",

@@ -44,9 +44,24 @@ def export(argv: list[str]) -> None:
         default=None,
         help="none, flip or flip_zoom, averaged inside the TorchScript/ONNX graph (default: the checkpoint's setting)",
     )
+    parser.add_argument(
+        "--adapter_only", action="store_true",
+        help="a LoRA checkpoint: write its adapter alone (Hugging Face PEFT's format), its head and its base "
+        "weights' identity, instead of the merged model; load_classifier(folder) rebuilds and checks the base",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == bool(args.backbone):
         parser.error("give either a checkpoint or --backbone")
+    if args.adapter_only:
+        if not args.checkpoint:
+            parser.error("--adapter_only needs a checkpoint")
+        from vision_transfer.export.adapter import export_adapter
+
+        written = export_adapter(args.checkpoint, args.to)
+        print(f"adapter      {', '.join(written['files'])}  ({written['adapter_parameters']:,} adapter parameters)")
+        print(f"exported to {Path(args.to).resolve()}")
+        print(f"load: vision_transfer.load_classifier({str(Path(args.to).resolve())!r})")
+        return
     from vision_transfer.inference.outputs import TTA_MODES
 
     if args.tta is not None and args.tta not in TTA_MODES:  # before a backbone is built or a file written
@@ -365,3 +380,15 @@ def _split_known(argv: list[str], flags: tuple[str, ...]) -> tuple[list[str], li
         else:
             rest.append(arg)
     return known, rest
+
+
+def wise_ft(argv: list[str]) -> None:
+    from vision_transfer.app.averaging import wise_ft_command
+
+    wise_ft_command(argv)
+
+
+def soup(argv: list[str]) -> None:
+    from vision_transfer.app.averaging import soup_command
+
+    soup_command(argv)

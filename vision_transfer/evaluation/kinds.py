@@ -136,6 +136,9 @@ class TaskKind:
         raise NotImplementedError
 
     # -- labels -------------------------------------------------------------------------------
+    def require_top1(self, what: str) -> None:
+        """ConfigError when ``what`` (which scores top-1 accuracy) cannot apply to this kind."""
+
     def check_labels(self, labels: torch.Tensor, num_classes: int, where: str) -> None:
         """DataError for labels of this kind that are malformed (``where`` names them)."""
         raise NotImplementedError
@@ -370,6 +373,9 @@ class MultiLabel(TaskKind):
     headline = ("map", "f1_micro")
     example = "positive example"
     activation = "a sigmoid per class, positive at or above its threshold"
+
+    def require_top1(self, what: str) -> None:
+        raise ConfigError(f"{what} measures top-1 accuracy, which a multi-label model does not have.")
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.sigmoid()

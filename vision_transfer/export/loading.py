@@ -17,8 +17,9 @@ from vision_transfer.backbones import DataConfig
 from vision_transfer.checkpoint import read_checkpoint
 from vision_transfer.data.images import array_to_rgb, load_image, to_rgb
 from vision_transfer.data.transforms import Normalize, create_eval_transform
-from vision_transfer.errors import CheckpointError, WeightsError
+from vision_transfer.errors import WeightsError
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, task_kind
+from vision_transfer.export.adapter import is_adapter_folder, load_adapter
 from vision_transfer.export.timm_format import (
     CONFIG_NAME,
     classifier_name,
@@ -27,6 +28,7 @@ from vision_transfer.export.timm_format import (
     read_export,
 )
 from vision_transfer.inference.outputs import PredictionHead
+from vision_transfer.tuning.adapters import merged_from_state
 
 ImageInput = str | Path | Image.Image | np.ndarray
 
@@ -132,17 +134,16 @@ class Loaded:
 
 
 def _from_checkpoint(path: Path) -> Loaded:
-    """A checkpoint's backbone and head, read by state-dict key prefix (no Lightning, no training code)."""
+    """A checkpoint's backbone and head, read by state-dict key prefix (no Lightning, no training code; LoRA
+    adapters merged)."""
     entry, content = read_checkpoint(path)
     state = content["state_dict"]
     body = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
     head_state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")}
-    backbone = timm.create_model(entry.backbone, pretrained=False, num_classes=0)
-    missing, unexpected = backbone.load_state_dict(body, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: weights do not fit {entry.backbone} (missing {missing[:3]}, unexpected {unexpected[:3]})."
-        )
+    # LoRA adapters are folded into plain weights here: every export and every loaded model is plain timm
+    backbone = merged_from_state(
+        timm.create_model(entry.backbone, pretrained=False, num_classes=0), body, entry.settings, str(path)
+    )
     provenance = {"checkpoint": str(path.resolve()), "initial_weights": entry.initial_weights}
     head = _linear(head_state)
     return Loaded(entry.backbone, backbone, head, entry.data_config, entry.class_names, provenance, entry.prediction)
@@ -175,9 +176,22 @@ def _from_export(folder: Path) -> Loaded:
     )
 
 
+def _from_adapter(folder: Path) -> Loaded:
+    adapter = load_adapter(folder)
+    task = adapter.task
+    provenance = {"adapter": str(folder.resolve()), "base": task["base"]}
+    return Loaded(
+        task["architecture"], adapter.backbone, _linear(adapter.head_state), DataConfig.from_dict(task["data_config"]),
+        task["class_names"], provenance, task["prediction"],
+    )  # fmt: skip
+
+
 def load(path: str | Path) -> Loaded:
-    """Read an export folder (or its ``model.safetensors``) or a vision-transfer checkpoint."""
+    """Read an export folder (or its ``model.safetensors``), a LoRA adapter folder (``export --adapter_only``:
+    its base rebuilt from the recorded source and checked) or a vision-transfer checkpoint."""
     path = Path(path)
+    if is_adapter_folder(path):
+        return _from_adapter(path)
     if path.is_dir():
         return _from_export(path)
     if path.is_file() and (path.parent / CONFIG_NAME).is_file() and path.suffix == ".safetensors":

@@ -23,7 +23,8 @@ from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import balanced_class_weights, log_prior
 from vision_transfer.tuning import TuningConfig, TuningPolicy
-from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Scheduler, Unit
+from vision_transfer.tuning.adapters import AdapterSummary, apply_peft
+from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Peft, Scheduler, Unit
 
 _D = TuningConfig()  # the one source of the tuning options' defaults
 
@@ -133,6 +134,12 @@ class ImageClassifier(pl.LightningModule):
         scheduler: Scheduler = _D.scheduler,
         plateau_factor: float = _D.plateau_factor,
         plateau_patience: int = _D.plateau_patience,
+        peft: Peft = _D.peft,
+        lora_r: int = _D.lora_r,
+        lora_alpha: float = _D.lora_alpha,
+        lora_dropout: float = _D.lora_dropout,
+        lora_dora: bool = _D.lora_dora,
+        lora_targets: list[str] | None = _D.lora_targets,
         cache_features: bool = False,
         cache_dir: str | None = None,
         stop_on_nan: bool = True,
@@ -161,8 +168,11 @@ class ImageClassifier(pl.LightningModule):
         ]  # fmt: skip
         if inert:
             raise ConfigError(f"{'; '.join(inert)}: set where it would change nothing; drop it or set what it needs.")
-        if cache_features and mode != "linear_probe":
-            raise ConfigError(f"cache_features=True needs mode='linear_probe' (got mode={mode!r}).")
+        if cache_features and (mode != "linear_probe" or peft != "none"):
+            raise ConfigError(
+                f"cache_features=True needs mode='linear_probe' (got mode={mode!r}, peft={peft!r}): cached features "
+                "come from a backbone that does not train."
+            )
         if not 0 <= drop_rate < 1:
             raise ConfigError(f"drop_rate={drop_rate}: must be in [0, 1).")
         if cache_features and (mixup_alpha or cutmix_alpha):
@@ -185,6 +195,11 @@ class ImageClassifier(pl.LightningModule):
                 self.backbone.set_grad_checkpointing(True)  # type: ignore[operator]
             except (AssertionError, NotImplementedError) as e:
                 raise ConfigError(f"grad_checkpointing: {backbone} does not support it ({e}).") from e
+        t = self.tuning
+        self.adapters: AdapterSummary | None = apply_peft(
+            self.backbone, t.peft, self.data_config.input_size, r=t.lora_r, alpha=t.lora_alpha,
+            dropout=t.lora_dropout, dora=t.lora_dora, targets=t.lora_targets,
+        )  # fmt: skip
         self.policy = TuningPolicy(self.backbone, self.tuning)
         self.normalize = Normalize(self.data_config)
         self.dropout = nn.Dropout(drop_rate)
@@ -419,7 +434,10 @@ class ImageClassifier(pl.LightningModule):
         changed = self.policy.update(self.current_epoch, self.global_step)
         if changed or not self._announced:
             self._announced = True
-            self.print(f"epoch {self.current_epoch}, step {self.global_step}: training {self.policy.describe()}")
+            adapters = f"; {self.adapters.describe()}" if self.adapters is not None else ""
+            self.print(
+                f"epoch {self.current_epoch}, step {self.global_step}: training {self.policy.describe()}{adapters}"
+            )
         if self._trainer is not None and self.trainer.optimizers:  # LP-FT's head rate under plateau
             self.policy.finish_probe_phase(self.trainer.optimizers[0], self.current_epoch)
 

@@ -12,6 +12,9 @@ BnPolicy = Literal["train", "frozen_stats", "frozen"]
 Unit = Literal["epoch", "step"]
 Optimizer = Literal["adamw", "sgd"]
 Scheduler = Literal["cosine", "plateau", "constant"]
+Peft = Literal["none", "lora", "bitfit"]
+# the options that act only with peft='lora'
+LORA_OPTIONS = ("lora_r", "lora_alpha", "lora_dropout", "lora_dora", "lora_targets")
 
 
 @dataclass(frozen=True)
@@ -26,8 +29,9 @@ class TuningConfig:
             (ULMFiT: head only, then one more stage group, top down, at each milestone), ``lp_ft``
             (linear probe for ``lp_epochs``, then a full fine-tune from that head at ``lr``),
             ``partial`` (top ``trainable_groups`` only).
-        bn: ``frozen_stats`` (BatchNorm of frozen groups in eval mode), ``train`` (their running
-            statistics keep updating) or ``frozen`` (every BatchNorm in eval mode).
+        bn: ``frozen_stats`` (BatchNorm of frozen groups, and with ``peft`` every BatchNorm, in eval
+            mode), ``train`` (their running statistics keep updating) or ``frozen`` (every BatchNorm in
+            eval mode).
         trainable_groups: ``partial``: how many top stage groups train.
         unfreeze_every: ``gradual``: one more group every this many epochs (or steps).
         unfreeze_milestones: ``gradual``: explicit epochs (or steps) instead.
@@ -46,6 +50,17 @@ class TuningConfig:
             ``plateau`` (ReduceLROnPlateau on ``val/acc``, per epoch) or ``constant``.
         plateau_factor: ``plateau``: factor applied to every group's learning rate.
         plateau_patience: ``plateau``: epochs without improvement before a reduction.
+        peft: what of a trainable stage group trains: ``none`` (all of it), ``lora`` (low-rank adapters on
+            its linear layers and 1x1 convolutions, chosen automatically; Hugging Face ``peft``) or
+            ``bitfit`` (its bias terms); the base weights stay frozen, the head always trains, and
+            exports hold the merged plain weights. Combines with every mode that trains the backbone
+            (``full``: adapters from the first step; ``lp_ft``: probe, then adapters).
+        lora_r: ``lora``: the adapters' rank.
+        lora_alpha: ``lora``: their scale is ``lora_alpha / lora_r``.
+        lora_dropout: ``lora``: dropout on the adapters' input.
+        lora_dora: ``lora``: DoRA (Liu et al. 2024): adapt the direction, train the magnitude apart.
+        lora_targets: ``lora``: module names or regular expressions to adapt instead of the automatic
+            choice (e.g. ``blocks\\.\\d+\\.attn\\.qkv``).
     """
 
     mode: Mode = "full"
@@ -67,6 +82,12 @@ class TuningConfig:
     scheduler: Scheduler = "cosine"
     plateau_factor: float = 0.3
     plateau_patience: int = 2
+    peft: Peft = "none"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_dora: bool = False
+    lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
         checks = [
@@ -80,12 +101,21 @@ class TuningConfig:
             ("unfreeze_every", self.unfreeze_every >= 1, "must be at least 1"),
             ("trainable_groups", self.trainable_groups >= 0, "must be >= 0"),
             ("plateau_factor", 0 < self.plateau_factor < 1, "must be in (0, 1)"),
+            ("lora_r", self.lora_r >= 1, "must be at least 1"),
+            ("lora_alpha", self.lora_alpha > 0, "must be > 0"),
+            ("lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)"),
+            ("lora_targets", self.lora_targets is None or len(self.lora_targets) > 0, "give at least one, or None"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"{name}={getattr(self, name)!r}: {rule}.")
         if self.unfreeze_milestones is not None and any(m < 0 for m in self.unfreeze_milestones):
             raise ConfigError(f"unfreeze_milestones={self.unfreeze_milestones}: milestones must be >= 0.")
+        if self.peft != "none" and self.mode == "linear_probe":
+            raise ConfigError(
+                f"peft={self.peft!r} trains part of the backbone, but mode='linear_probe' trains the head only; "
+                "use mode='full' (or 'lp_ft' to probe first)."
+            )
 
     def inert_options(self) -> list[str]:
         """``name=value (acts only with ...)`` for each option set away from its default where it
@@ -99,12 +129,16 @@ class TuningConfig:
             "lp_epochs": (self.mode == "lp_ft", "mode='lp_ft'"),
             "rewarm": (self.mode in ("gradual", "lp_ft") and self.scheduler == "cosine", "mode='gradual' or 'lp_ft'"),
             "layer_decay": (self.mode != "linear_probe", "a mode that trains the backbone"),
-            "bn": (self.mode != "full" or self.bn == "frozen", "a mode that freezes stage groups (or bn='frozen')"),
+            "bn": (
+                self.mode != "full" or self.peft != "none" or self.bn == "frozen",
+                "a mode that freezes stage groups, peft, or bn='frozen'",
+            ),
             "momentum": (self.optimizer == "sgd", "optimizer='sgd'"),
             "warmup_epochs": (self.scheduler == "cosine", "scheduler='cosine'"),
             "min_lr_ratio": (self.scheduler == "cosine", "scheduler='cosine'"),
             "plateau_factor": (self.scheduler == "plateau", "scheduler='plateau'"),
             "plateau_patience": (self.scheduler == "plateau", "scheduler='plateau'"),
+            **{name: (self.peft == "lora", "peft='lora'") for name in LORA_OPTIONS},
         }
         return [
             f"{name}={getattr(self, name)!r} (acts only with {context})"

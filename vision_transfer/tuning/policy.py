@@ -60,8 +60,12 @@ class TuningPolicy:
         self.starts = self._start_points(config, len(self.groups))
         self.num_frozen = self.frozen_at(0, 0)
         self._params = dict(backbone.named_parameters())
-        # the modules that directly own each group's parameters (a pre-hook fires on a module's own call)
-        self._owners = [list(dict.fromkeys(_owner(backbone, name) for name in names)) for names in self.groups]
+        # the modules that directly own each group's trainable parameters (a pre-hook fires on a module's own
+        # call); a parameter that never trains (peft's frozen base weights) needs no autograd where it is used
+        self._owners = [
+            list(dict.fromkeys(_owner(backbone, n) for n in names if self._params[n].requires_grad))
+            for names in self.groups
+        ]
         self._hooks: list[Any] = []
         self._hooked_level = -1
         self._grad_on_entry = False
@@ -323,7 +327,7 @@ class TuningPolicy:
                 for m in module.modules():
                     if isinstance(m, _BatchNorm):
                         m.train()
-        if self.bn == "frozen":
+        if self.bn == "frozen" or (self.config.peft != "none" and self.bn != "train"):  # peft: the base is frozen
             for m in self.backbone.modules():
                 if isinstance(m, _BatchNorm):
                     m.eval()
@@ -346,7 +350,8 @@ def build_param_groups(
 ) -> list[dict[str, Any]]:
     """One optimizer group per stage group and weight-decay class, plus the head's.
 
-    Built once, whatever the unfreezing schedule, so resume and every scheduler see one shape.
+    Built once, whatever the unfreezing schedule, so resume and every scheduler see one shape; a
+    parameter with ``requires_grad=False`` (peft's frozen base weights) is in none.
     Learning rates are absolute (``lr * layer_decay ** depth_from_top``), so any scheduler that
     scales ``group["lr"]`` respects them; timm's ``lr_scale`` is only read by timm's schedulers.
     Biases, norm parameters and timm's ``no_weight_decay()`` names get no weight decay. Each
@@ -357,6 +362,7 @@ def build_param_groups(
     out: list[dict[str, Any]] = []
 
     def add(name: str, stage: int, named: list[tuple[str, nn.Parameter]], group_lr: float) -> None:
+        named = [(n, p) for n, p in named if p.requires_grad]
         decay = [p for n, p in named if p.ndim > 1 and n not in skip]
         no_decay = [p for n, p in named if not (p.ndim > 1 and n not in skip)]
         for suffix, plist, wd in (("", decay, weight_decay), ("/no_decay", no_decay, 0.0)):
