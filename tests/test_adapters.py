@@ -370,3 +370,38 @@ def test_adapter_only_export_of_a_model_without_lora_is_refused(tmp_path: Path) 
     checkpoint = model.save_standalone_checkpoint(tmp_path / "bitfit.ckpt")
     with pytest.raises(ExportError, match="has no LoRA adapters \\(peft='bitfit'\\)"):
         export_adapter(checkpoint, tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("backbone", ["test_vit", "test_efficientnet", "test_convnext"])
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(backbone: str) -> None:
+    """The frozen stem's output needs no grad: a re-entrant checkpoint would then cut the adapters of the first
+    checkpointed block off (the known PEFT pitfall); timm's is not, and every adapter gets the same gradient."""
+    from vision_transfer.tasks import ImageClassifier
+
+    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 0])
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)  # LoRA's A matrices are drawn from the global generator
+        model = ImageClassifier(
+            backbone,
+            weights="none",
+            image_size=32,
+            class_names=["a", "b", "c"],
+            peft="lora",
+            grad_checkpointing=checkpointing,
+        ).eval()  # fmt: skip  (eval: no dropout or BatchNorm update, so both runs compute the same)
+        with torch.no_grad():
+            for name, param in model.backbone.named_parameters():
+                if ".lora_B." in name:
+                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(1)) * 0.1)
+        model.backbone.train()  # timm checkpoints only in training mode
+        for m in model.backbone.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        grads.append({n: p.grad for n, p in model.backbone.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert all(g is not None for g in checkpointed.values()), [n for n, g in checkpointed.items() if g is None][:3]
+    for name, grad in plain.items():
+        assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
