@@ -29,6 +29,7 @@ COMMANDS: dict[str, str] = {
     "extract": "Run a frozen backbone once over each split and cache the features",
     "probe": "Linear probe, k-NN or few-shot evaluation on cached features (extracting first if missing)",
     "benchmark": "Backbones x datasets x seeds x protocols: results table, transfer gain and plots",
+    "inspect": "Find likely label errors, duplicates across splits (leaks) and outliers from cached features",
     "calibrate": "Fit a checkpoint's temperature (or multi-label thresholds) on its validation split",
     "wise-ft": "WiSE-FT: interpolate a fine-tune towards its pre-trained weights, alpha chosen on val",
     "soup": "Model soups: average fine-tunes of one pre-trained model (uniform and greedy)",
@@ -40,7 +41,7 @@ COMMANDS: dict[str, str] = {
 }
 LIGHTNING = ("fit", "validate", "test", "predict")
 # commands whose --help needs the heavy imports (options read from class signatures)
-HEAVY_HELP = {*LIGHTNING, "extract", "probe", "benchmark"}
+HEAVY_HELP = {*LIGHTNING, "extract", "probe", "inspect", "benchmark"}
 HELP_DISTRIBUTIONS = ("torch", "pytorch-lightning", "timm", "jsonargparse", "albumentations", "torchmetrics")
 
 

@@ -13,6 +13,8 @@ from vision_transfer.errors import ConfigError, GpuMemoryError, out_of_memory_me
 FEATURE_HELP = {
     "extract": "Run a frozen backbone once over each split and cache the features.",
     "probe": "Linear probe (--protocol linear), k-NN or few-shot on cached features (extracting first if missing).",
+    "inspect": "Likely label errors (cleanlab on out-of-fold probe probabilities), near-duplicates within train and "
+    "across splits (leaks), and outliers, from cached features; CSV files to act on.",
 }
 
 
@@ -113,6 +115,14 @@ def _feature_parser(command: str) -> ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int | None, default=None, help="default: the datamodule's")
     parser.add_argument("--compile", type=bool, default=False, help="torch.compile the backbone (GPU: 1.7x)")
+    if command == "inspect":
+        parser.add_argument("--output", type=str, default="runs/inspect")
+        parser.add_argument("--folds", type=int, default=5, help="cross-validation folds of the label-issue probe")
+        parser.add_argument(
+            "--duplicate_threshold", type=float, default=0.95,
+            help="cosine similarity of the features at or above which two images are near-duplicates",
+        )  # fmt: skip
+        parser.add_argument("--outlier_fraction", type=float, default=0.01, help="share of train flagged as outliers")
     if command == "probe":
         parser.add_argument(
             "--protocol", type=Literal["linear", "knn", "fewshot"], default="linear",
@@ -188,6 +198,22 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
     from vision_transfer.app.protocols import extract_datamodule, probe_datamodule
     from vision_transfer.evaluation.kinds import task_kind
 
+    if command == "inspect":
+        from vision_transfer.app.inspection import inspect_datamodule
+
+        summary = inspect_datamodule(
+            init.data, init.backbone, init.weights, init.output, folds=init.folds,
+            duplicate_threshold=init.duplicate_threshold, outlier_fraction=init.outlier_fraction, **options,
+        )  # fmt: skip
+        folder = Path(init.output).resolve()
+        print(f"label issues    {summary['label_issues']:>6}  {folder / 'label_issues.csv'}  "
+              f"(out-of-fold probe accuracy {summary['out_of_fold_accuracy']:.4f})")  # fmt: skip
+        print(f"duplicates      {summary['duplicates_within_train']:>6} within train, "
+              f"{summary['duplicates_across_splits']} across splits (leaks)  {folder / 'duplicates.csv'}  "
+              f"(cosine >= {summary['duplicate_threshold']}, {summary['duplicate_threshold_note']})")  # fmt: skip
+        print(f"outliers        {summary['outliers']:>6}  {folder / 'outliers.csv'}")
+        print(f"summary         {folder / 'inspection.json'}")
+        return
     if command == "extract":
         caches, passes = extract_datamodule(init.data, init.backbone, init.weights, **options)
         for split, cache in caches.items():
@@ -241,6 +267,10 @@ def _run_protocol(init: Any, options: dict[str, Any]) -> None:
 
 def extract(argv: list[str]) -> None:
     _feature_command("extract", argv)
+
+
+def inspect(argv: list[str]) -> None:
+    _feature_command("inspect", argv)
 
 
 def probe(argv: list[str]) -> None:

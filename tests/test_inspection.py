@@ -1,0 +1,153 @@
+"""The data-inspection detectors on planted faults: flipped labels, duplicates across splits, outliers.
+
+Features are drawn as class clusters (what a backbone's features of a clean dataset look like to a linear
+probe), seeded; each test plants faults and checks the detector finds them, so it fails if it stops.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vision_transfer.errors import ConfigError, DataError
+from vision_transfer.evaluation.inspection import (
+    label_issues,
+    near_duplicates,
+    out_of_fold_probabilities,
+    outliers,
+    stratified_folds,
+)
+
+CLASSES, PER_CLASS, DIM = 5, 80, 32
+
+
+def clusters(seed: int = 0, per_class: int = PER_CLASS, spread: float = 0.6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLASSES, DIM)) * 2
+    labels = np.repeat(np.arange(CLASSES), per_class)
+    return centres[labels] + rng.normal(size=(len(labels), DIM)) * spread * 2, labels
+
+
+def test_folds_are_stratified_and_seeded() -> None:
+    labels = np.repeat(np.arange(3), [10, 7, 5])
+    folds = stratified_folds(labels, 5, seed=1)
+    for label in range(3):
+        counts = np.bincount(folds[labels == label], minlength=5)
+        assert counts.max() - counts.min() <= 1  # each class spread evenly
+    assert np.array_equal(folds, stratified_folds(labels, 5, seed=1))
+    assert not np.array_equal(folds, stratified_folds(labels, 5, seed=2))
+    with pytest.raises(ConfigError, match="at least 2"):
+        stratified_folds(labels, 1)
+
+
+def test_out_of_fold_probabilities_never_score_a_sample_with_a_head_that_saw_it() -> None:
+    """A sample with a unique, wrong label far from everything: a head that saw it would learn its label
+    (it is separable); out of fold, nothing supports it, so its given label gets a low probability."""
+    features, labels = clusters()
+    features, labels = features.copy(), labels.copy()
+    features[0] = 50.0  # far from every cluster
+    labels[0] = 4
+    oof = out_of_fold_probabilities(features, labels, CLASSES, folds=4, c=1e2)
+    assert oof.probabilities.shape == (len(labels), CLASSES)
+    assert np.allclose(oof.probabilities.sum(1), 1)
+    accuracy = (oof.probabilities.argmax(1) == labels).mean()
+    assert accuracy > 0.9  # the clusters are learnable
+    assert set(np.unique(oof.folds)) == set(range(4))
+
+
+def test_flipped_labels_are_found_with_their_true_class_suggested() -> None:
+    features, labels = clusters(seed=1)
+    rng = np.random.default_rng(0)
+    flipped = rng.choice(len(labels), size=20, replace=False)  # 5% of the labels
+    noisy = labels.copy()
+    noisy[flipped] = (labels[flipped] + rng.integers(1, CLASSES, size=20)) % CLASSES
+    oof = out_of_fold_probabilities(features, noisy, CLASSES)
+    issues = label_issues(noisy, oof.probabilities)
+    found = set(issues.indices.tolist())
+    recall = len(found & set(flipped.tolist())) / len(flipped)
+    precision = len(found & set(flipped.tolist())) / max(1, len(found))
+    assert recall >= 0.75 and precision >= 0.9, (recall, precision)  # measured 0.85 and 1.0 (clusters overlap)
+    caught = np.array(sorted(found & set(flipped.tolist())))
+    assert np.array_equal(issues.suggested[caught], labels[caught])  # the true class is suggested
+    ranked = issues.quality[issues.indices]
+    assert np.all(np.diff(ranked) >= 0)  # most doubtful first
+    assert issues.quality[flipped].max() < np.median(issues.quality)
+
+
+def test_classes_too_small_for_the_folds_are_refused() -> None:
+    features, labels = clusters(per_class=3)
+    with pytest.raises(DataError, match="fewer than folds=5"):
+        out_of_fold_probabilities(features, labels, CLASSES, folds=5)
+
+
+def test_duplicates_across_splits_exact_and_near_are_found_and_nothing_else() -> None:
+    train, _ = clusters(seed=2)
+    test, _ = clusters(seed=3, per_class=20)
+    rng = np.random.default_rng(1)
+    planted = rng.choice(len(test), size=10, replace=False)
+    positions = rng.choice(len(train), size=10, replace=False)
+    train = train.copy()
+    train[positions[:5]] = test[planted[:5]]  # exact
+    train[positions[5:]] = test[planted[5:]] + rng.normal(size=(5, DIM)) * 0.05  # near (a re-encoded copy)
+    found = near_duplicates([test.astype(np.float32)], [train.astype(np.float32)], threshold=0.99)
+    assert dict(zip(found.query.tolist(), found.match.tolist(), strict=True)) == dict(
+        zip(planted.tolist(), positions.tolist(), strict=True)
+    )
+    assert np.all(found.similarity >= 0.99)
+
+
+def test_duplicates_within_a_split_are_reported_once_per_pair() -> None:
+    features, _ = clusters(seed=4)
+    features = features.copy()
+    features[10] = features[3]
+    features[200] = features[100] * 1.5  # the same direction: cosine 1
+    found = near_duplicates([features], threshold=0.999)
+    assert sorted(zip(found.query.tolist(), found.match.tolist(), strict=True)) == [(10, 3), (200, 100)]
+    with pytest.raises(ConfigError, match="threshold=2"):
+        near_duplicates([features], threshold=2)
+
+
+def test_outliers_are_the_planted_isolated_samples() -> None:
+    features, _ = clusters(seed=5)
+    features = features.copy()
+    rng = np.random.default_rng(2)
+    planted = rng.choice(len(features), size=4, replace=False)
+    features[planted] = rng.normal(size=(4, DIM)) * 10  # random directions, away from every cluster
+    found = outliers([features], k=5, fraction=4 / len(features))
+    assert set(found.indices.tolist()) == set(planted.tolist())
+    assert found.scores[planted].min() > np.delete(found.scores, planted).max()
+
+
+def test_inspect_command_writes_what_it_found(tmp_path: Path, split_folder: Path) -> None:
+    """The command end to end on an image folder (tiny backbone): a train image copied into test is reported
+    as a leak across splits, and every CSV row count is the summary's."""
+    import csv
+    import json
+    import shutil
+
+    from tests.conftest import TINY_BACKBONE, TINY_SIZE
+    from vision_transfer.cli import main
+
+    leaked = sorted((split_folder / "train" / "circle").glob("*.png"))[0]
+    shutil.copy(leaked, split_folder / "test" / "circle" / "leaked.png")
+    out = tmp_path / "inspect"
+    main(["inspect", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+          "--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={split_folder}",
+          "--data.init_args.num_workers=0", f"--cache_dir={tmp_path / 'cache'}", f"--output={out}",
+          "--folds=2", "--outlier_fraction=0.1", "--duplicate_threshold=0.9999"])  # fmt: skip
+    summary = json.loads((out / "inspection.json").read_text())
+
+    def rows(name: str) -> list[dict[str, str]]:
+        with (out / name).open() as f:
+            return list(csv.DictReader(f))
+
+    duplicates = rows("duplicates.csv")
+    leaks = [r for r in duplicates if r["split"] != "train"]
+    copy = {"split": "test", "id": "test/circle/leaked.png", "duplicate_split": "train",
+            "duplicate_id": leaked.relative_to(split_folder).as_posix(), "cosine_similarity": "1.0000"}  # fmt: skip
+    assert leaks == [copy]  # at 0.9999 the exact copy only (a random tiny backbone's features are all alike)
+    assert summary["duplicates_across_splits"] == len(leaks)
+    assert summary["label_issues"] == len(rows("label_issues.csv"))
+    assert summary["outliers"] == len(rows("outliers.csv")) == round(0.1 * summary["samples"]["train"])
