@@ -126,7 +126,7 @@ def test_multilabel_script_end_to_end_tiny(multilabel_run: ScriptRun) -> None:
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_robust_peft_script_end_to_end_tiny(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_robust_peft_script_end_to_end_tiny(scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """benchmarks/robust_peft.py at a tiny size, in-process: the PEFT rate chosen on val, LoRA and the full
     fine-tune at two seeds, WiSE-FT of each fine-tune and the greedy soup of the two, each scored on val,
     the clean test split and its corrupted copy; a rerun resumes from results.jsonl without training again."""
@@ -162,3 +162,24 @@ def test_robust_peft_script_end_to_end_tiny(tmp_path: Path, capsys: pytest.Captu
     assert table["lora_r8"][-1] == "2" and table["soup_greedy"][-1] == "1"
     robust_peft.main(args)  # resumes: nothing new
     assert len((tmp_path / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_inspect_data_script_finds_the_planted_copies_tiny(
+    scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/inspect_data.py at a tiny size (detection only): the planted exact copies of test images in
+    train are found as leaks, the label-issue scores are fractions, and the threshold table covers each one."""
+    import inspect_data  # type: ignore[import-not-found]
+
+    inspect_data.main(["--out", str(tmp_path), "--train", "200", "--val", "60", "--test", "60", "--plant-dups", "6",
+                       "--seeds", "0", "--image-size", "32", "--threads", "1", "--no-fit"])  # fmt: skip
+    (row,) = json.loads((tmp_path / "results.json").read_text())
+    assert row["exact_recall"] == 1.0  # an exact copy has the same features: similarity 1
+    for key in ("label_precision", "label_recall", "label_precision_at_k", "near_recall", "leak_precision"):
+        assert 0.0 <= row[key] <= 1.0, key
+    assert sorted(float(t) for t in row["by_threshold"]) == list(inspect_data.THRESHOLDS)
+    recalls = [row["by_threshold"][t]["near_recall"] for t in sorted(row["by_threshold"], key=float)]
+    assert recalls == sorted(recalls, reverse=True)  # a higher threshold finds no more
+    assert "near-duplicate threshold calibration" in capsys.readouterr().out
