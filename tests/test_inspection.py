@@ -146,8 +146,17 @@ def test_inspect_command_writes_what_it_found(tmp_path: Path, split_folder: Path
     duplicates = rows("duplicates.csv")
     leaks = [r for r in duplicates if r["split"] != "train"]
     copy = {"split": "test", "id": "test/circle/leaked.png", "duplicate_split": "train",
-            "duplicate_id": leaked.relative_to(split_folder).as_posix(), "cosine_similarity": "1.0000"}  # fmt: skip
+            "duplicate_id": leaked.relative_to(split_folder).as_posix(), "cosine_similarity": "1.0000",
+            "identical_content": "True"}  # fmt: skip
     assert leaks == [copy]  # at 0.9999 the exact copy only (a random tiny backbone's features are all alike)
     assert summary["duplicates_across_splits"] == len(leaks)
     assert summary["label_issues"] == len(rows("label_issues.csv"))
     assert summary["outliers"] == len(rows("outliers.csv")) == round(0.1 * summary["samples"]["train"])
+    for name in ("duplicates.png", "map.png"):
+        assert (out / name).stat().st_size > 1000, name
+    assert (out / "label_issues.png").exists() == (summary["label_issues"] > 0)  # a gallery only of something
+    embedded = rows("embeddings.csv")
+    assert len(embedded) == sum(summary["samples"].values()) == len(np.load(out / "embeddings.npy"))
+    cleaned = rows("cleaned.csv")  # every sample but the flagged label issues and the leaked train copy
+    assert str(leaked.resolve()) not in {r["path"] for r in cleaned}
+    assert len(cleaned) == sum(summary["samples"].values()) - summary["label_issues"] - 1

@@ -128,6 +128,31 @@ def plot_image_grid(
     return Path(out)
 
 
+def plot_embedding_map(
+    points: np.ndarray, labels: np.ndarray, class_names: list[str], marks: dict[str, np.ndarray], out: str | Path
+) -> Path:
+    """A 2-D map of the samples coloured by class, with each set of ``marks`` (name -> row indices) drawn over it."""
+    fig = Figure(figsize=(8, 7))
+    ax = fig.subplots()
+    cmap = "tab10" if len(class_names) <= 10 else "tab20"
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap=cmap, s=4, alpha=0.5, linewidths=0)
+    for (name, rows), style in zip(marks.items(), ("x", "o", "^", "s"), strict=False):
+        if len(rows):
+            look: dict[str, Any] = {"c": "black"} if style == "x" else {"facecolors": "none", "edgecolors": "black"}
+            ax.scatter(points[rows, 0], points[rows, 1], marker=style, s=30, linewidths=0.8,
+                       label=f"{name} ({len(rows)})", **look)  # fmt: skip
+    handles = scatter.legend_elements(num=len(class_names))[0]
+    legend = ax.legend(handles, class_names[: len(handles)], fontsize=7, loc="upper right", title="class")
+    ax.add_artist(legend)
+    if any(len(rows) for rows in marks.values()):
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return Path(out)
+
+
 def plot_reliability(before: dict[str, list[float]], after: dict[str, list[float]], out: str | Path) -> Path:
     """Reliability diagram: accuracy against confidence per bin, before and after temperature scaling."""
     fig = Figure(figsize=(5, 4.5))
