@@ -235,7 +235,9 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         csv_path, plants = plant(root, rows, seed, confusable, args.flip, args.plant_dups, classes)
         summary, seconds = run_inspection(csv_path, out / f"seed{seed}", args, CALIBRATION_FLOOR)
-        _, warm = run_inspection(csv_path, out / f"seed{seed}", args, CALIBRATION_FLOOR)  # cached: detectors alone
+        warm = float("nan")
+        if seed == args.seeds[0]:  # features cached: the inspection alone
+            _, warm = run_inspection(csv_path, out / f"seed{seed}", args, CALIBRATION_FLOOR)
         from vision_transfer.app.inspection import DUPLICATE_THRESHOLD
 
         row = {"seed": seed, **score(out / f"seed{seed}", plants, DUPLICATE_THRESHOLD), "seconds_cold": seconds,
