@@ -183,3 +183,55 @@ def test_inspect_data_script_finds_the_planted_copies_tiny(
     recalls = [row["by_threshold"][t]["near_recall"] for t in sorted(row["by_threshold"], key=float)]
     assert recalls == sorted(recalls, reverse=True)  # a higher threshold finds no more
     assert "near-duplicate threshold calibration" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_deploy_script_measures_every_export_side_by_side_tiny(
+    scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/deploy.py at a tiny size: a fine-tune, its exports (int8 gated and written), each file's size,
+    throughput and top-1 on the same images, and the int8/fp32 ratios."""
+    import deploy  # type: ignore[import-not-found]
+
+    from vision_transfer.export.quantize import RECIPES
+
+    deploy.main(["--out", str(tmp_path), "--train", "60", "--val", "30", "--test", "30", "--epochs", "1",
+                 "--image-size", "32", "--threads", "1", "--calibration-images", "16",
+                 "--seconds", "0.05"])  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["export"]: r for r in results["rows"]}
+    assert list(rows) == ["ONNX fp32", *(f"ONNX int8 ({r})" for r in RECIPES), "TorchScript fp32", "PyTorch eager fp32"]
+    for r in rows.values():
+        assert r["img_s_batch1"] > 0 and r["img_s_batch64"] > 0 and 0 <= r["test_top1"] <= 1
+    # every fp32 runtime runs one graph: the same predictions on the same images
+    assert rows["ONNX fp32"]["test_top1"] == rows["TorchScript fp32"]["test_top1"] == rows["PyTorch eager fp32"][
+        "test_top1"]  # fmt: skip
+    assert rows["ONNX int8 (all)"]["size_mb"] < rows["ONNX fp32"]["size_mb"] / 2.5
+    assert results["int8_gate"]["val_fp32"] == pytest.approx(100 * rows["ONNX fp32"]["val_top1"], abs=1e-3)
+    assert results["int8_gate"]["recipe"] in RECIPES and "The gate's choice" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_distil_script_trains_a_teacher_and_both_students_tiny(
+    scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/distil.py at a tiny size: the lite2 teacher, lite0 alone and lite0 distilled from it (the
+    same seed, the same recipe), each scored on test; the students' checkpoints record the teacher's path."""
+    import distil  # type: ignore[import-not-found]
+
+    from vision_transfer.checkpoint import read_checkpoint
+
+    distil.main(["--out", str(tmp_path), "--train", "60", "--val", "30", "--test", "30", "--epochs", "1",
+                 "--image-size", "32", "--threads", "1", "--seeds", "0"])  # fmt: skip
+    results = json.loads((tmp_path / "results.json").read_text())
+    roles = [r["role"] for r in results["rows"]]
+    assert roles == ["teacher", "student alone", "student <- teacher (logit KD)"]
+    teacher, alone, distilled = results["rows"]
+    assert teacher["backbone"] == "tf_efficientnet_lite2" and alone["backbone"] == distilled["backbone"]
+    assert all(0 <= r["test_top1"] <= 1 for r in results["rows"])
+    settings = read_checkpoint(distilled["checkpoint"])[0].settings
+    assert settings["teacher"] == teacher["checkpoint"] and read_checkpoint(alone["checkpoint"])[0].settings[
+        "teacher"] is None  # fmt: skip
+    assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 |" in capsys.readouterr().out

@@ -70,7 +70,7 @@ def _plain_timm(folder: Path, arch: str, n: int, x: torch.Tensor, tmp_path: Path
 def test_round_trip_timm_alone_load_backbone_and_onnx(trained_checkpoint: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
     report = export_checkpoint(trained_checkpoint, out)
-    assert set(report["files"]) == {"timm", "torchscript", "onnx"}
+    assert set(report["files"]) == {"timm", "torchscript", "onnx", "card"}
     assert all(d <= TOLERANCE for d in report["max_abs_diff"].values())
     config = json.loads((out / "config.json").read_text())
     assert config["architecture"] == TINY_BACKBONE and config["label_names"] == ["circle", "square", "stripes"]
@@ -109,6 +109,36 @@ def test_export_command_and_predict_on_any_input(trained_checkpoint: Path, tmp_p
     by_path, by_pil, by_array = classifier.predict([tmp_path / "x.png", Image.fromarray(image), image], top_k=2)
     assert by_path == by_pil == by_array
     assert len(by_path) == 2 and by_path[0][0] in {"circle", "square", "stripes"} and by_path[0][1] >= by_path[1][1]
+
+
+def test_int8_export_from_the_cli_calibrates_on_train_and_reports_val_before_and_after(
+    trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--quantize int8`` adds the fp32 ONNX it starts from, calibrates on the checkpoint's own training
+    images, scores both on its whole val split and says so; it refuses what it cannot do in one line."""
+    from vision_transfer.app.checkpoints import recorded_datamodule
+    from vision_transfer.checkpoint import read_checkpoint
+    from vision_transfer.export.quantize import INT8_FILE
+
+    out = tmp_path / "int8"
+    args = ["export", str(trained_checkpoint), "--to", str(out), "--formats", "timm", "--quantize", "int8"]
+    assert run_cli([*args, "--calibration_images", "8"]) == 0
+    report = json.loads((out / "export_report.json").read_text())
+    val = len(recorded_datamodule(read_checkpoint(trained_checkpoint)[0]).prepare_splits()["val"])
+    int8 = report["int8"]
+    assert int8["calibration_images"] == 8 and int8["validation_images"] == val and int8["metric"] == "top-1"
+    assert report["files"]["onnx"] == "classifier.onnx" and report["files"]["int8"] == INT8_FILE
+    assert (out / INT8_FILE).stat().st_size < (out / "classifier.onnx").stat().st_size  # tiny: scales weigh
+    assert int8["drop_points"] <= int8["max_drop"] == 1.0
+    printed = capsys.readouterr().out
+    assert f"val top-1 {int8['val_int8']:.2f} vs fp32 {int8['val_fp32']:.2f}, calibrated on 8 training" in printed
+    refused = tmp_path / "refused"
+    for bad, said in (("--max_int8_drop=-1", "--max_int8_drop -1: a tolerance in points"),
+                      ("--calibration_images=0", "--calibration_images 0: at least 1")):  # fmt: skip
+        assert run_cli([*args[:3], str(refused), *args[4:], bad]) == 2
+        assert said in capsys.readouterr().err and not refused.exists()  # refused before anything is written
+    assert run_cli(["export", "--backbone", "test_resnet", "--to", str(tmp_path / "x"), "--quantize", "int8"]) == 2
+    assert "--quantize int8 needs a checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -158,3 +188,65 @@ def test_crafted_pickle_checkpoint_is_refused(tmp_path: Path) -> None:
             loader(path)
     assert run_cli(["export", str(path), "--to", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "pwned").exists()
+
+
+def _python_blocks(card: str) -> list[str]:
+    return [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+
+
+def test_every_export_has_a_model_card_whose_numbers_are_measured_and_whose_code_runs(
+    trained_checkpoint: Path, tmp_path: Path
+) -> None:
+    """The card of a checkpoint export: Hub metadata, the class counts of every recorded split, val/test scores
+    equal to the exported model's on those splits, and each code block run as a reader would (own process,
+    from the folder, IMAGE set to a file)."""
+    import yaml
+
+    from vision_transfer.app.checkpoints import recorded_datamodule
+    from vision_transfer.checkpoint import read_checkpoint
+    from vision_transfer.export.card import IMAGE_PLACEHOLDER
+
+    out = tmp_path / "card"
+    assert run_cli(["export", str(trained_checkpoint), "--to", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "timm" and meta["pipeline_tag"] == "image-classification"
+    assert meta["metrics"] == ["accuracy", "f1"] and meta["license"]
+    assert json.loads((out / "export_report.json").read_text())["files"]["card"] == "README.md"
+    splits = recorded_datamodule(read_checkpoint(trained_checkpoint)[0]).prepare_splits()
+    classifier = load_classifier(out)
+    for i, name in enumerate(classifier.class_names):  # the class table: images per class in each split
+        counts = [int((splits[s].labels == i).sum()) for s in splits]
+        assert f"| {name} | " + " | ".join(map(str, counts)) + " |" in card
+    for split in ("val", "test"):
+        probs = classifier.prediction_head().probabilities(
+            torch.cat([classifier.preprocess([str(p)]) for p in splits[split].items])
+        )
+        top1 = float((probs.argmax(1).numpy() == splits[split].labels).mean())
+        assert f"| {split} | {len(splits[split])} | {top1:.4f} | " in card
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
+    blocks = _python_blocks(card)
+    assert len(blocks) == 3  # vision-transfer, timm, ONNX Runtime
+    for block in blocks:
+        assert IMAGE_PLACEHOLDER in block
+        code = block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {str(image)!r}")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out)
+        assert result.returncode == 0, (block, result.stderr[-2000:])
+        assert any(name in result.stdout for name in classifier.class_names), result.stdout
+
+
+def test_a_card_without_training_data_says_so_and_runs(tmp_path: Path) -> None:
+    """A pretrained backbone exported as it is: no data, no scores, no invented numbers; its ONNX block (the
+    only format written) is self-contained."""
+    out = tmp_path / "pretrained"
+    assert run_cli(["export", "--backbone", "test_resnet", "--weights", "none", "--to", str(out),
+                    "--formats", "onnx"]) == 0  # fmt: skip
+    card = (out / "README.md").read_text()
+    assert "No training data is recorded" in card and "## Evaluation" not in card and "metrics:" not in card
+    (block,) = _python_blocks(card)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
+    code = block.replace('IMAGE = "path/to/image.jpg"', f"IMAGE = {str(image)!r}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out)
+    assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr[-2000:]

@@ -160,3 +160,84 @@ def test_inspect_command_writes_what_it_found(tmp_path: Path, split_folder: Path
     cleaned = rows("cleaned.csv")  # every sample but the flagged label issues and the leaked train copy
     assert str(leaked.resolve()) not in {r["path"] for r in cleaned}
     assert len(cleaned) == sum(summary["samples"].values()) - summary["label_issues"] - 1
+
+
+def multilabel_clusters(seed: int = 0, n: int = 400) -> tuple[np.ndarray, np.ndarray]:
+    """Multi-hot labels (each class present with probability 0.35, at least one per sample) and features that
+    add up the present classes' centres, plus noise."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(CLASSES, DIM)) * 2
+    labels = (rng.random((n, CLASSES)) < 0.35).astype(np.int64)
+    empty = np.flatnonzero(labels.sum(1) == 0)
+    labels[empty, rng.integers(0, CLASSES, len(empty))] = 1
+    return labels @ centres + rng.normal(size=(n, DIM)) * 0.5, labels
+
+
+def test_multilabel_folds_spread_every_class_and_refuse_a_class_no_fold_can_learn() -> None:
+    features, labels = multilabel_clusters()
+    folds = stratified_folds(labels, 4, seed=0)
+    for c in range(CLASSES):
+        positives = np.bincount(folds[labels[:, c] == 1], minlength=4)
+        assert positives.min() > 0.5 * positives.mean(), (c, positives)  # no fold starved of a class
+    constant = labels.copy()
+    constant[:, 2] = 1  # present everywhere: a one-vs-rest probe has no negative to learn from
+    with pytest.raises(
+        DataError, match=r"outside fold \d: multi-label class\(es\) \[2\] have no positive or no negative"
+    ):
+        out_of_fold_probabilities(features, constant, CLASSES, folds=4)
+    with pytest.raises(DataError, match="4 columns for 5 classes"):
+        out_of_fold_probabilities(features, labels[:, :4], CLASSES, folds=4)
+
+
+def test_multilabel_label_issues_find_added_and_dropped_classes() -> None:
+    """5% of the samples get one class wrong (half a class added, half a present class dropped): cleanlab's
+    multi-label ranking on one-vs-rest out-of-fold sigmoids flags them and suggests the true set."""
+    features, labels = multilabel_clusters(seed=1)
+    rng = np.random.default_rng(0)
+    noisy = labels.copy()
+    several = np.flatnonzero(labels.sum(1) >= 2)
+    dropped = rng.choice(several, size=10, replace=False)
+    added = rng.choice(np.setdiff1d(np.arange(len(labels)), dropped), size=10, replace=False)
+    for i in dropped:
+        noisy[i, rng.choice(np.flatnonzero(labels[i]))] = 0
+    for i in added:
+        noisy[i, rng.choice(np.flatnonzero(labels[i] == 0))] = 1
+    planted = set(dropped.tolist()) | set(added.tolist())
+    oof = out_of_fold_probabilities(features, noisy, CLASSES, folds=4)
+    assert oof.probabilities.shape == labels.shape and not np.allclose(oof.probabilities.sum(1), 1)  # sigmoids
+    issues = label_issues(noisy, oof.probabilities)
+    found = set(issues.indices.tolist())
+    recall, precision = len(found & planted) / len(planted), len(found & planted) / max(1, len(found))
+    assert recall >= 0.75 and precision >= 0.75, (recall, precision)
+    caught = np.array(sorted(found & planted))
+    assert (issues.suggested[caught] == labels[caught]).all(1).mean() >= 0.9  # the true set is suggested
+    assert np.all(np.diff(issues.quality[issues.indices]) >= 0)  # most doubtful first
+
+
+def test_inspect_command_on_multilabel_csv_writes_sets_and_a_cleaned_csv_that_reads_back(
+    tmp_path: Path, multilabel_csv: Path
+) -> None:
+    import csv
+    import json
+
+    from tests.conftest import CLASSES as SHAPES
+    from tests.conftest import TINY_BACKBONE, TINY_SIZE
+    from vision_transfer.cli import main
+    from vision_transfer.data.sources import read_csv
+
+    out = tmp_path / "inspect"
+    main(["inspect", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+          "--data=vision_transfer.datamodules.CsvDataModule", f"--data.init_args.csv_path={multilabel_csv}",
+          "--data.init_args.num_workers=0", f"--cache_dir={tmp_path / 'cache'}", f"--output={out}",
+          "--folds=2", "--outlier_fraction=0.1", "--duplicate_threshold=0.9999"])  # fmt: skip
+    summary = json.loads((out / "inspection.json").read_text())
+    assert summary["task"] == "multilabel" and 0 <= summary["out_of_fold_map"] <= 1
+    with (out / "label_issues.csv").open() as f:
+        issues = list(csv.DictReader(f))
+    assert len(issues) == summary["label_issues"]
+    for row in issues:  # label sets as ";"-separated class names
+        assert set(row["given"].split(";")) <= set(SHAPES) and set(row["suggested"].split(";")) - {""} <= set(SHAPES)
+    cleaned = read_csv(out / "cleaned.csv")
+    assert cleaned.task == "multilabel" and cleaned.class_names == list(SHAPES)
+    kept = sum(len(s.labels) for s in cleaned.splits.values())
+    assert kept == sum(summary["samples"].values()) - summary["label_issues"]

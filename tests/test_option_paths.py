@@ -129,6 +129,37 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "lora_dropout": (0.5, {"peft=lora": ACTS, "alone": REFUSED}),
     "lora_dora": (True, {"peft=lora": ACTS, "alone": REFUSED}),
     "lora_targets": ([r"blocks\.\d+\.\d+\.conv_pwl"], {"peft=lora": ACTS, "alone": REFUSED}),
+    # knowledge distillation (tests/test_distillation.py: the loss, the teacher's view and preprocessing)
+    "teacher": (
+        "teacher.ckpt",
+        {
+            FIT: Elsewhere(
+                "tests/test_distillation.py::test_a_student_distils_from_its_teacher_which_sees_the_mixed_view_and_stays_out_of_the_checkpoint",
+                "a teacher of another family and preprocessing changes the training loss; only its path is saved",
+            ),
+            CACHED: REFUSED,
+        },
+    ),
+    "kd_alpha": (
+        0.9,
+        {
+            "teacher": Elsewhere(
+                "tests/test_distillation.py::test_kd_loss_is_hintons_term_scaled_by_t_squared",
+                "loss = (1 - kd_alpha) * task loss + kd_alpha * the hand-checked term",
+            ),
+            "alone": REFUSED,
+        },
+    ),
+    "kd_temperature": (
+        4.0,
+        {
+            "teacher": Elsewhere(
+                "tests/test_distillation.py::test_kd_loss_is_hintons_term_scaled_by_t_squared",
+                "the softening temperature of the hand-checked term",
+            ),
+            "alone": REFUSED,
+        },
+    ),
     "layer_decay": (0.5, {FIT: ACTS, "mode=linear_probe": REFUSED}),
     "momentum": (0.5, {"optimizer=sgd": ACTS, "alone": REFUSED}),
     "optimizer": ("sgd", {FIT: ACTS, CACHED: ACTS}),

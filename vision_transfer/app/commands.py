@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -51,9 +52,33 @@ def export(argv: list[str]) -> None:
         help="a LoRA checkpoint: write its adapter alone (Hugging Face PEFT's format), its head and its base "
         "weights' identity, instead of the merged model; load_classifier(folder) rebuilds and checks the base",
     )  # fmt: skip
+    parser.add_argument(
+        "--quantize", choices=("none", "int8"), default="none",
+        help="int8: also write classifier.int8.onnx (ONNX Runtime static quantization, per-channel weights), "
+        "calibrated on the checkpoint's training images: the fastest recipe whose val score stays within "
+        "--max_int8_drop points of the fp32 ONNX model's, none if none does",
+    )  # fmt: skip
+    # None: vision_transfer.export.quantize's defaults (not imported here: --help loads no torch)
+    parser.add_argument("--calibration_images", type=int, default=None, help="int8: training images (default 256)")
+    parser.add_argument("--max_int8_drop", type=float, default=None, help="int8: the val points it may lose (1)")
+    parser.add_argument("--allow_int8_drop", action="store_true", help="int8: write it whatever it loses")
+    parser.add_argument(
+        "--skip_card_scores", action="store_true",
+        help="the model card (README.md) without the val/test scores of the exported model (saves a pass over them)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if bool(args.checkpoint) == bool(args.backbone):
         parser.error("give either a checkpoint or --backbone")
+    if args.quantize == "int8" and not args.checkpoint:
+        parser.error("--quantize int8 needs a checkpoint: it calibrates and checks on the checkpoint's data")
+    if args.quantize == "int8" and args.adapter_only:
+        parser.error("--quantize int8 writes a merged model; it does not go with --adapter_only")
+    if args.quantize == "int8":
+        from vision_transfer.export.quantize import check_int8_options
+
+        given = (("max_drop", args.max_int8_drop), ("calibration_images", args.calibration_images))
+        int8_options = {k: v for k, v in given if v is not None}
+        check_int8_options(**int8_options)  # before any file is written
     if args.adapter_only:
         if not args.checkpoint:
             parser.error("--adapter_only needs a checkpoint")
@@ -71,6 +96,8 @@ def export(argv: list[str]) -> None:
     from vision_transfer.export.exporter import classifier_from_pretrained, export_checkpoint, export_classifier
 
     formats = [f for f in args.formats.split(",") if f]
+    if args.quantize == "int8" and "onnx" not in formats:
+        formats.append("onnx")  # the int8 model is quantized from it, and checked against it
     if args.checkpoint:
         report = export_checkpoint(args.checkpoint, args.to, formats, args.tta)
     else:
@@ -82,6 +109,21 @@ def export(argv: list[str]) -> None:
             "" if diff is None else f"  (max |logit diff| vs PyTorch {diff:.1e}, tolerance {report['tolerance']:.0e})"
         )
         print(f"{kind:<12} {', '.join(files) if isinstance(files, list) else files}{check}")
+    if args.quantize == "int8":
+        from vision_transfer.app.export import quantize_checkpoint_export
+
+        int8 = quantize_checkpoint_export(args.checkpoint, folder, allow_drop=args.allow_int8_drop, **int8_options)
+        report = {**report, "int8": int8}
+        report["files"]["int8"] = int8["file"]
+        (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{'int8':<12} {int8['file']}  ({int8['size_mb']:.1f} MB vs {int8['fp32_size_mb']:.1f} MB; val "
+              f"{int8['metric']} {int8['val_int8']:.2f} vs fp32 {int8['val_fp32']:.2f}, calibrated on "
+              f"{int8['calibration_images']} training images)")  # fmt: skip
+    if args.checkpoint:  # the card with the checkpoint's recipe, data and scores
+        from vision_transfer.app.export import checkpoint_model_card
+
+        checkpoint_model_card(args.checkpoint, folder, report["files"], tta=args.tta,
+                              scores=not args.skip_card_scores, int8=report.get("int8"))  # fmt: skip
     print(f"exported to {folder}")
     print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
 
@@ -206,8 +248,10 @@ def _run_feature_command(command: str, init: Any, options: dict[str, Any]) -> No
             duplicate_threshold=init.duplicate_threshold, outlier_fraction=init.outlier_fraction, **options,
         )  # fmt: skip
         folder = Path(init.output).resolve()
+        fit = ("accuracy", summary["out_of_fold_accuracy"]) if "out_of_fold_accuracy" in summary else (
+            "mAP", summary["out_of_fold_map"])  # fmt: skip
         print(f"label issues    {summary['label_issues']:>6}  {folder / 'label_issues.csv'}  "
-              f"(out-of-fold probe accuracy {summary['out_of_fold_accuracy']:.4f})")  # fmt: skip
+              f"(out-of-fold probe {fit[0]} {fit[1]:.4f})")  # fmt: skip
         print(f"duplicates      {summary['duplicates_within_train']:>6} within train, "
               f"{summary['duplicates_across_splits']} across splits (leaks)  {folder / 'duplicates.csv'}  "
               f"(cosine >= {summary['duplicate_threshold']}, {summary['duplicate_threshold_note']})")  # fmt: skip

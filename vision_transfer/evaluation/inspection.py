@@ -2,9 +2,10 @@
 outliers, from features already extracted (the feature cache), without Lightning.
 
 - Label issues: confident learning (Northcutt et al. 2021) by ``cleanlab`` (an optional extra; not
-  rewritten here) on *out-of-fold* probabilities: a multinomial logistic regression on the features
-  (:func:`~vision_transfer.evaluation.linear.lbfgs_logistic_regression`), K stratified folds, so no sample
-  is scored by a head that saw it.
+  rewritten here) on *out-of-fold* probabilities: a logistic regression on the features
+  (:func:`~vision_transfer.evaluation.linear.lbfgs_logistic_regression`; multinomial, or one-vs-rest for
+  multi-hot labels), K stratified folds, so no sample is scored by a head that saw it. Multi-label data
+  goes through cleanlab's multi-label functions (an image is flagged when any of its classes looks wrong).
 - Near-duplicates: cosine similarity of the features (:func:`~vision_transfer.evaluation.knn.nearest_neighbours`,
   chunked, over memory-mapped shards as well as arrays), within a split or across two.
 - Outliers: the mean cosine distance to the ``k`` nearest other samples; the most isolated are flagged.
@@ -18,7 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vision_transfer.data.sources import stratification_key
 from vision_transfer.errors import ConfigError, DataError
+from vision_transfer.evaluation.kinds import kind_of_labels
 from vision_transfer.evaluation.knn import nearest_neighbours
 from vision_transfer.evaluation.linear import Standardizer, lbfgs_logistic_regression, lbfgs_probe
 
@@ -31,15 +34,18 @@ OOF_C_GRID = tuple(10.0**e for e in range(-4, 2))
 class OutOfFold:
     """Out-of-fold class probabilities of every sample, and how they were made."""
 
-    probabilities: np.ndarray  # (N, C), each row from a head that did not see that sample
+    probabilities: np.ndarray  # (N, C), each row from a head that did not see that sample (multi-label: sigmoids)
     folds: np.ndarray  # (N,) the fold each sample was held out in
     c: float  # the logistic regression's C, chosen on the first fold
 
 
 def stratified_folds(labels: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
-    """A fold index per sample: each class's samples dealt round-robin over the folds in a seeded order."""
+    """A fold index per sample: each class's samples dealt round-robin over the folds in a seeded order.
+    Multi-hot ``(N, C)`` labels are stratified by each sample's rarest class (a sample without any class:
+    a stratum of its own), so every class's few positives are spread over the folds."""
     if folds < 2:
         raise ConfigError(f"folds={folds}: cross-validation needs at least 2.")
+    labels = stratification_key(np.asarray(labels))
     rng = np.random.default_rng(seed)
     out = np.empty(len(labels), dtype=np.int64)
     for label in np.unique(labels):
@@ -55,19 +61,25 @@ def out_of_fold_probabilities(
 
     Args:
         features: ``(N, D)`` features (any float dtype).
-        labels: ``(N,)`` class indices (the given labels, errors included).
-        c: the inverse regularisation; None: chosen on the first fold's held-out part over ``OOF_C_GRID``.
+        labels: ``(N,)`` class indices, or ``(N, C)`` multi-hot rows (the given labels, errors included).
+        c: the inverse regularisation; None: chosen on the first fold's held-out part over ``OOF_C_GRID``
+            (by accuracy, or mAP for multi-hot labels).
     """
     labels = np.asarray(labels, dtype=np.int64)
+    kind = kind_of_labels(labels)
     if len(features) != len(labels):
         raise DataError(f"{len(features)} feature rows for {len(labels)} labels.")
-    counts = np.bincount(labels, minlength=num_classes)
+    kind.check_labels(torch.from_numpy(labels), num_classes, "inspect:")
+    counts = kind.targets(torch.from_numpy(labels), num_classes).sum(0).numpy()
     if (small := np.flatnonzero((counts > 0) & (counts < folds))).size:
         raise DataError(
             f"classes {small.tolist()[:5]} have fewer than folds={folds} samples: each fold needs one of each; "
             "use fewer folds."
         )
     fold_of = stratified_folds(labels, folds, seed)
+    for fold in range(folds):  # each trained part must be learnable (multi-label: a positive and a negative)
+        if why := kind.unlearnable_classes(torch.from_numpy(labels[fold_of != fold]), num_classes, False):
+            raise DataError(f"outside fold {fold}: {why} (or use fewer folds).")
     x = torch.from_numpy(np.asarray(features)).double()
     y = torch.from_numpy(labels)
     if c is None:
@@ -79,7 +91,7 @@ def out_of_fold_probabilities(
         held = torch.from_numpy(fold_of == fold)
         scaler = Standardizer(x[~held])
         weight, bias = lbfgs_logistic_regression(scaler(x[~held]), y[~held], num_classes, c)
-        probabilities[held.numpy()] = torch.softmax(scaler(x[held]) @ weight.T + bias, dim=1).numpy()
+        probabilities[held.numpy()] = kind.probabilities(scaler(x[held]) @ weight.T + bias).numpy()
     return OutOfFold(probabilities, fold_of, c)
 
 
@@ -88,21 +100,22 @@ class LabelIssues:
     """Samples whose given label confident learning doubts, most doubtful first."""
 
     indices: np.ndarray  # flagged samples, ranked (lowest label quality first)
-    suggested: np.ndarray  # (N,) the most probable class out of fold
+    suggested: np.ndarray  # (N,) the most probable class out of fold; multi-label: (N, C) probability >= 0.5
     quality: np.ndarray  # (N,) cleanlab's label quality score in [0, 1] (self-confidence)
 
 
 def label_issues(labels: np.ndarray, probabilities: np.ndarray) -> LabelIssues:
-    """Rank likely label errors with ``cleanlab`` from out-of-fold ``probabilities``."""
+    """Rank likely label errors with ``cleanlab`` from out-of-fold ``probabilities``: class indices
+    ``(N,)``, or multi-hot ``(N, C)`` rows with per-class probabilities (cleanlab's multi-label functions)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    kind = kind_of_labels(labels)
     try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
+        flagged, quality = kind.rank_label_issues(labels, probabilities)
     except ImportError as e:  # an optional extra: imported only when used
         raise ConfigError("label issues need cleanlab: pip install 'vision-transfer[inspect]'.") from e
-    labels = np.asarray(labels, dtype=np.int64)
-    flagged = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
-    quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
-    return LabelIssues(np.asarray(flagged, dtype=np.int64), probabilities.argmax(1), np.asarray(quality))
+    probs = torch.from_numpy(probabilities)
+    suggested = kind.decide(probs, torch.full((probs.shape[1],), 0.5, dtype=probs.dtype)).numpy()
+    return LabelIssues(np.asarray(flagged, dtype=np.int64), suggested, np.asarray(quality))
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,24 @@ class TaskKind:
     headline: ClassVar[tuple[str, str]]  # the two test scores a one-line summary shows
     example: ClassVar[str]  # what a class needs in the training split to be learnt
     activation: ClassVar[str]  # in words, for exported configs
+    label_column: ClassVar[str]  # the CSV column the data readers take this kind's labels from
+    card: ClassVar[dict[str, Any]]  # a model card's kind-specific words: title, output, Hub metrics, code
+
+    # -- inspection, distillation and model cards ----------------------------------------------------------
+    def rank_label_issues(self, labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cleanlab's likely label errors from out-of-fold ``probabilities`` (indices, most doubtful first)
+        and every sample's label quality (self-confidence)."""
+        raise NotImplementedError
+
+    def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Hinton's term on this kind's softened outputs (softmax, or a sigmoid per class), scaled by T^2."""
+        raise NotImplementedError
+
+    def card_scores(
+        self, logits: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor
+    ) -> tuple[dict[str, float], np.ndarray, str]:
+        """A model card's headline scores of final logits, a per-class score (NaN: no example) and its name."""
+        raise NotImplementedError
 
     @property
     def monitor(self) -> str:
@@ -206,6 +224,32 @@ class SingleLabel(TaskKind):
     headline = ("acc", "acc_top5")
     example = "sample"
     activation = "softmax"
+    label_column = "label"
+    card: ClassVar[dict[str, Any]] = {"title": "", "output": "softmax", "scope": "", "metrics": ["accuracy", "f1"],
+            "probabilities": "logits.softmax(-1)"}  # fmt: skip
+
+    def rank_label_issues(self, labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from cleanlab.filter import find_label_issues
+        from cleanlab.rank import get_label_quality_scores
+
+        flagged = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
+        quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
+        return np.asarray(flagged), np.asarray(quality)
+
+    def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        from vision_transfer.losses.distillation import softmax_distillation
+
+        return softmax_distillation(student, teacher, temperature)
+
+    def card_scores(
+        self, logits: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor
+    ) -> tuple[dict[str, float], np.ndarray, str]:
+        predictions = logits.argmax(1)
+        headline = {"top-1": metrics.top_k_accuracy(logits, labels), "macro-F1": metrics.f1_macro(predictions, labels),
+                    "balanced accuracy": metrics.balanced_accuracy(predictions, labels)}  # fmt: skip
+        recall = [float((predictions[labels == c] == c).float().mean()) if bool((labels == c).any()) else np.nan
+                  for c in range(logits.shape[1])]  # fmt: skip
+        return {k: float(v) for k, v in headline.items()}, np.array(recall), "recall"
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return logits.softmax(dim=-1)
@@ -373,6 +417,32 @@ class MultiLabel(TaskKind):
     headline = ("map", "f1_micro")
     example = "positive example"
     activation = "a sigmoid per class, positive at or above its threshold"
+    label_column = "labels"
+    card: ClassVar[dict[str, Any]] = {"title": "multi-label ", "output": "sigmoid per class, then per-class thresholds",
+            "scope": " (several at once)", "metrics": ["mean_average_precision"],
+            "probabilities": "torch.sigmoid(logits)"}  # fmt: skip
+
+    def rank_label_issues(self, labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from cleanlab.multilabel_classification.filter import find_label_issues
+        from cleanlab.multilabel_classification.rank import get_label_quality_scores
+
+        given = [np.flatnonzero(row).tolist() for row in labels]
+        flagged = find_label_issues(given, probabilities, return_indices_ranked_by="self_confidence")
+        quality = get_label_quality_scores(given, probabilities, method="self_confidence")
+        return np.asarray(flagged), np.asarray(quality)
+
+    def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+        from vision_transfer.losses.distillation import sigmoid_distillation
+
+        return sigmoid_distillation(student, teacher, temperature)
+
+    def card_scores(
+        self, logits: torch.Tensor, labels: torch.Tensor, thresholds: torch.Tensor
+    ) -> tuple[dict[str, float], np.ndarray, str]:
+        headline = {"mAP": metrics.mean_average_precision(logits, labels),
+                    "micro-F1": metrics.f1_micro(self.decide(logits.sigmoid(), thresholds), labels)}  # fmt: skip
+        return {k: float(v) for k, v in headline.items()}, np.asarray(
+            metrics.average_precision_per_class(logits, labels), dtype=float), "average precision"  # fmt: skip
 
     def require_top1(self, what: str) -> None:
         raise ConfigError(f"{what} measures top-1 accuracy, which a multi-label model does not have.")

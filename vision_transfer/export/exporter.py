@@ -12,6 +12,7 @@ from torch import nn
 
 from vision_transfer.backbones import create_model
 from vision_transfer.errors import ExportError
+from vision_transfer.export.card import write_model_card
 from vision_transfer.export.loading import Classifier, PlainClassifier, load_classifier
 from vision_transfer.export.timm_format import timm_state_dict, write_export
 
@@ -105,6 +106,7 @@ def export_classifier(
         _export_onnx(graph, example, path)
         report["files"]["onnx"] = path.name
         report["max_abs_diff"]["onnx"] = _check("ONNX", torch.from_numpy(_run_onnx(path, example)), reference)
+    report["files"]["card"] = write_model_card(folder, classifier, report["files"]).name  # from a checkpoint: more
     (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 

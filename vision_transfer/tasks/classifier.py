@@ -22,6 +22,7 @@ from vision_transfer.evaluation import EpochScores
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import balanced_class_weights, log_prior
+from vision_transfer.losses.distillation import Teacher
 from vision_transfer.tuning import TuningConfig, TuningPolicy
 from vision_transfer.tuning.adapters import AdapterSummary, apply_peft
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Peft, Scheduler, Unit
@@ -81,6 +82,11 @@ class ImageClassifier(pl.LightningModule):
         compile: ``torch.compile`` the backbone when training starts (the first steps are slow).
         grad_checkpointing: recompute activations in the backward pass instead of storing them
             (timm's ``set_grad_checkpointing``): less memory for about a third more compute.
+        teacher: distil from this trained classifier (a checkpoint, probe.ckpt or export folder of this
+            toolkit; any backbone, its own preprocessing; the same classes): it sees each training view
+            (augmented, mixed) resized to its input, without gradients; only its path is saved.
+        kd_alpha: with ``teacher``: loss = (1 - kd_alpha) * task loss + kd_alpha * distillation loss.
+        kd_temperature: with ``teacher``: the softening temperature T (the term is scaled by T^2).
         data_config: preprocessing that replaces the one the weights imply (checkpoints record it); the
             datamodule must use the same (:meth:`for_data` gives the data's; ``setup`` checks them).
         class_counts: training samples (multi-label: positives) per class, in head order: the prior
@@ -146,6 +152,9 @@ class ImageClassifier(pl.LightningModule):
         channels_last: bool | None = None,
         compile: bool = False,
         grad_checkpointing: bool = False,
+        teacher: str | None = None,
+        kd_alpha: float = 0.5,
+        kd_temperature: float = 2.0,
         data_config: dict[str, Any] | None = None,
         class_counts: list[float] | None = None,
     ) -> None:
@@ -163,6 +172,8 @@ class ImageClassifier(pl.LightningModule):
                  "a backbone that runs in training (cached features are extracted in eval mode)"),
                 (f"grad_checkpointing={grad_checkpointing}", bool(grad_checkpointing and mode == "linear_probe"),
                  "a mode that trains the backbone"),
+                (f"kd_alpha={kd_alpha}", teacher is None and kd_alpha != 0.5, "teacher"),
+                (f"kd_temperature={kd_temperature}", teacher is None and kd_temperature != 2.0, "teacher"),
             )
             if cannot_act
         ]  # fmt: skip
@@ -177,6 +188,12 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError(f"drop_rate={drop_rate}: must be in [0, 1).")
         if cache_features and (mixup_alpha or cutmix_alpha):
             raise ConfigError("mixup_alpha/cutmix_alpha mix images: they cannot be used with cache_features=True.")
+        if teacher is not None and cache_features:
+            raise ConfigError("teacher: the teacher sees the training images, which cache_features=True never loads.")
+        if not 0 < kd_alpha <= 1:
+            raise ConfigError(f"kd_alpha={kd_alpha}: the distillation term's weight, in (0, 1].")
+        if kd_temperature <= 0:
+            raise ConfigError(f"kd_temperature={kd_temperature}: must be > 0.")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"ema_decay={ema_decay}: must be in (0, 1).")
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
@@ -206,6 +223,7 @@ class ImageClassifier(pl.LightningModule):
         self._announced = False
         self._loss_fn: nn.Module | None = None
         self._mixer: BatchMixer | None = None
+        self._teacher: Teacher | None = None  # a plain attribute: never in the state dict or the optimizer
         self.kind: TaskKind | None = None if task == "auto" else task_kind(task)
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
@@ -381,6 +399,11 @@ class ImageClassifier(pl.LightningModule):
             )
         if stage == "fit":
             self._check_ddp()
+            teacher = self.hparams.get("teacher")
+            if teacher is not None and self._teacher is None:
+                self._teacher = Teacher(teacher, list(self.class_names or []), self.task_kind)
+                self.print(f"distilling from {self._teacher.describe()}: kd_alpha={self.hparams['kd_alpha']}, "
+                           f"kd_temperature={self.hparams['kd_temperature']}")  # fmt: skip
         # Lightning gives setup the target device already (self.device), before moving the model
         channels_last = self.hparams.get("channels_last")
         if channels_last or (channels_last is None and self.device.type == "cuda"):
@@ -461,10 +484,22 @@ class ImageClassifier(pl.LightningModule):
         inputs, target = batch.mixed(self._mix)
         logits = inputs.logits(self)
         loss = self._loss(logits, target)
+        if self._teacher is not None:  # the teacher sees the same (augmented, mixed) view
+            loss = self._distil(loss, logits, inputs.images)  # type: ignore[union-attr]
         self.log("train/loss", loss, prog_bar=True)
         # scores on the hard labels, also when the loss saw mixed targets
         self.log_dict({f"train/{k}": v for k, v in self.task_kind.train_scores(logits, labels).items()}, prog_bar=True)
         return loss
+
+    def _distil(self, loss: torch.Tensor, logits: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
+        """``(1 - kd_alpha) * loss + kd_alpha * kd_loss`` against the teacher's logits of ``views``."""
+        assert self._teacher is not None
+        hp: Any = self.hparams
+        teacher = self._teacher.to(self.device)
+        target = teacher.logits(views, self.normalize.mean.flatten() / 255, self.normalize.std.flatten() / 255)
+        distil = self.task_kind.distillation_loss(logits, target, hp.kd_temperature)
+        self.log("train/kd_loss", distil)
+        return (1 - hp.kd_alpha) * loss + hp.kd_alpha * distil
 
     def _scores_input(self, logits: torch.Tensor, final: bool = False) -> torch.Tensor:
         """What the scores count: the logits predictions come from (post-hoc adjustment and temperature;

@@ -1,0 +1,152 @@
+"""Knowledge distillation: the loss against a hand computation, a teacher of another architecture and
+preprocessing seeing the student's own (mixed) views, the teacher outside the student's checkpoint, and the
+refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from tests.conftest import CLASSES, TINY_BACKBONE, tiny_data, tiny_model, write_folder
+from vision_transfer.errors import ConfigError
+from vision_transfer.evaluation.kinds import task_kind
+from vision_transfer.losses.distillation import Teacher
+from vision_transfer.tasks import ImageClassifier
+
+TEACHER_SIZE = 48  # not the student's 32 px
+TEACHER_CONFIG = {"input_size": (3, TEACHER_SIZE, TEACHER_SIZE), "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25),
+                  "interpolation": "bilinear", "crop_pct": 1.0, "crop_mode": "center"}  # fmt: skip
+
+
+SINGLE, MULTI = task_kind("multiclass"), task_kind("multilabel")
+
+
+def test_kd_loss_is_hintons_term_scaled_by_t_squared() -> None:
+    """Each task kind's distillation term against a numpy computation."""
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(4, 5)), rng.normal(size=(4, 5)) * 3
+    temperature = 2.5
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        e = np.exp(x - x.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    p_t, p_s = softmax(t / temperature), softmax(s / temperature)
+    expected = temperature**2 * (p_t * (np.log(p_t) - np.log(p_s))).sum(1).mean()
+    got = SINGLE.distillation_loss(torch.tensor(s), torch.tensor(t), temperature)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    q_t, q_s = 1 / (1 + np.exp(-t / temperature)), 1 / (1 + np.exp(-s / temperature))
+    bce = -(q_t * np.log(q_s) + (1 - q_t) * np.log(1 - q_s)).mean()
+    assert float(MULTI.distillation_loss(torch.tensor(s), torch.tensor(t), temperature)) == pytest.approx(
+        temperature**2 * bce, rel=1e-5
+    )
+    assert float(SINGLE.distillation_loss(torch.tensor(t), torch.tensor(t), temperature)) == pytest.approx(0, abs=1e-6)
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher of another family (test_resnet), input size (48 px) and normalisation, random weights."""
+    torch.manual_seed(1)
+    model = ImageClassifier(backbone="test_resnet", weights="none", class_names=list(CLASSES),
+                            data_config=TEACHER_CONFIG)  # fmt: skip
+    return model.save_standalone_checkpoint(tmp_path_factory.mktemp("teacher") / "teacher.ckpt")
+
+
+def test_the_teacher_sees_the_students_view_in_its_own_preprocessing(teacher_checkpoint: Path) -> None:
+    """Student-normalised 32 px views -> the teacher's logits of the same pixels resized to 48 px and
+    normalised with its own mean and std (computed here independently)."""
+    from vision_transfer.export import load_classifier
+
+    teacher = Teacher(teacher_checkpoint, list(CLASSES), SINGLE)
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    student = ImageClassifier(backbone=TINY_BACKBONE, weights="none", image_size=32, class_names=list(CLASSES))
+    views = student.preprocess(pixels)
+    got = teacher.logits(views, student.normalize.mean.flatten() / 255, student.normalize.std.flatten() / 255)
+    resized = torch.nn.functional.interpolate(pixels.float() / 255, size=(48, 48), mode="bilinear", antialias=True)
+    reference = load_classifier(teacher_checkpoint)
+    with torch.no_grad():
+        expected = reference((resized.clamp(0, 1) - 0.5) / 0.25)  # TEACHER_CONFIG's mean and std
+    assert got.shape == (3, len(CLASSES)) and torch.allclose(got, expected, atol=1e-4)
+
+
+def test_a_student_distils_from_its_teacher_which_sees_the_mixed_view_and_stays_out_of_the_checkpoint(
+    teacher_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_folder(tmp_path / "images")
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    forward, logits = ImageClassifier.forward, Teacher.logits
+
+    def student_forward(self: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
+        seen["student"].append(images.detach().clone())
+        return forward(self, images)
+
+    def teacher_logits(self: Teacher, views: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        seen["teacher"].append(views.detach().clone())
+        return logits(self, views, *args)
+
+    monkeypatch.setattr(ImageClassifier, "forward", student_forward)
+    monkeypatch.setattr(Teacher, "logits", teacher_logits)
+    losses = {}
+    for name, options in (("plain", {}), ("distilled", {"teacher": str(teacher_checkpoint), "kd_alpha": 0.7,
+                                                         "kd_temperature": 3.0})):  # fmt: skip
+        pl.seed_everything(0, verbose=False)
+        data = tiny_data(root)
+        model = tiny_model(data, mixup_alpha=0.4, **options)
+        trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        trainer.fit(model, datamodule=data)
+        losses[name] = float(trainer.callback_metrics["train/loss"])
+        if options:
+            assert "train/kd_loss" in trainer.callback_metrics
+            path = model.save_standalone_checkpoint(tmp_path / "student.ckpt", datamodule=data)
+    assert losses["plain"] != losses["distilled"]
+    # the training views: the teacher got exactly the (mixed) images the student trained on
+    trained = seen["student"][-len(seen["teacher"]) :]
+    assert len(seen["teacher"]) == 2 and all(torch.equal(a, b) for a, b in zip(trained, seen["teacher"], strict=True))
+    content = torch.load(path, weights_only=True)
+    assert not [k for k in content["state_dict"] if "teacher" in k]  # only its path is kept
+    student_keys = set(tiny_model(tiny_data(root)).state_dict())
+    assert set(content["state_dict"]) == student_keys
+    from vision_transfer.checkpoint import read_checkpoint
+
+    assert read_checkpoint(path)[0].settings["teacher"] == str(teacher_checkpoint)
+
+
+def test_distillation_refusals(teacher_checkpoint: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"kd_alpha=0.9 \(acts only with teacher\)"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", kd_alpha=0.9)
+    with pytest.raises(ConfigError, match="cache_features=True never loads"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", mode="linear_probe", cache_features=True,
+                        teacher=str(teacher_checkpoint))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"kd_alpha=0: the distillation term's weight"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", teacher="t.ckpt", kd_alpha=0)
+    with pytest.raises(ConfigError, match="distillation needs the same classes"):
+        Teacher(teacher_checkpoint, ["a", "b", "c"], SINGLE)
+    with pytest.raises(ConfigError, match=r"teacher='missing\.ckpt'"):
+        Teacher("missing.ckpt", list(CLASSES), SINGLE)
+
+
+def test_the_readme_command_distils_from_a_checkpoint(
+    teacher_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fit --model.teacher CKPT`` from the command line: the teacher is loaded and announced, the run ends
+    with a checkpoint that records the teacher's path."""
+    from tests.conftest import tiny_fit_args
+    from tests.test_cli import run_cli
+    from vision_transfer.checkpoint import read_checkpoint
+
+    root = write_folder(tmp_path / "images")
+    data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={root}"]
+    args = tiny_fit_args(data, tmp_path, "--test_after_fit=false", f"--model.teacher={teacher_checkpoint}",
+                         "--model.kd_temperature=4")  # fmt: skip
+    assert run_cli(args) == 0
+    assert "distilling from teacher teacher.ckpt (test_resnet, 48x48): kd_alpha=0.5, kd_temperature=4" in (
+        capsys.readouterr().out
+    )
+    best = next((tmp_path / "runs").rglob("best.ckpt"))
+    settings = read_checkpoint(best)[0].settings
+    assert settings["teacher"] == str(teacher_checkpoint) and settings["kd_temperature"] == 4

@@ -1,0 +1,179 @@
+"""int8 ONNX: ONNX Runtime's static quantization (QDQ format, per-channel int8 weights, uint8 activations)
+calibrated on training images, and gated by the validation score: the fastest of :data:`RECIPES` that keeps
+the score within a set tolerance of its own fp32 graph is written, and none if none does.
+
+``onnxruntime`` is part of the ``export`` extra (it already checks every ONNX export against PyTorch).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vision_transfer.errors import ConfigError, ExportError
+
+INT8_FILE = "classifier.int8.onnx"
+CALIBRATION_IMAGES = 256  # training images (eval transform) whose activation ranges set the int8 scales
+MAX_DROP = 1.0  # points of the validation score an int8 model may lose against fp32 before it is refused
+# The recipes tried in turn until one keeps the validation score within the tolerance, fastest first:
+# - "all": every operator ONNX Runtime quantizes (activations stay int8 from one to the next: the speed);
+# - "sensitive_fp32": the same with grouped (depthwise) convolutions, the first convolution and the classifier
+#   left in fp32 (their few weights per channel, raw pixels and logits quantize worst);
+# - "weighted_only": only convolutions and matrix products, the sensitive ones in fp32 (normalisation and
+#   softmax too: what ONNX Runtime advises for transformers).
+# Measured on a fine-tuned lite0 (Fashion-MNIST, 64 px; benchmarks/deploy.py): see the README.
+RECIPES = ("all", "sensitive_fp32", "weighted_only")
+WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
+
+Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (normalised float32 NCHW images, labels)
+
+
+def quantize_onnx(
+    source: str | Path, target: str | Path, calibration: Iterable[np.ndarray], recipe: str = "all"
+) -> Path:
+    """Quantize the fp32 ONNX model ``source`` into ``target`` by one of :data:`RECIPES`: shape inference and
+    graph clean-up first (``quant_pre_process``), then static QDQ quantization (per-channel int8 weights,
+    uint8 activations) with min-max activation ranges over ``calibration`` (normalised float32 batches)."""
+    if recipe not in RECIPES:
+        raise ConfigError(f"int8 recipe {recipe!r}: one of {', '.join(RECIPES)}.")
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as e:  # the export extra
+        raise ConfigError("int8 export needs onnxruntime: pip install 'vision-transfer[export]'.") from e
+
+    class Reader(CalibrationDataReader):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.batches: Iterator[np.ndarray] = iter(calibration)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {"images": np.ascontiguousarray(batch, dtype=np.float32)}
+
+    target = Path(target)
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = Path(scratch) / "prepared.onnx"
+        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # ONNX Runtime warns on the root logger for every 1-D weight (LayerNorm)
+        try:
+            quantize_static(
+            str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+            op_types_to_quantize=list(WEIGHTED_OPS) if recipe == "weighted_only" else None,
+            nodes_to_exclude=[] if recipe == "all" else kept_in_fp32(prepared),
+            )  # fmt: skip
+        finally:
+            root.setLevel(level)
+    return target
+
+
+def kept_in_fp32(path: str | Path) -> list[str]:
+    """The nodes the cautious recipes leave in fp32: grouped (depthwise) convolutions, the first convolution
+    (the stem or patch embedding, on raw pixels) and the last matrix product (the classifier)."""
+    import onnx
+
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    grouped = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    convs = [n.name for n in nodes if n.op_type == "Conv"]
+    products = [n.name for n in nodes if n.op_type in ("MatMul", "Gemm")]
+    return sorted(set(grouped + convs[:1] + products[-1:]))
+
+
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """A CPU ONNX Runtime session (``threads``: intra-op threads; None: ONNX Runtime's default)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_outputs(path: str | Path, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of every batch through the ONNX model at ``path``, and the labels."""
+    session = onnx_session(path)
+    logits, labels = [], []
+    for images, target in batches:
+        logits.append(session.run(["logits"], {"images": np.ascontiguousarray(images, dtype=np.float32)})[0])
+        labels.append(np.asarray(target))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def validation_score(logits: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
+    """The score the int8 gate compares, in points: top-1 (single-label) or mAP (multi-hot labels)."""
+    if labels.ndim == 1:
+        return "top-1", float(100 * (logits.argmax(1) == labels).mean())
+    import torch
+    from torchmetrics.functional.classification import multilabel_average_precision
+
+    score = multilabel_average_precision(torch.from_numpy(logits).float(), torch.from_numpy(labels).long(),
+                                         num_labels=labels.shape[1])  # fmt: skip
+    return "mAP", float(100 * score)
+
+
+def check_int8_options(max_drop: float = MAX_DROP, calibration_images: int = CALIBRATION_IMAGES) -> None:
+    """Refuse a bad int8 setting before anything is exported."""
+    if max_drop < 0:
+        raise ConfigError(f"--max_int8_drop {max_drop:g}: a tolerance in points, >= 0.")
+    if calibration_images < 1:
+        raise ConfigError(f"--calibration_images {calibration_images}: at least 1.")
+
+
+def int8_export(
+    folder: str | Path,
+    calibration: Iterable[np.ndarray],
+    validation: Batches,
+    *,
+    max_drop: float = MAX_DROP,
+    allow_drop: bool = False,
+    recipes: tuple[str, ...] = RECIPES,
+) -> dict[str, Any]:
+    """Quantize ``folder``'s ``classifier.onnx`` into ``classifier.int8.onnx`` by each of ``recipes`` in
+    turn, scoring it and fp32 on ``validation``, until one loses at most ``max_drop`` points; returns the
+    report (every recipe tried). When none does, nothing is written and an ``ExportError`` names every score
+    (unless ``allow_drop``: the last one is written); the other exports stay."""
+    check_int8_options(max_drop=max_drop)
+    folder = Path(folder)
+    fp32 = folder / "classifier.onnx"
+    if not fp32.is_file():
+        raise ExportError(f"{fp32}: int8 quantization starts from the fp32 ONNX export (add onnx to --formats).")
+    target = folder / INT8_FILE
+    partial = target.with_name(target.name + ".partial")
+    calibration = [np.asarray(batch, dtype=np.float32) for batch in calibration]  # read once, used per recipe
+    batches = list(validation)
+    if not batches:
+        raise ExportError("int8: the validation split is empty; the int8 model cannot be checked.")
+    metric, before = validation_score(*onnx_outputs(fp32, batches))
+    tried: list[dict[str, Any]] = []
+    for recipe in recipes:
+        quantize_onnx(fp32, partial, calibration, recipe)
+        _, after = validation_score(*onnx_outputs(partial, batches))
+        tried.append({"recipe": recipe, "val_int8": round(after, 4), "drop_points": round(before - after, 4)})
+        if before - after <= max_drop:
+            break
+    report = {
+        "file": target.name, "recipe": recipe, "metric": metric, "val_fp32": round(before, 4),
+        "val_int8": round(after, 4), "drop_points": round(before - after, 4), "max_drop": max_drop,
+        "allowed_drop": allow_drop, "tried": tried, "size_mb": round(partial.stat().st_size / 2**20, 3),
+        "fp32_size_mb": round(fp32.stat().st_size / 2**20, 3),
+        "validation_images": int(sum(len(labels) for _, labels in batches)),
+    }  # fmt: skip
+    if before - after > max_drop and not allow_drop:
+        partial.unlink()
+        each = "; ".join(f"{t['recipe']} {t['val_int8']:.2f}" for t in tried)
+        raise ExportError(
+            f"int8: validation {metric} fp32 {before:.2f}, int8 {each}: every recipe drops more than "
+            f"--max_int8_drop {max_drop:g} points; {target.name} not written (the fp32 exports are). Raise "
+            "--max_int8_drop, or --allow_int8_drop to write the last one anyway."
+        )
+    os.replace(partial, target)
+    return report

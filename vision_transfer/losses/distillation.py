@@ -1,0 +1,84 @@
+"""Knowledge distillation (Hinton et al. 2015): a trained teacher's softened outputs as extra targets.
+
+The teacher is any classifier this toolkit loads (a checkpoint, ``probe.ckpt`` or an export folder; any
+backbone, its own preprocessing). It sees the student's training view (after augmentation and mixing): the
+view is taken back to pixels with the student's normalisation, resized to the teacher's input size and
+normalised with the teacher's. It runs in eval mode without gradients and is never part of the student's
+state (its path is recorded in the student's hyperparameters, nothing more).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vision_transfer.errors import ConfigError
+
+
+def softmax_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``T^2 * KL(softmax(teacher / T) || softmax(student / T))``, averaged over the batch: the ``T^2`` keeps
+    the gradients' size as T changes."""
+    s, t = student.float() / temperature, teacher.float() / temperature
+    return temperature**2 * F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="batchmean",
+                                     log_target=True)  # fmt: skip
+
+
+def sigmoid_distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Multi-label: ``T^2 *`` the binary cross-entropy of ``sigmoid(student / T)`` against
+    ``sigmoid(teacher / T)``, averaged over samples and classes."""
+    s, t = student.float() / temperature, teacher.float() / temperature
+    return temperature**2 * F.binary_cross_entropy_with_logits(s, torch.sigmoid(t))
+
+
+class Teacher:
+    """A frozen classifier giving logits for the student's normalised views (not an ``nn.Module`` attribute
+    of the student, so it never enters its checkpoint or its optimizer)."""
+
+    def __init__(self, path: str | Path, class_names: list[str], kind: Any) -> None:
+        from vision_transfer.export.loading import load_classifier
+
+        self.path = str(path)
+        try:
+            classifier = load_classifier(path)
+        except Exception as e:  # the loader's own message names the file
+            raise ConfigError(f"teacher={self.path!r}: {e}") from e
+        if list(classifier.class_names) != list(class_names):
+            raise ConfigError(
+                f"teacher={self.path!r} has classes {_short(classifier.class_names)}, the student "
+                f"{_short(class_names)}: distillation needs the same classes in the same order."
+            )
+        if classifier.kind.name != kind.name:
+            raise ConfigError(f"teacher={self.path!r} is {classifier.kind.name}, the student {kind.name}.")
+        self.model: nn.Module = classifier.eval().requires_grad_(False)
+        self.data_config = classifier.data_config
+        self.mean = torch.tensor(self.data_config.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(self.data_config.std).view(1, 3, 1, 1)
+        self.interpolation = "bicubic" if self.data_config.interpolation == "bicubic" else "bilinear"
+
+    def to(self, device: torch.device) -> Teacher:
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        return self
+
+    @torch.no_grad()
+    def logits(self, views: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor) -> torch.Tensor:
+        """Teacher logits of student-normalised views; ``student_mean``/``std``: per channel, in [0, 1] units."""
+        pixels = views.float() * student_std.view(1, 3, 1, 1) + student_mean.view(1, 3, 1, 1)  # [0, 1]
+        _, height, width = self.data_config.input_size
+        if pixels.shape[-2:] != (height, width):
+            pixels = F.interpolate(pixels, size=(height, width), mode=self.interpolation, antialias=True,
+                                   align_corners=False).clamp(0, 1)  # fmt: skip
+        return self.model((pixels - self.mean) / self.std).float()
+
+    def describe(self) -> str:
+        _, height, width = self.data_config.input_size
+        return f"teacher {Path(self.path).name} ({self.model.architecture}, {height}x{width})"  # type: ignore[union-attr]
+
+
+def _short(names: Any) -> str:
+    names = list(names)
+    return ", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")
