@@ -1,7 +1,8 @@
 """Two-process CPU DDP (gloo) run with a gradual unfreeze milestone mid-run; used by test_resume_ddp.
 
-Usage: python tests/ddp_run.py OUT_DIR [STRATEGY] [PEFT]. Each rank saves its final weights to
-OUT_DIR/rank<N>.pt and the frozen-group count it saw at each epoch.
+Usage: python tests/ddp_run.py OUT_DIR [STRATEGY] [PEFT] [TEACHER]. Each rank saves its final weights to
+OUT_DIR/rank<N>.pt and the frozen-group count it saw at each epoch. TEACHER: a checkpoint to distil from
+(a full fine-tune).
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ def main() -> None:
     pl.seed_everything(0)
     datamodule = tiny_data(data, batch_size=4, verify_images=False)
     peft = sys.argv[3] if len(sys.argv) > 3 else "none"
-    if peft == "none":
+    teacher = sys.argv[4] if len(sys.argv) > 4 else None
+    if teacher is not None:  # every parameter trains and is used: plain DDP
+        model = tiny_model(datamodule, mode="full", teacher=teacher, kd_alpha=1.0, lr=0.05, warmup_epochs=0)
+    elif peft == "none":
         model = tiny_model(datamodule, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0)
     else:  # adapters from the first step: every parameter that requires grad is used
         model = tiny_model(datamodule, mode="full", peft=peft, lr=0.05, warmup_epochs=0)

@@ -43,16 +43,20 @@ def _run(folder: Path, root: Path, callbacks: list[pl.Callback], ckpt_path: str 
     return model, trainer
 
 
-@pytest.mark.parametrize("peft", ["none", "lora"])  # bitfit freezes by requires_grad too, as LoRA's base
+# bitfit freezes by requires_grad too, as LoRA's base; the teacher is loaded again when the resumed fit sets up
+@pytest.mark.parametrize("case", ["none", "lora", "teacher"])
 def test_resume_mid_gradual_schedule_matches_an_uninterrupted_run(
-    tmp_path: Path, image_folder: Path, peft: str
+    tmp_path: Path, image_folder: Path, case: str
 ) -> None:
-    whole, whole_trainer = _run(image_folder, tmp_path / "whole", [], peft=peft)
+    extra = {"teacher": _teacher(tmp_path), "kd_alpha": 0.7} if case == "teacher" else {"peft": case}
+    whole, whole_trainer = _run(image_folder, tmp_path / "whole", [], **extra)
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _, first = _run(image_folder, tmp_path / "part", [checkpoint, StopAfterEpoch(1)], peft=peft)
+    _, first = _run(image_folder, tmp_path / "part", [checkpoint, StopAfterEpoch(1)], **extra)
     assert first.current_epoch == 2 and whole.policy.num_frozen == len(whole.policy.groups) - 4
     last = str(tmp_path / "ckpt" / "last.ckpt")
-    resumed, resumed_trainer = _run(image_folder, tmp_path / "part", [], ckpt_path=last, peft=peft)
+    resumed, resumed_trainer = _run(image_folder, tmp_path / "part", [], ckpt_path=last, **extra)
+    if case == "teacher":
+        assert resumed._teacher is not None and not any("teacher" in k for k in resumed.state_dict())
 
     assert resumed.policy.num_frozen == whole.policy.num_frozen
     assert resumed_trainer.global_step == whole_trainer.global_step
@@ -79,10 +83,20 @@ def test_plateau_scheduler_runs_through_unfreeze_milestones(tmp_path: Path, imag
     assert model.policy.num_frozen < len(model.policy.groups)
 
 
-def _ddp(out: Path, strategy: str, peft: str = "none") -> subprocess.CompletedProcess[str]:
+def _teacher(folder: Path) -> str:
+    """A test_resnet teacher (random weights, 48 px) for the tiny model's three classes."""
+    from tests.conftest import CLASSES
+    from vision_transfer.tasks import ImageClassifier
+
+    torch.manual_seed(1)
+    model = ImageClassifier(backbone="test_resnet", weights="none", class_names=list(CLASSES), image_size=48)
+    return str(model.save_standalone_checkpoint(folder / "teacher.ckpt"))
+
+
+def _ddp(out: Path, strategy: str, peft: str = "none", *teacher: str) -> subprocess.CompletedProcess[str]:
     write_folder(out / "images", per_class=12)
     return subprocess.run(
-        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(out), strategy, peft],
+        [sys.executable, str(REPO / "tests" / "ddp_run.py"), str(out), strategy, peft, *teacher],
         capture_output=True,
         text=True,
         timeout=300,
@@ -125,3 +139,17 @@ def test_ddp_trains_lora_adapters_without_find_unused_parameters(tmp_path: Path)
         if key.startswith("backbone.") and ".lora_" not in key:
             assert not moved, f"{key}: a frozen base weight moved"
     assert any(not torch.equal(v, rank0["initial"][k]) for k, v in rank0["state_dict"].items() if ".lora_B." in k)
+
+
+@pytest.mark.slow
+def test_ddp_distils_from_a_teacher_on_every_rank(tmp_path: Path) -> None:
+    """Each rank loads the teacher itself (it is not part of the module DDP wraps): both ranks end identical
+    and trained."""
+    result = _ddp(tmp_path, "ddp", "none", _teacher(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert rank0["world"] == 2 and not any("teacher" in k for k in rank0["state_dict"])
+    for key, value in rank0["state_dict"].items():
+        assert torch.equal(value, rank1["state_dict"][key]), key
+    assert not torch.equal(rank0["state_dict"]["head.weight"], rank0["initial"]["head.weight"])

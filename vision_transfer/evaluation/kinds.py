@@ -46,11 +46,22 @@ class TaskKind:
     activation: ClassVar[str]  # in words, for exported configs
     label_column: ClassVar[str]  # the CSV column the data readers take this kind's labels from
     card: ClassVar[dict[str, Any]]  # a model card's kind-specific words: title, output, Hub metrics, code
+    cleanlab_package: ClassVar[str]  # where cleanlab keeps this kind's label-issue functions
 
     # -- inspection, distillation and model cards ----------------------------------------------------------
     def rank_label_issues(self, labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cleanlab's likely label errors from out-of-fold ``probabilities`` (indices, most doubtful first)
-        and every sample's label quality (self-confidence)."""
+        and every sample's label quality (self-confidence), by this kind's cleanlab functions."""
+        import importlib
+
+        find = importlib.import_module(f"{self.cleanlab_package}.filter").find_label_issues
+        score = importlib.import_module(f"{self.cleanlab_package}.rank").get_label_quality_scores
+        given = self.cleanlab_labels(labels)
+        flagged = find(given, probabilities, return_indices_ranked_by="self_confidence")
+        return np.asarray(flagged), np.asarray(score(given, probabilities, method="self_confidence"))
+
+    def cleanlab_labels(self, labels: np.ndarray) -> Any:
+        """The given labels as cleanlab takes them: class indices, or a list of each sample's classes."""
         raise NotImplementedError
 
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -225,16 +236,12 @@ class SingleLabel(TaskKind):
     example = "sample"
     activation = "softmax"
     label_column = "label"
+    cleanlab_package = "cleanlab"
     card: ClassVar[dict[str, Any]] = {"title": "", "output": "softmax", "scope": "", "metrics": ["accuracy", "f1"],
             "probabilities": "logits.softmax(-1)"}  # fmt: skip
 
-    def rank_label_issues(self, labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-
-        flagged = find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")
-        quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
-        return np.asarray(flagged), np.asarray(quality)
+    def cleanlab_labels(self, labels: np.ndarray) -> Any:
+        return labels
 
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
         from vision_transfer.losses.distillation import softmax_distillation
@@ -418,18 +425,13 @@ class MultiLabel(TaskKind):
     example = "positive example"
     activation = "a sigmoid per class, positive at or above its threshold"
     label_column = "labels"
+    cleanlab_package = "cleanlab.multilabel_classification"
     card: ClassVar[dict[str, Any]] = {"title": "multi-label ", "output": "sigmoid per class, then per-class thresholds",
             "scope": " (several at once)", "metrics": ["mean_average_precision"],
             "probabilities": "torch.sigmoid(logits)"}  # fmt: skip
 
-    def rank_label_issues(self, labels: np.ndarray, probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from cleanlab.multilabel_classification.filter import find_label_issues
-        from cleanlab.multilabel_classification.rank import get_label_quality_scores
-
-        given = [np.flatnonzero(row).tolist() for row in labels]
-        flagged = find_label_issues(given, probabilities, return_indices_ranked_by="self_confidence")
-        quality = get_label_quality_scores(given, probabilities, method="self_confidence")
-        return np.asarray(flagged), np.asarray(quality)
+    def cleanlab_labels(self, labels: np.ndarray) -> Any:
+        return [np.flatnonzero(row).tolist() for row in labels]
 
     def distillation_loss(self, student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
         from vision_transfer.losses.distillation import sigmoid_distillation
