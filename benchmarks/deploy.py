@@ -37,22 +37,13 @@ def fine_tune(args: argparse.Namespace) -> Path:
     return Path(fit(args, BACKBONE, 0)["checkpoint"])
 
 
-def eval_arrays(checkpoint: Path, calibration_images: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def eval_arrays(data: Any, calibration_images: int = 256) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """The checkpoint's val and test splits through its eval transform, normalised (what every export takes),
-    and as "calibration" the training images the int8 gate calibrates on (the same seeded draw)."""
-    from vision_transfer.app.checkpoints import recorded_datamodule
-    from vision_transfer.app.export import normalised_batches
-    from vision_transfer.checkpoint import read_checkpoint
-    from vision_transfer.data.transforms import Normalize, create_eval_transform
-
-    entry, _ = read_checkpoint(checkpoint)
-    splits = recorded_datamodule(entry).prepare_splits()
-    transform, normalize = create_eval_transform(entry.data_config), Normalize(entry.data_config)
+    and as "calibration" the training images the int8 gate calibrates on (``CheckpointData.calibration_samples``)."""
     out = {}
-    train = splits["train"]
-    chosen = np.sort(np.random.default_rng(0).permutation(len(train))[:calibration_images])
-    for split, samples in (("val", splits["val"]), ("test", splits["test"]), ("calibration", train.take(chosen))):
-        parts = list(normalised_batches(samples, normalize, transform))
+    for split, samples in (("val", data.splits["val"]), ("test", data.splits["test"]),
+                           ("calibration", data.calibration_samples(calibration_images))):  # fmt: skip
+        parts = list(data.batches(samples))
         out[split] = (np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts]))
     return out
 
@@ -109,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     import torch
 
-    from vision_transfer.app.export import quantize_checkpoint_export
+    from vision_transfer.app.export import CheckpointData, quantize_checkpoint_export
     from vision_transfer.export import export_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -120,10 +111,9 @@ def main(argv: list[str] | None = None) -> None:
     fit_s = None if args.checkpoint else time.perf_counter() - start
     folder = out / "export"
     export_checkpoint(checkpoint, folder, ["timm", "torchscript", "onnx"])
-    int8 = quantize_checkpoint_export(
-        checkpoint, folder, calibration_images=args.calibration_images, allow_drop=True
-    )  # fmt: skip  (measured here, whatever it loses)
-    data = eval_arrays(checkpoint, args.calibration_images)
+    recorded = CheckpointData.read(checkpoint)
+    int8 = quantize_checkpoint_export(recorded, folder, calibration_images=args.calibration_images, allow_drop=True)
+    data = eval_arrays(recorded, args.calibration_images)
     from vision_transfer.export.quantize import RECIPES, quantize_onnx
 
     calibration = data.pop("calibration")[0]

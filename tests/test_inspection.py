@@ -120,6 +120,20 @@ def test_outliers_are_the_planted_isolated_samples() -> None:
     assert found.scores[planted].min() > np.delete(found.scores, planted).max()
 
 
+def _inspect(tmp_path: Path, datamodule: str, *data_args: str) -> Path:
+    """``vision-transfer inspect`` of the tiny backbone (2 folds, 10% outliers, exact duplicates only) on a
+    datamodule of ours; returns the output folder."""
+    from tests.conftest import TINY_BACKBONE, TINY_SIZE
+    from vision_transfer.cli import main
+
+    out = tmp_path / "inspect"
+    main(["inspect", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
+          f"--data=vision_transfer.datamodules.{datamodule}", *data_args, "--data.init_args.num_workers=0",
+          f"--cache_dir={tmp_path / 'cache'}", f"--output={out}", "--folds=2", "--outlier_fraction=0.1",
+          "--duplicate_threshold=0.9999"])  # fmt: skip
+    return out
+
+
 def test_inspect_command_writes_what_it_found(tmp_path: Path, split_folder: Path) -> None:
     """The command end to end on an image folder (tiny backbone): a train image copied into test is reported
     as a leak across splits, and every CSV row count is the summary's."""
@@ -127,16 +141,9 @@ def test_inspect_command_writes_what_it_found(tmp_path: Path, split_folder: Path
     import json
     import shutil
 
-    from tests.conftest import TINY_BACKBONE, TINY_SIZE
-    from vision_transfer.cli import main
-
     leaked = sorted((split_folder / "train" / "circle").glob("*.png"))[0]
     shutil.copy(leaked, split_folder / "test" / "circle" / "leaked.png")
-    out = tmp_path / "inspect"
-    main(["inspect", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
-          "--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={split_folder}",
-          "--data.init_args.num_workers=0", f"--cache_dir={tmp_path / 'cache'}", f"--output={out}",
-          "--folds=2", "--outlier_fraction=0.1", "--duplicate_threshold=0.9999"])  # fmt: skip
+    out = _inspect(tmp_path, "ImageFolderDataModule", f"--data.init_args.root={split_folder}")
     summary = json.loads((out / "inspection.json").read_text())
 
     def rows(name: str) -> list[dict[str, str]]:
@@ -221,15 +228,9 @@ def test_inspect_command_on_multilabel_csv_writes_sets_and_a_cleaned_csv_that_re
     import json
 
     from tests.conftest import CLASSES as SHAPES
-    from tests.conftest import TINY_BACKBONE, TINY_SIZE
-    from vision_transfer.cli import main
     from vision_transfer.data.sources import read_csv
 
-    out = tmp_path / "inspect"
-    main(["inspect", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}",
-          "--data=vision_transfer.datamodules.CsvDataModule", f"--data.init_args.csv_path={multilabel_csv}",
-          "--data.init_args.num_workers=0", f"--cache_dir={tmp_path / 'cache'}", f"--output={out}",
-          "--folds=2", "--outlier_fraction=0.1", "--duplicate_threshold=0.9999"])  # fmt: skip
+    out = _inspect(tmp_path, "CsvDataModule", f"--data.init_args.csv_path={multilabel_csv}")
     summary = json.loads((out / "inspection.json").read_text())
     assert summary["task"] == "multilabel" and 0 <= summary["out_of_fold_map"] <= 1
     with (out / "label_issues.csv").open() as f:

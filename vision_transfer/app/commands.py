@@ -93,13 +93,18 @@ def export(argv: list[str]) -> None:
 
     if args.tta is not None and args.tta not in TTA_MODES:  # before a backbone is built or a file written
         raise ConfigError(f"--tta {args.tta!r}: use one of {', '.join(TTA_MODES)}.")
-    from vision_transfer.export.exporter import classifier_from_pretrained, export_checkpoint, export_classifier
+    from vision_transfer.export.exporter import classifier_from_pretrained, export_classifier
 
     formats = [f for f in args.formats.split(",") if f]
     if args.quantize == "int8" and "onnx" not in formats:
         formats.append("onnx")  # the int8 model is quantized from it, and checked against it
     if args.checkpoint:
-        report = export_checkpoint(args.checkpoint, args.to, formats, args.tta)
+        from vision_transfer.app.export import CheckpointData
+        from vision_transfer.export import load_classifier
+
+        classifier = load_classifier(args.checkpoint)
+        report = export_classifier(classifier, args.to, formats, args.tta)
+        data = CheckpointData.read(args.checkpoint)  # the checkpoint and its data, once for int8 and the card
     else:
         report = export_classifier(classifier_from_pretrained(args.backbone, args.weights), args.to, formats, args.tta)
     folder = Path(args.to).resolve()
@@ -112,7 +117,7 @@ def export(argv: list[str]) -> None:
     if args.quantize == "int8":
         from vision_transfer.app.export import quantize_checkpoint_export
 
-        int8 = quantize_checkpoint_export(args.checkpoint, folder, allow_drop=args.allow_int8_drop, **int8_options)
+        int8 = quantize_checkpoint_export(data, folder, allow_drop=args.allow_int8_drop, **int8_options)
         report = {**report, "int8": int8}
         report["files"]["int8"] = int8["file"]
         (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -122,7 +127,7 @@ def export(argv: list[str]) -> None:
     if args.checkpoint:  # the card with the checkpoint's recipe, data and scores
         from vision_transfer.app.export import checkpoint_model_card
 
-        checkpoint_model_card(args.checkpoint, folder, report["files"], tta=args.tta,
+        checkpoint_model_card(data, classifier, folder, report["files"], tta=args.tta,
                               scores=not args.skip_card_scores, int8=report.get("int8"))  # fmt: skip
     print(f"exported to {folder}")
     print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')

@@ -141,17 +141,17 @@ OUTPUTS = (
 )  # fmt: skip
 
 
-def _out_of_fold_score(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """How well the out-of-fold probe fits the given labels: accuracy, or mAP for multi-hot labels."""
-    if labels.ndim == 1:
-        return {"out_of_fold_accuracy": float((probabilities.argmax(1) == labels).mean())}
-    import torch
-    from torchmetrics.functional.classification import multilabel_average_precision
+SUMMARY_NAMES = {"acc": "accuracy", "map": "map"}  # the kinds' selection metrics, as inspection.json keys them
 
-    score = multilabel_average_precision(
-        torch.from_numpy(probabilities).float(), torch.from_numpy(labels), num_labels=labels.shape[1]
-    )
-    return {"out_of_fold_map": float(score)}
+
+def _out_of_fold_score(probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """How well the out-of-fold probe fits the given labels: the task kind's selection metric (accuracy, or
+    mAP for multi-hot labels; both depend on the probabilities' order only)."""
+    import torch
+
+    kind = kind_of_labels(labels)
+    score = kind.selection_scores(torch.from_numpy(probabilities).float(), torch.from_numpy(labels))[kind.metric]
+    return {f"out_of_fold_{SUMMARY_NAMES[kind.metric]}": float(score)}
 
 
 def _row_of(arrays: dict[str, tuple[np.ndarray, np.ndarray]], split: str, row: int) -> int:

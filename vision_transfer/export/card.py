@@ -25,18 +25,19 @@ RECIPE_KEYS = (
 )  # fmt: skip
 
 
-def _license(architecture: str) -> str:
+def _timm_cfg(architecture: str) -> Any:
+    """timm's pretrained config of ``architecture`` (None for a name timm does not know)."""
     import timm
 
     try:
-        cfg = timm.models.get_pretrained_cfg(architecture)
+        return timm.models.get_pretrained_cfg(architecture)
     except (RuntimeError, ValueError):
-        cfg = None
-    return str(getattr(cfg, "license", None) or "other")
+        return None
 
 
 def _front_matter(architecture: str, kind: Any, metrics: Sequence[str], base_model: str | None) -> list[str]:
-    lines = ["---", f"license: {_license(architecture)}", "library_name: timm", "pipeline_tag: image-classification",
+    license_ = getattr(_timm_cfg(architecture), "license", None) or "other"  # the base weights', as timm records it
+    lines = ["---", f"license: {license_}", "library_name: timm", "pipeline_tag: image-classification",
              "tags:", "- image-classification", "- timm", "- vision-transfer"]  # fmt: skip
     if kind.card["title"]:
         lines.append(f"- {kind.card['title'].strip()}")
@@ -49,15 +50,7 @@ def _front_matter(architecture: str, kind: Any, metrics: Sequence[str], base_mod
 
 def _base_model(architecture: str, weights: Mapping[str, Any]) -> str | None:
     """The Hub id of the initial weights, when timm's hub gave them."""
-    if weights.get("kind") != "timm":
-        return None
-    import timm
-
-    try:
-        cfg = timm.models.get_pretrained_cfg(architecture)
-    except (RuntimeError, ValueError):
-        return None
-    return getattr(cfg, "hf_hub_id", None)
+    return getattr(_timm_cfg(architecture), "hf_hub_id", None) if weights.get("kind") == "timm" else None
 
 
 def _class_table(names: Sequence[str], counts: Mapping[str, np.ndarray] | None) -> list[str]:

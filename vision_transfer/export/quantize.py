@@ -31,6 +31,8 @@ MAX_DROP = 1.0  # points of the validation score an int8 model may lose against 
 RECIPES = ("all", "sensitive_fp32", "weighted_only")
 WEIGHTED_OPS = ("Conv", "MatMul", "Gemm")
 
+METRIC_NAMES = {"acc": "top-1", "map": "mAP"}  # the task kinds' selection metrics, as reports name them
+
 Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (normalised float32 NCHW images, labels)
 
 
@@ -109,15 +111,15 @@ def onnx_outputs(path: str | Path, batches: Batches) -> tuple[np.ndarray, np.nda
 
 
 def validation_score(logits: np.ndarray, labels: np.ndarray) -> tuple[str, float]:
-    """The score the int8 gate compares, in points: top-1 (single-label) or mAP (multi-hot labels)."""
-    if labels.ndim == 1:
-        return "top-1", float(100 * (logits.argmax(1) == labels).mean())
+    """The score the int8 gate compares, in points: the task kind's selection metric (top-1, or mAP for
+    multi-hot labels)."""
     import torch
-    from torchmetrics.functional.classification import multilabel_average_precision
 
-    score = multilabel_average_precision(torch.from_numpy(logits).float(), torch.from_numpy(labels).long(),
-                                         num_labels=labels.shape[1])  # fmt: skip
-    return "mAP", float(100 * score)
+    from vision_transfer.evaluation.kinds import kind_of_labels
+
+    kind = kind_of_labels(labels)
+    score = kind.selection_scores(torch.from_numpy(logits).float(), torch.from_numpy(labels))[kind.metric]
+    return METRIC_NAMES[kind.metric], 100 * float(score)
 
 
 def check_int8_options(max_drop: float = MAX_DROP, calibration_images: int = CALIBRATION_IMAGES) -> None:

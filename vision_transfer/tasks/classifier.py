@@ -495,7 +495,7 @@ class ImageClassifier(pl.LightningModule):
         """``(1 - kd_alpha) * loss + kd_alpha * kd_loss`` against the teacher's logits of ``views``."""
         assert self._teacher is not None
         hp: Any = self.hparams
-        teacher = self._teacher.to(self.device)
+        teacher = self._teacher if self._teacher.mean.device == self.device else self._teacher.to(self.device)
         target = teacher.logits(views, self.normalize.mean.flatten() / 255, self.normalize.std.flatten() / 255)
         distil = self.task_kind.distillation_loss(logits, target, hp.kd_temperature)
         self.log("train/kd_loss", distil)
