@@ -120,6 +120,32 @@ def test_multilabel_fit_predict_load_and_export_agree(
     exported = load_classifier(tmp_path / "exported")
     assert exported.predict(images) == classifier.predict(images)
 
+    # the model card of a multi-label export: its kind's metadata, its scores (mAP checked independently) and
+    # its timm code block (sigmoids) run as a reader would
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.test_export import _python_blocks
+    from vision_transfer.app.checkpoints import recorded_datamodule
+    from vision_transfer.checkpoint import read_checkpoint
+    from vision_transfer.evaluation.metrics import mean_average_precision
+    from vision_transfer.export.card import IMAGE_PLACEHOLDER
+
+    assert run_cli(["export", str(best), "--to", str(tmp_path / "carded"), "--formats", "timm"]) == 0
+    card = (tmp_path / "carded" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["metrics"] == ["mean_average_precision"] and "multi-label" in meta["tags"]
+    assert "| split | images | mAP | micro-F1 |" in card
+    test = recorded_datamodule(read_checkpoint(best)[0]).prepare_splits()["test"]
+    probs = classifier.prediction_head().probabilities(classifier.preprocess([str(p) for p in test.items]))
+    assert f"| test | {len(test)} | {mean_average_precision(probs, torch.from_numpy(test.labels)):.4f} | " in card
+    timm_block = next(b for b in _python_blocks(card) if "timm.create_model" in b)
+    code = timm_block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {images[0]!r}")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "carded")
+    assert result.returncode == 0 and any(name in result.stdout for name in CLASSES), result.stderr[-2000:]
+
 
 @pytest.mark.parametrize("solver", ["lbfgs", "sgd"])
 def test_probe_command_on_multilabel_data_reports_map_and_predict_uses_its_thresholds(
