@@ -249,6 +249,15 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "max_test_samples": (None, {FIT: Elsewhere("tests/test_data.py", "class-balanced subsets")}),
     "verify_images": (None, {FIT: Elsewhere("tests/test_bad_input.py", "bad files fail before training")}),
     "on_bad_image": (None, {FIT: Elsewhere("tests/test_bad_input.py", "skip lists the bad images")}),
+    "decode": (
+        None,
+        {
+            FIT: Elsewhere(
+                "tests/test_decode.py::test_the_datamodule_decodes_as_told_on_every_split_and_predict",
+                "JPEGs only (the table's data is PNG): every split and predict, within a tested tolerance of timm",
+            )
+        },
+    ),
     "predict_paths": (None, {PREDICT: Elsewhere("tests/test_cli.py", "the predict command")}),
     # what a model and its data are built with (ImageClassifier.for_data, the command line's links)
     "class_counts": (

@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 
 from vision_transfer.app.protocols import extract_datamodule, extraction_settings, split_arrays
-from vision_transfer.data.images import load_image
 from vision_transfer.data.sources import Samples
 from vision_transfer.datamodules import ImageDataModule
 from vision_transfer.evaluation.inspection import label_issues, near_duplicates, out_of_fold_probabilities, outliers
@@ -164,24 +163,13 @@ def _row_of(arrays: dict[str, tuple[np.ndarray, np.ndarray]], split: str, row: i
     raise KeyError(split)
 
 
-def _image(samples: Samples, row: int) -> np.ndarray:
-    item = samples.items[row]
-    return np.asarray(item) if isinstance(samples.items, np.ndarray) else load_image(str(item))
-
-
 def _content_digests(splits: dict[str, Samples], names: set[str]) -> dict[tuple[str, str], str]:
     """A content hash of every sample of the named splits: the file's bytes, or the array's."""
     out = {}
     for split in names:
         samples = splits[split]
         for row, sample_id in enumerate(samples.ids):
-            item = samples.items[row]
-            data = (
-                np.ascontiguousarray(item).tobytes()
-                if isinstance(samples.items, np.ndarray)
-                else Path(str(item)).read_bytes()
-            )
-            out[(split, sample_id)] = hashlib.sha256(data).hexdigest()
+            out[(split, sample_id)] = hashlib.sha256(samples.content(row)).hexdigest()
     return out
 
 
@@ -193,14 +181,14 @@ def _galleries(
     something was flagged."""
     from vision_transfer.report.plots import plot_image_grid
 
-    images = [_image(splits[split], row) for (split, row), _, _, _ in issues]
+    images = [splits[split].image(row) for (split, row), _, _, _ in issues]
     titles = [f"{given} -> {suggested}\n{quality:.2f}" for _, given, suggested, quality in issues]
     if images:
         plot_image_grid(images, titles, folder / "label_issues.png", columns=8)
     shown = sorted(pairs, key=lambda p: (p[0] == "train", -p[4]))[: GALLERY // 2]  # leaks first
     images, titles = [], []
     for a, a_id, b, b_id, similarity in shown:
-        images += [_image(splits[a], splits[a].ids.index(a_id)), _image(splits[b], splits[b].ids.index(b_id))]
+        images += [splits[a].image(splits[a].ids.index(a_id)), splits[b].image(splits[b].ids.index(b_id))]
         titles += [f"{a} {Path(a_id).name}", f"{b} {similarity:.3f}"]
     if images:
         plot_image_grid(images, titles, folder / "duplicates.png", columns=8)
@@ -248,15 +236,16 @@ def _cleaned_csv(
     """``cleaned.csv`` (path, label or ``;``-separated labels, split) without the flagged label issues and the
     train copies of val/test images, for data read from files (what ``--data CsvDataModule`` reads back);
     False for array data."""
-    if any(isinstance(s.items, np.ndarray) for s in splits.values()):
+    files = {split: s.files for split, s in splits.items()}
+    if any(paths is None for paths in files.values()):
         return False
     leaked = {(b, b_id) for a, _, b, b_id, _ in pairs if a != "train"}
     with (folder / "cleaned.csv").open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["path", label_column, "split"])
         for split, samples in splits.items():
-            for row, (item, label) in enumerate(zip(samples.items, samples.labels, strict=True)):
+            for row, (path, label) in enumerate(zip(files[split] or [], samples.labels, strict=True)):
                 if (split, row) in issues or (split, samples.ids[row]) in leaked:
                     continue
-                writer.writerow([str(Path(str(item)).resolve()), named(label), split])
+                writer.writerow([str(Path(path).resolve()), named(label), split])
     return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,28 +78,35 @@ def check_source(source: SourceSplits, decode: bool = True) -> DataReport:
         counts = samples.class_counts(len(source.class_names))
         report.counts[split] = Counter({name: int(n) for name, n in zip(source.class_names, counts, strict=True)})
         report.multilabel = samples.multilabel
-        if isinstance(samples.items, np.ndarray):
-            report.modes["L" if samples.items.ndim == 3 else "RGB"] += len(samples.items)
-            report.heights += [samples.items.shape[1]] * len(samples.items)
-            report.widths += [samples.items.shape[2]] * len(samples.items)
+        if samples.in_memory:
+            items = np.asarray(samples.items)
+            report.modes["L" if items.ndim == 3 else "RGB"] += len(items)
+            report.heights += [items.shape[1]] * len(items)
+            report.widths += [items.shape[2]] * len(items)
             continue
-        for path in samples.items:
-            digest = hashlib.md5(Path(path).read_bytes(), usedforsecurity=False).hexdigest()
-            if digest in seen:
-                report.duplicates.append((seen[digest], f"{split}:{path}"))
-            else:
-                seen[digest] = f"{split}:{path}"
+        for row in range(len(samples)):
+            name = samples.name(row)
             try:
-                with Image.open(path) as image:
+                data = samples.content(row)
+            except OSError as e:
+                report.unreadable.append((name, str(e)))
+                continue
+            digest = hashlib.md5(data, usedforsecurity=False).hexdigest()
+            if digest in seen:
+                report.duplicates.append((seen[digest], f"{split}:{name}"))
+            else:
+                seen[digest] = f"{split}:{name}"
+            try:
+                with Image.open(io.BytesIO(data)) as image:
                     report.modes[image.mode] += 1
                     report.widths.append(image.width)
                     report.heights.append(image.height)
                 if decode:
-                    load_image(path)
+                    load_image(name, data=data)
             except ImageLoadError as e:
-                report.unreadable.append((path, e.reason))
+                report.unreadable.append((name, e.reason))
             except (OSError, SyntaxError, ValueError) as e:  # the header alone, opened by PIL above
-                report.unreadable.append((path, str(e)))
+                report.unreadable.append((name, str(e)))
     return report
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from vision_transfer.data.images import IMAGE_SUFFIXES, load_image
+from vision_transfer.data.images import IMAGE_SUFFIXES, Decode
 from vision_transfer.data.sources import Samples
 from vision_transfer.errors import DataError, ImageLoadError
 
@@ -133,12 +133,20 @@ class ImageDataset(Dataset):
         transform: an albumentations transform.
         skip_unreadable: yield an :class:`UnreadableImage` for a file that does not decode
             (batch with :func:`collate_readable`) instead of raising :class:`ImageLoadError`.
+        min_side: the shorter side ``transform`` needs, so that a JPEG may decode at reduced size
+            (:func:`~vision_transfer.data.transforms.decode_side`); None decodes in full.
+        decode: how JPEGs decode (:func:`~vision_transfer.data.images.load_image`).
     """
 
-    def __init__(self, samples: Samples, transform: Any, skip_unreadable: bool = False) -> None:
+    def __init__(
+        self, samples: Samples, transform: Any, skip_unreadable: bool = False, min_side: int | None = None,
+        decode: Decode = "full",
+    ) -> None:  # fmt: skip
         self.samples = samples
         self.transform = transform
         self.skip_unreadable = skip_unreadable
+        self.min_side = min_side
+        self.decode = decode
         self._seeded_in: int | None = None
 
     def _seed_transform(self) -> None:
@@ -154,16 +162,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor] | UnreadableImage:
         self._seed_transform()
-        item = self.samples.items[index]
-        if isinstance(item, str):
-            try:
-                image = load_image(item)
-            except ImageLoadError as e:
-                if not self.skip_unreadable:
-                    raise
-                return UnreadableImage(item, e.reason)
-        else:  # an in-memory uint8 array, gray or colour
-            image = np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else item
+        try:
+            image = self.samples.image(index, min_side=self.min_side, decode=self.decode)
+        except ImageLoadError as e:
+            if not self.skip_unreadable:
+                raise
+            return UnreadableImage(self.samples.name(index), e.reason)
         label = self.samples.labels[index]
         target = torch.from_numpy(label.astype(np.float32)) if label.ndim else int(label)  # multi-label: a 0/1 row
         return self.transform(image=image)["image"], target

@@ -4,33 +4,115 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 
-from vision_transfer.data.images import IMAGE_SUFFIXES
+from vision_transfer.data.images import IMAGE_SUFFIXES, Decode, check_image_header, load_image
 from vision_transfer.errors import ConfigError, DataError
 
 SPLITS = ("train", "val", "test")
 
 
+class EncodedImages(Protocol):
+    """Encoded image files held in a dataset rather than on disk (Hugging Face records, litdata chunks)."""
+
+    def __len__(self) -> int: ...
+    def encoded(self, row: int) -> bytes:
+        """The file's bytes (JPEG, PNG, ...) of a row."""
+        ...
+
+    def take(self, index: np.ndarray) -> EncodedImages:
+        """The rows ``index``, in that order."""
+        ...
+
+    def fingerprint(self) -> str:
+        """What identifies the content: the dataset's own fingerprint and the rows taken."""
+        ...
+
+
 @dataclass
 class Samples:
-    """Labelled images: ``items`` are file paths or an ``N x H x W[x C]`` uint8 array.
+    """Labelled images: ``items`` are file paths, an ``N x H x W[x C]`` uint8 array, or encoded files
+    held in a dataset (:class:`EncodedImages`). Only this class asks which: the rest of the toolkit
+    reads a sample through :meth:`image`, :meth:`content` and :meth:`name`.
 
     ``labels`` are int64 class indices (``-1`` when unknown), or for multi-label data an
     ``N x num_classes`` uint8 matrix of 0/1.
     """
 
-    items: list[str] | np.ndarray
+    items: list[str] | np.ndarray | EncodedImages
     labels: np.ndarray
     ids: list[str]  # stable, human-readable identity of each sample (path or "train:123")
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def in_memory(self) -> bool:
+        """Decoded pixels in an array (no files, nothing to decode)."""
+        return isinstance(self.items, np.ndarray)
+
+    @property
+    def files(self) -> list[str] | None:
+        """The image files, when the samples are files on disk."""
+        return self.items if isinstance(self.items, list) else None
+
+    def name(self, row: int) -> str:
+        """The sample as messages name it: its file, else its id."""
+        return self.items[row] if isinstance(self.items, list) else self.ids[row]
+
+    def image(self, row: int, *, min_side: int | None = None, decode: Decode = "full") -> np.ndarray:
+        """The row's image as HxWx3 uint8 RGB (see :func:`~vision_transfer.data.images.load_image`).
+
+        Raises:
+            ImageLoadError: the file or record does not decode; it names the sample.
+        """
+        items = self.items
+        if isinstance(items, np.ndarray):
+            item = items[row]
+            return np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else item
+        if isinstance(items, list):
+            return load_image(items[row], min_side=min_side, decode=decode)
+        return load_image(self.ids[row], min_side=min_side, decode=decode, data=items.encoded(row))
+
+    def check_header(self, row: int) -> None:
+        """Open the row's image header (files and records; arrays are decoded already)."""
+        if isinstance(self.items, list):
+            check_image_header(self.items[row])
+        elif not isinstance(self.items, np.ndarray):
+            check_image_header(self.ids[row], data=self.items.encoded(row))
+
+    def content(self, row: int) -> bytes:
+        """The row's bytes as stored: the file's, the record's, or the array's pixels."""
+        items = self.items
+        if isinstance(items, np.ndarray):
+            return np.ascontiguousarray(items[row]).tobytes()
+        if isinstance(items, list):
+            return Path(items[row]).read_bytes()
+        return items.encoded(row)
+
+    def fingerprint(self) -> str:
+        """Hash of what the images are: ids and, for files, size and mtime; for arrays, the bytes; for
+        records, their dataset's fingerprint. Labels are left out: they do not change the images."""
+        digest = hashlib.sha256()
+        digest.update(json.dumps(list(self.ids), separators=(",", ":")).encode())
+        items = self.items
+        if isinstance(items, np.ndarray):
+            digest.update(np.ascontiguousarray(items).tobytes())
+        elif isinstance(items, list):
+            for path in items:
+                stat = os.stat(path)
+                digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
+        else:
+            digest.update(items.fingerprint().encode())
+        return digest.hexdigest()
 
     @property
     def multilabel(self) -> bool:
@@ -43,8 +125,13 @@ class Samples:
         return np.bincount(self.labels[self.labels >= 0], minlength=num_classes).astype(np.int64)
 
     def take(self, index: np.ndarray) -> Samples:
-        items = self.items[index] if isinstance(self.items, np.ndarray) else [self.items[i] for i in index]
-        return Samples(items, self.labels[index], [self.ids[i] for i in index])
+        items = self.items
+        taken = (
+            items[index] if isinstance(items, np.ndarray)
+            else [items[i] for i in index] if isinstance(items, list)
+            else items.take(np.asarray(index, dtype=np.int64))
+        )  # fmt: skip
+        return Samples(taken, self.labels[index], [self.ids[i] for i in index])
 
 
 @dataclass

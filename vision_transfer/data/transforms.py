@@ -8,6 +8,7 @@ and free on a GPU).
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 import albumentations as A
@@ -59,6 +60,14 @@ class TrainTransform:
         return {"image": self.tensor_ops(out) if self.tensor_ops is not None else out}
 
 
+STRONG_SCALE_MIN = 0.08  # Inception's random resized crop, as timm draws it
+
+
+def smallest_crop(preset: AugmentPreset, scale_min: float) -> float:
+    """The smallest area fraction a preset's random resized crop takes (``strong``: Inception's 8%)."""
+    return STRONG_SCALE_MIN if preset == "strong" else scale_min
+
+
 def create_train_transform(
     config: DataConfig,
     *,
@@ -80,8 +89,7 @@ def create_train_transform(
     if preset not in AUGMENT_PRESETS or preset == "none":
         raise DataError(f"augment={preset!r}: a training preset is one of light, medium, strong.")
     _, height, width = config.input_size
-    if preset == "strong":
-        scale = (0.08, 1.0)
+    scale = (smallest_crop(preset, scale[0]), scale[1])
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=(height, width), scale=scale, interpolation=_interpolation(config), area_for_downscale="image"
@@ -145,6 +153,27 @@ def create_eval_transform(config: DataConfig) -> EvalTransform:
         DataError: ``crop_mode`` or ``interpolation`` is not one timm's eval transform knows.
     """
     return EvalTransform(config)
+
+
+EVAL_DECODE_MARGIN = 2  # eval decodes at >= twice timm's resize: the antialiased resize, not libjpeg, does most
+
+
+def decode_side(config: DataConfig, scale_min: float | None = None) -> int | None:
+    """The shorter side a JPEG decoded at reduced size (libjpeg's 1/2, 1/4, 1/8) keeps for a transform.
+
+    Eval (``scale_min`` None): twice timm's resize to ``size / crop_pct`` (every crop mode resizes
+    within it), so the eval tensor stays within a tested tolerance of timm's full decode (at 1x the
+    DCT scaling's box filter shows: up to 2.8 levels on fur). Training: the smallest random-resized
+    crop, ``scale_min`` of the area at aspect 4/3, still covers the input size (never upsampled).
+    None (decode in full): eval in timm's ``border`` mode, whose padded size follows the aspect ratio,
+    which libjpeg's rounding of scaled sizes moves by a pixel (measured: 5 levels off).
+    """
+    size = max(config.input_size[1:])
+    if scale_min is None:
+        if config.crop_mode == "border":
+            return None
+        return EVAL_DECODE_MARGIN * math.ceil(size / min(config.crop_pct, 1.0))
+    return math.ceil(size / math.sqrt(0.75 * scale_min))
 
 
 class Normalize(torch.nn.Module):

@@ -9,6 +9,7 @@ trained model's classes and task, given at construction too, fix the label indic
 from __future__ import annotations
 
 import csv
+import importlib.util
 import logging
 import os
 from abc import abstractmethod
@@ -31,7 +32,7 @@ from vision_transfer.data.dataset import (
     collate_readable,
     list_predict_files,
 )
-from vision_transfer.data.images import check_image_header, load_image
+from vision_transfer.data.images import DECODES, Decode
 from vision_transfer.data.sources import (
     Samples,
     SourceSplits,
@@ -48,6 +49,8 @@ from vision_transfer.data.transforms import (
     AugmentPreset,
     create_eval_transform,
     create_train_transform,
+    decode_side,
+    smallest_crop,
 )
 from vision_transfer.errors import ConfigError, DataError, ImageLoadError
 from vision_transfer.evaluation.kinds import TaskKind, TaskOption, kind_of_flag, kind_of_labels, task_kind
@@ -163,6 +166,11 @@ class ImageDataModule(pl.LightningDataModule):
             decodes every image at setup, leaves out the bad ones and lists them, with the reason,
             in ``skipped_images.csv`` in the run folder; an image that becomes unreadable later
             is left out of its batch and added to that list.
+        decode: ``reduced`` (default) decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT
+            scaling) when that still leaves every resize a downscale (the shorter side the transform
+            needs: :func:`~vision_transfer.data.transforms.decode_side`); ``full`` decodes every pixel
+            (bit-equal to timm's eval pipeline); ``fast``: ``reduced``'s pixels through simplejpeg (the
+            ``[fast]`` extra), with less overhead than PIL. Other formats and arrays decode in full.
         predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
         data_config: the preprocessing (size, crop, interpolation; the model normalises): the model's,
             from :func:`vision_transfer.backbones.preprocessing` (the command line links it from the
@@ -191,6 +199,7 @@ class ImageDataModule(pl.LightningDataModule):
         balanced_sampling: bool = False,
         verify_images: bool = True,
         on_bad_image: Literal["error", "skip"] = "error",
+        decode: Decode = "reduced",
         predict_paths: str | list[str] | None = None,
         data_config: DataConfig | dict[str, Any] | None = None,
         classes: list[str] | None = None,
@@ -214,6 +223,10 @@ class ImageDataModule(pl.LightningDataModule):
             )
         if task != "auto":
             task_kind(task)  # an unknown kind is refused here
+        if decode not in DECODES:
+            raise ConfigError(f"decode={decode!r}: use one of {', '.join(DECODES)}.")
+        if decode == "fast" and importlib.util.find_spec("simplejpeg") is None:
+            raise ConfigError("decode='fast' needs simplejpeg: pip install 'vision-transfer[fast]' or use reduced.")
         if classes is not None and len(classes) < 2:
             raise ConfigError(f"classes={classes}: a classifier needs at least 2 classes.")
         # what the model shares with its data stays out of the hyperparameters: Lightning logs them merged with
@@ -257,8 +270,16 @@ class ImageDataModule(pl.LightningDataModule):
             else eval_tf
         )
         skip = hp.on_bad_image == "skip"
+        eval_side = decode_side(config)
+        train_side = eval_side if preset == "none" else decode_side(config, smallest_crop(preset, hp.scale_min))
         self.datasets = {
-            split: ImageDataset(samples, train_tf if split == "train" else eval_tf, skip_unreadable=skip)
+            split: ImageDataset(
+                samples,
+                train_tf if split == "train" else eval_tf,
+                skip_unreadable=skip,
+                min_side=train_side if split == "train" else eval_side,
+                decode=hp.decode,
+            )
             for split, samples in self.splits.items()
         }
 
@@ -366,23 +387,23 @@ class ImageDataModule(pl.LightningDataModule):
             splits = {name: self._without_bad_images(samples) for name, samples in splits.items()}
         elif hp.verify_images:
             for samples in splits.values():
-                if not isinstance(samples.items, np.ndarray):
-                    for path in samples.items:
-                        check_image_header(path)
+                if not samples.in_memory:
+                    for row in range(len(samples)):
+                        samples.check_header(row)
         self._class_names = class_names
         self.splits = splits
         return splits
 
     def _without_bad_images(self, samples: Samples) -> Samples:
-        if isinstance(samples.items, np.ndarray):
+        if samples.in_memory:
             return samples
         keep = []
-        for i, path in enumerate(samples.items):
+        for row in range(len(samples)):
             try:
-                load_image(path)
-                keep.append(i)
+                samples.image(row)
+                keep.append(row)
             except ImageLoadError as e:
-                self.skipped.append((path, e.reason))
+                self.skipped.append((samples.name(row), e.reason))
         return samples.take(np.asarray(keep, dtype=np.int64))
 
     def _record_splits(self) -> None:
@@ -478,7 +499,9 @@ class ImageDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         samples = Samples(self.predict_files, np.full(len(self.predict_files), -1), self.predict_files)
-        return self._loader(ImageDataset(samples, create_eval_transform(self._require_data_config())))
+        config = self._require_data_config()
+        transform, side = create_eval_transform(config), decode_side(config)
+        return self._loader(ImageDataset(samples, transform, min_side=side, decode=self.hparams["decode"]))
 
 
 class ImageFolderDataModule(ImageDataModule):

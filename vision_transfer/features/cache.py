@@ -51,17 +51,8 @@ def canonical_json(obj: Any) -> str:
 
 
 def content_fingerprint(samples: Samples) -> str:
-    """Hash of what a split's images are: ids and, for files, size and mtime; for arrays, the bytes.
-    Labels are left out: they do not change the features."""
-    digest = hashlib.sha256()
-    digest.update(canonical_json(list(samples.ids)).encode())
-    if isinstance(samples.items, np.ndarray):
-        digest.update(np.ascontiguousarray(samples.items).tobytes())
-    else:
-        for path in samples.items:
-            stat = os.stat(path)
-            digest.update(f"{stat.st_size}:{stat.st_mtime_ns};".encode())
-    return digest.hexdigest()
+    """Hash of what a split's images are (:meth:`Samples.fingerprint`); labels do not change features."""
+    return samples.fingerprint()
 
 
 @dataclass(frozen=True)
