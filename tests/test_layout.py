@@ -99,7 +99,7 @@ def test_top_level_help_lists_every_command_without_importing_torch() -> None:
     lines = out.strip().splitlines()
     assert lines[-1] == "False"
     listed = [line.split()[0] for line in lines if line.startswith("  ")]
-    assert listed == list(COMMANDS) and len(listed) == 16
+    assert listed == list(COMMANDS) and len(listed) == 17
 
 
 def test_command_help_is_cached_after_the_first_time(tmp_path: Path) -> None:

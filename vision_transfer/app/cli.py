@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "wise-ft": "WiSE-FT: interpolate a fine-tune towards its pre-trained weights, alpha chosen on val",
     "soup": "Model soups: average fine-tunes of one pre-trained model (uniform and greedy)",
     "export": "Export a checkpoint or a pretrained backbone for timm, TorchScript and ONNX",
+    "prepare": "Write a dataset's splits as litdata chunks (pre-resized) to stream from disk or object storage",
     "check-data": "Scan a dataset: class counts, image sizes and modes, unreadable files, duplicates",
     "report": "Print a run folder's summary and redraw its plots",
     "lr-find": "LR range test: plot the loss against the learning rate and suggest one",
@@ -41,7 +42,7 @@ COMMANDS: dict[str, str] = {
 }
 LIGHTNING = ("fit", "validate", "test", "predict")
 # commands whose --help needs the heavy imports (options read from class signatures)
-HEAVY_HELP = {*LIGHTNING, "extract", "probe", "inspect", "benchmark"}
+HEAVY_HELP = {*LIGHTNING, "extract", "probe", "inspect", "benchmark", "prepare"}
 HELP_DISTRIBUTIONS = ("torch", "pytorch-lightning", "timm", "jsonargparse", "albumentations", "torchmetrics")
 
 

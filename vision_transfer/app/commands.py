@@ -409,6 +409,39 @@ def check_data(argv: list[str]) -> None:
         sys.exit(1)
 
 
+def prepare(argv: list[str]) -> None:
+    from vision_transfer.datamodules import ImageDataModule
+
+    parser = ArgumentParser(
+        prog="vision-transfer prepare",
+        description="Write a dataset's train/val/test splits (as the datamodule makes them) as litdata chunks, "
+        "optionally pre-resized and re-encoded, for --data PreparedDataModule to stream (the [stream] extra).",
+    )
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_subclass_arguments(ImageDataModule, "data", required=True)
+    parser.add_argument("--output", type=str, required=True, help="a new folder, or an s3:// or gs:// URL")
+    parser.add_argument(
+        "--short_side", type=int | None, default=None,
+        help="resize larger images to this shorter side (JPEG at --quality); default: keep every file's bytes",
+    )  # fmt: skip
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of resized images")
+    parser.add_argument("--num_workers", type=int, default=1, help="processes that decode, resize and encode")
+    init = parser.instantiate_classes(parser.parse_args(argv))
+    from vision_transfer.data.prepared import prepare as write_prepared
+    from vision_transfer.data.sources import SourceSplits
+
+    data = init.data
+    splits = data.prepare_splits()
+    description = {"datamodule": type(data).__name__, "describe": data.describe(), "options": dict(data.hparams)}
+    metadata = write_prepared(
+        SourceSplits(data.class_names, splits), init.output, short_side=init.short_side, quality=init.quality,
+        num_workers=init.num_workers, description=json.loads(json.dumps(description, default=str)),
+    )  # fmt: skip
+    for split, recorded in metadata["splits"].items():
+        print(f"{split:<6} {len(recorded['ids']):>8} images")
+    print(f"prepared    {init.output}   (--data PreparedDataModule --data.path {init.output})")
+
+
 def report(argv: list[str]) -> None:
     parser = ArgumentParser(
         prog="vision-transfer report", description="Print a run's summary table and redraw its plots."

@@ -161,9 +161,15 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int | torch.Tensor] | UnreadableImage:
+        return self.read(index, lambda: self.samples.image(index, min_side=self.min_side, decode=self.decode))
+
+    def read(
+        self, index: int, load: Callable[[], np.ndarray]
+    ) -> tuple[torch.Tensor, int | torch.Tensor] | UnreadableImage:
+        """Sample ``index``, its image from ``load`` (a decode of bytes already read, when streamed)."""
         self._seed_transform()
         try:
-            image = self.samples.image(index, min_side=self.min_side, decode=self.decode)
+            image = load()
         except ImageLoadError as e:
             if not self.skip_unreadable:
                 raise

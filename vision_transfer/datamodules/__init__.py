@@ -8,12 +8,15 @@ from vision_transfer.datamodules.image import (
     ImageDataModule,
     ImageFolderDataModule,
 )
+from vision_transfer.datamodules.sources import HFDataModule, PreparedDataModule
 
 __all__ = [
     "CachedFeatureDataModule",
     "CsvDataModule",
     "DigitsDataModule",
     "FashionMNISTDataModule",
+    "HFDataModule",
     "ImageDataModule",
     "ImageFolderDataModule",
+    "PreparedDataModule",
 ]
