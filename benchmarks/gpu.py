@@ -36,8 +36,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vision_transfer.data.dataset import ImageDataset
-from vision_transfer.data.sources import Samples, read_fashion_mnist
-from vision_transfer.data.transforms import create_train_transform
+from vision_transfer.data.sources import Samples, SourceSplits, read_fashion_mnist
+from vision_transfer.data.transforms import create_train_transform, decode_side
 from vision_transfer.features.extract import FeatureExtractor, extract
 from vision_transfer.tasks import ImageClassifier
 
@@ -310,20 +310,40 @@ def write_files(args: argparse.Namespace, folder: Path, suffix: str, count: int)
         return list(pool.map(save, range(len(samples))))
 
 
-def loader_rate(samples: Samples, args: argparse.Namespace) -> float:
-    model = ImageClassifier(BACKBONE, weights="packaged", image_size=args.image_size, class_names=CLASSES)
-    dataset = ImageDataset(samples, create_train_transform(model.data_config))
-    workers = min(8, os.cpu_count() or 1)  # the datamodules' default
-    loader = DataLoader(
-        dataset, batch_size=args.batch_size, num_workers=workers, shuffle=True,
-        pin_memory=args.device == "gpu", persistent_workers=True,
-    )  # fmt: skip
+def loader_rate(samples: Samples, args: argparse.Namespace, decode: str = "full", loader: Any = None) -> float:
+    """Training-transform img/s of a loader's epoch after its first batch (default: the map-style folder loader)."""
+    if loader is None:
+        model = ImageClassifier(BACKBONE, weights="packaged", image_size=args.image_size, class_names=CLASSES)
+        side = decode_side(model.data_config, 0.35)
+        dataset = ImageDataset(samples, create_train_transform(model.data_config), min_side=side, decode=decode)  # type: ignore[arg-type]
+        workers = min(8, os.cpu_count() or 1)  # the datamodules' default
+        loader = DataLoader(
+            dataset, batch_size=args.batch_size, num_workers=workers, shuffle=True,
+            pin_memory=args.device == "gpu", persistent_workers=True,
+        )  # fmt: skip
     iterator = iter(loader)
     next(iterator)  # workers started
     start, count = time.perf_counter(), 0
     for images, _ in iterator:
         count += len(images)
     return count / (time.perf_counter() - start)
+
+
+def prepared_rate(files: Samples, args: argparse.Namespace, folder: Path) -> float:
+    """The JPEG files prepared as litdata chunks at short side 256, streamed by PreparedDataModule's train loader."""
+    from vision_transfer.backbones import preprocessing
+    from vision_transfer.data.prepared import prepare
+    from vision_transfer.datamodules import PreparedDataModule
+
+    workers = min(8, os.cpu_count() or 1)
+    prepare(SourceSplits(CLASSES, {"train": files}), str(folder), short_side=256, num_workers=workers)
+    config = preprocessing(BACKBONE, "packaged", args.image_size)
+    data = PreparedDataModule(
+        str(folder), data_config=config, batch_size=args.batch_size, num_workers=workers, decode="fast",
+        val_fraction=0.0, test_fraction=0.0,
+    )  # fmt: skip
+    data.setup("fit")
+    return loader_rate(files, args, loader=data.train_dataloader())
 
 
 def section_pipeline(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -337,6 +357,16 @@ def section_pipeline(args: argparse.Namespace) -> list[dict[str, Any]]:
             files = Samples(paths, samples.labels[: len(paths)], paths)
             name = f"{suffix[1:].upper()} files ({args.file_size} px RGB, decoded with PIL)"
             rows.append({"setting": name, "images_per_s": loader_rate(files, args)})
+        try:  # the [fast] and [stream] extras: carried as wheels (see gpu_check.sh)
+            import litdata  # noqa: F401
+            import simplejpeg  # noqa: F401
+        except ImportError as e:
+            print(json.dumps({"section": "pipeline", "skipped": f"decode=fast / prepared chunks: {e}"}), flush=True)
+        else:
+            name = f"JPEG files ({args.file_size} px RGB, decode=fast: simplejpeg)"
+            rows.append({"setting": name, "images_per_s": loader_rate(files, args, decode="fast")})
+            rows.append({"setting": "prepared chunks (litdata, local, short side 256), decode=fast",
+                         "images_per_s": prepared_rate(files, args, Path(tmp) / "prepared")})  # fmt: skip
     workers = min(8, os.cpu_count() or 1)
     for row in rows:
         row |= {"section": "pipeline", "workers": workers}

