@@ -230,7 +230,7 @@ def test_one_checkpoint_reader_and_writer() -> None:
 
 
 # the data readers decide the kind (from the labels' shape and the user's CSV options); everything else asks it
-KIND_DECIDED = {"vision_transfer/evaluation/kinds.py", "vision_transfer/data/sources.py"}
+KIND_DECIDED = {"vision_transfer/evaluation/kinds.py", "vision_transfer/data/sources.py", "vision_transfer/data/hf.py"}
 KIND_FLAG_READERS = {  # a multilabel flag read from files or given as an option (the CSV datamodule)
     "vision_transfer/data/sources.py",
     "vision_transfer/data/mixing.py",

@@ -52,7 +52,7 @@ def coded(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _source_args(kind: str, image_folder: Path, csv_dataset: Path, tmp_path: Path) -> list[str]:
     if kind == "folder":
         return ["--data=ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
-    if kind == "csv":
+    if kind in ("csv", "multilabel"):
         return ["--data=CsvDataModule", f"--data.init_args.csv_path={csv_dataset}"]
     datasets = pytest.importorskip("datasets")
     from PIL import Image
@@ -66,15 +66,17 @@ def _source_args(kind: str, image_folder: Path, csv_dataset: Path, tmp_path: Pat
     return ["--data=HFDataModule", f"--data.init_args.dataset={tmp_path / 'hf'}"]
 
 
-@pytest.mark.parametrize("kind", ["folder", "csv", "hf"])
+@pytest.mark.parametrize("kind", ["folder", "csv", "multilabel", "hf"])
 def test_prepare_writes_what_the_datamodule_splits_and_it_reads_back_the_same(
-    kind: str, image_folder: Path, csv_dataset: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
-    args = _source_args(kind, image_folder, csv_dataset, tmp_path)
+    kind: str, image_folder: Path, csv_dataset: Path, multilabel_csv: Path, tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    csv_path = multilabel_csv if kind == "multilabel" else csv_dataset
+    args = _source_args(kind, image_folder, csv_path, tmp_path)
     out = tmp_path / "prepared"
     assert run_cli(["prepare", *args, f"--output={out}", "--num_workers=2"]) == 0
     assert f"--data PreparedDataModule --data.path {out}" in capsys.readouterr().out
-    source = {"folder": "ImageFolderDataModule", "csv": "CsvDataModule", "hf": "HFDataModule"}[kind]
+    source = {"folder": "ImageFolderDataModule", "hf": "HFDataModule"}.get(kind, "CsvDataModule")
     metadata = json.loads((out / METADATA).read_text())
     assert metadata["source"]["datamodule"] == source and metadata["short_side"] is None
     prepared, _ = read_prepared(str(out))
@@ -85,7 +87,9 @@ def test_prepare_writes_what_the_datamodule_splits_and_it_reads_back_the_same(
         assert samples.ids == original.splits[split].ids
         assert np.array_equal(samples.labels, original.splits[split].labels)
     # without --short_side, the stored bytes are the files' own: pixel-identical
-    reference = {"folder": lambda: tiny_data(image_folder), "csv": lambda: CsvDataModule(str(csv_dataset))}
+    reference = {"folder": lambda: tiny_data(image_folder), "csv": lambda: CsvDataModule(str(csv_path))}
+    reference["multilabel"] = reference["csv"]
+    assert original.task == ("multilabel" if kind == "multilabel" else "multiclass")
     if kind in reference:
         data = reference[kind]()
         data.prepare_splits()
@@ -216,7 +220,8 @@ def test_fit_test_and_extract_on_a_prepared_dataset_from_the_command_line(
     assert "test/acc" in capsys.readouterr().out
     run = tmp_path / "runs" / "prepared" / "version_0"
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert last["global_step"] == 8 and "PreparedDataModule" in last  # the stream's position travels with it
+    steps = 2 * (len(json.loads((out / METADATA).read_text())["splits"]["train"]["ids"]) // 8)  # drop_last
+    assert last["global_step"] == steps and "PreparedDataModule" in last  # the stream's position travels with it
     assert (run / "checkpoints" / "best.ckpt").is_file()
     extract = [
         "extract", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}", *data,

@@ -194,10 +194,10 @@ class ChunkImages:
 def read_prepared(path: str, cache_dir: str | None = None) -> tuple[SourceSplits, dict[str, Any]]:
     """A prepared dataset's splits as :class:`Samples` over its chunks, and its metadata."""
     metadata = read_metadata(path)
-    multilabel = metadata["task"] == "multilabel"
     splits = {}
     for split, recorded in metadata["splits"].items():
-        labels = np.asarray(recorded["labels"], dtype=np.uint8 if multilabel else np.int64)
+        labels = np.asarray(recorded["labels"])
+        labels = labels.astype(np.uint8 if labels.ndim == 2 else np.int64)  # 0/1 rows, or class indices
         rows = np.arange(len(labels), dtype=np.int64)
         images = ChunkImages(join(path, split), rows, metadata["version"], cache_dir)
         splits[split] = Samples(images, labels, list(recorded["ids"]))
