@@ -11,12 +11,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
 import torch
 
-from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_fit_args
+from tests.conftest import TINY_BACKBONE, TINY_SIZE, tiny_data, tiny_fit_args, tiny_model
 from tests.test_cli import run_cli
 from vision_transfer.backbones import preprocessing
 from vision_transfer.data.prepared import METADATA, prepare, read_prepared
@@ -214,18 +216,49 @@ def test_fit_test_and_extract_on_a_prepared_dataset_from_the_command_line(
     source = ["--data=ImageFolderDataModule", f"--data.init_args.root={image_folder}"]
     assert run_cli(["prepare", *source, f"--output={out}", "--short_side=24"]) == 0
     data = ["--data=PreparedDataModule", f"--data.init_args.path={out}"]
-    shipped = [f"--config={REPO / 'configs' / 'prepared.yaml'}", "--trainer.callbacks.init_args.every_n_train_steps=2"]
+    shipped = [f"--config={REPO / 'configs' / 'prepared.yaml'}", "--checkpoint.last_every_n_steps=1"]
     fit = tiny_fit_args(data, tmp_path, "--data.init_args.num_workers=2", "--trainer.max_epochs=2")
     assert run_cli([fit[0], *shipped, *fit[1:]]) == 0
-    assert "test/acc" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test/acc" in printed and "best.ckpt" in printed  # the best checkpoint is still the one tested
     run = tmp_path / "runs" / "prepared" / "version_0"
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     steps = 2 * (len(json.loads((out / METADATA).read_text())["splits"]["train"]["ids"]) // 8)  # drop_last
     assert last["global_step"] == steps and "PreparedDataModule" in last  # the stream's position travels with it
-    assert (run / "checkpoints" / "best.ckpt").is_file()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     extract = [
         "extract", f"--backbone={TINY_BACKBONE}", "--weights=none", f"--image_size={TINY_SIZE}", *data,
         f"--cache_dir={tmp_path / 'cache'}", "--num_workers=0",
     ]  # fmt: skip
     assert run_cli(extract) == 0
     assert "backbone forward passes" in capsys.readouterr().out
+
+
+class LastCheckpointSeen(pl.Callback):
+    """At each step's start, the step ``last.ckpt`` holds (written at the previous step's end, or absent)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder, self.seen = folder, []
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        last = self.folder / "last.ckpt"
+        self.seen.append(torch.load(last, weights_only=False)["global_step"] if last.exists() else None)
+
+
+@pytest.mark.parametrize("every", [None, 1, 2])
+def test_last_every_n_steps_writes_last_ckpt_mid_epoch(image_folder: Path, tmp_path: Path, every: int | None) -> None:
+    from vision_transfer.callbacks.checkpointing import RunCheckpoint
+
+    data = tiny_data(image_folder, val_fraction=0.0, test_fraction=0.0)  # 24 images: 3 steps an epoch
+    seen = LastCheckpointSeen(tmp_path)
+    checkpoint = RunCheckpoint(dirpath=tmp_path, save_last=True, last_every_n_steps=every)
+    trainer = pl.Trainer(
+        max_epochs=2, logger=False, callbacks=[seen, checkpoint], enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(tiny_model(data, mode="full", warmup_epochs=0), data)
+    # epoch ends write it anyway (step 3); every n steps adds the steps in between
+    expected = {None: [None, None, None, 3, 3, 3], 1: [None, 1, 2, 3, 4, 5], 2: [None, None, 2, 3, 4, 4]}[every]
+    assert seen.seen == expected
+    with pytest.raises(ConfigError, match="last_every_n_steps=0"):
+        RunCheckpoint(last_every_n_steps=0)

@@ -13,6 +13,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
+from vision_transfer.errors import ConfigError
 from vision_transfer.files import write_atomic
 
 LAST_NAME = re.compile(r"last(-v\d+)?\.ckpt")  # ModelCheckpoint(save_last=True) names
@@ -26,9 +27,27 @@ class RunCheckpoint(ModelCheckpoint):
     Here ``last.ckpt`` is written through public API only: at each validation end (where
     ``ModelCheckpoint`` saves) and at each training epoch end, once per step, with
     ``trainer.save_checkpoint``; the parent class keeps the best (top-k) checkpoints.
+
+    Args:
+        last_every_n_steps: also write ``last.ckpt`` every this many training steps, mid-epoch (a stopped run
+            resumes there: a streamed dataset's position is part of it); None: at epoch and validation ends only.
+        kwargs: ``ModelCheckpoint``'s.
     """
 
     _last_step = -1
+
+    def __init__(self, *args: Any, last_every_n_steps: int | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if last_every_n_steps is not None and last_every_n_steps < 1:
+            raise ConfigError(f"last_every_n_steps={last_every_n_steps}: a number of steps >= 1, or None.")
+        self.last_every_n_steps = last_every_n_steps
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.last_every_n_steps and trainer.global_step % self.last_every_n_steps == 0:
+            self._write_last(trainer)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
