@@ -405,3 +405,21 @@ def test_gradient_checkpointing_gives_the_adapters_the_same_gradients(backbone: 
     assert all(g is not None for g in checkpointed.values()), [n for n, g in checkpointed.items() if g is None][:3]
     for name, grad in plain.items():
         assert torch.allclose(grad, checkpointed[name], atol=1e-6), name
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_same_padding_convs_become_plain_convs_with_the_same_outputs(stride: int) -> None:
+    """peft >= 0.22 cannot build an adapter beside timm's Conv2dSame: a targeted 1x1 one becomes nn.Conv2d
+    holding the same parameters ('same' padding of a 1x1 kernel is none), outputs bit-identical at any size."""
+    from timm.layers import Conv2dSame
+
+    from vision_transfer.tuning.adapters import _plain_pointwise_convs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv2dSame(3, 4, 1, stride=stride), nn.ReLU(), Conv2dSame(4, 4, 3, stride=stride))
+    inputs = [torch.randn(2, 3, size, size) for size in (7, 8, 15)]
+    before = [model(x) for x in inputs]
+    weight = model[0].weight
+    _plain_pointwise_convs(model, ["0"])
+    assert type(model[0]) is nn.Conv2d and model[0].weight is weight and type(model[2]) is Conv2dSame
+    assert all(torch.equal(model(x), b) for x, b in zip(inputs, before, strict=True))

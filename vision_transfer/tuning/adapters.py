@@ -134,11 +134,30 @@ def choose_lora_targets(
     return chosen
 
 
+def _plain_pointwise_convs(backbone: nn.Module, targets: list[str]) -> None:
+    """Targeted 1x1 convolutions of a ``Conv2d`` subclass (timm's ``Conv2dSame``: 'same' padding of a 1x1
+    kernel is none at any stride) become plain ``nn.Conv2d`` holding the same parameters, in place: the
+    same outputs, and a layer peft can build its conv adapter from (peft >= 0.22 builds it as
+    ``type(base_layer)(..., padding_mode=...)``, which ``Conv2dSame`` refuses)."""
+    for name in targets:
+        module = backbone.get_submodule(name)
+        if not isinstance(module, nn.Conv2d) or type(module) is nn.Conv2d:
+            continue
+        plain = nn.Conv2d(
+            module.in_channels, module.out_channels, 1, stride=module.stride, bias=module.bias is not None,
+            device=module.weight.device, dtype=module.weight.dtype,
+        )  # fmt: skip
+        plain.weight, plain.bias = module.weight, module.bias
+        parent, _, child = name.rpartition(".")
+        setattr(backbone.get_submodule(parent) if parent else backbone, child, plain)
+
+
 def add_lora(
     backbone: nn.Module, targets: list[str], r: int, alpha: float, dropout: float, dora: bool = False
 ) -> nn.Module:
     """Inject LoRA (DoRA with ``dora``) adapters into ``targets``, in place; only the adapters train."""
     peft = _peft()
+    _plain_pointwise_convs(backbone, targets)
     pattern = "^(" + "|".join(re.escape(t) for t in targets) + ")$"
     config = peft.LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_dora=dora, target_modules=pattern)
     peft.inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
