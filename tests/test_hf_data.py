@@ -116,6 +116,24 @@ def test_what_cannot_be_read_is_refused_by_name(hf_sources: dict, tmp_path: Path
         read_hf(str(tmp_path / "nothing-here"))
 
 
+def test_data_files_take_their_split_from_their_path_below_the_dataset_only() -> None:
+    from vision_transfer.data.hf import _by_split
+
+    root = Path("/home/test/val/data")  # split names above the dataset's folder say nothing
+    files = [root / name for name in (
+        "train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "validation-00000.parquet",
+        "test/part-0.parquet", "valid/x.parquet", "dev_0.parquet", "data.parquet", "trainer.parquet",
+    )]  # fmt: skip
+    groups = _by_split(files, root)
+    assert {split: [Path(f).relative_to(root).as_posix() for f in names] for split, names in groups.items()} == {
+        "train": ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "data.parquet", "trainer.parquet"],
+        "validation": ["validation-00000.parquet"],
+        "test": ["test/part-0.parquet"],
+        "valid": ["valid/x.parquet"],
+        "dev": ["dev_0.parquet"],
+    }
+
+
 def test_records_feed_the_feature_cache_with_a_stable_fingerprint(hf_sources: dict) -> None:
     first = read_hf(str(hf_sources["saved"])).splits["train"]
     again = read_hf(str(hf_sources["saved"])).splits["train"]

@@ -4,6 +4,7 @@ files or an image folder (the ``imagefolder`` builder). ``datasets`` is the ``[h
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,11 @@ def load_hf(dataset: str, config: str | None = None, revision: str | None = None
     if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(path))
     elif path.suffix in DATA_FILES or (path.is_dir() and any(p.suffix in DATA_FILES for p in path.rglob("*"))):
-        files = (
-            [path] if path.is_file() or "*" in dataset else sorted(p for p in path.rglob("*") if p.suffix in DATA_FILES)
-        )
-        kind = "parquet" if files[0].suffix == ".parquet" or str(files[0]).endswith(".parquet") else "arrow"
-        loaded = datasets.load_dataset(kind, data_files=_by_split([str(f) for f in files]), cache_dir=cache_dir)
+        single = path.is_file() or "*" in dataset
+        files = [path] if single else sorted(p for p in path.rglob("*") if p.suffix in DATA_FILES)
+        kind = "parquet" if files[0].suffix == ".parquet" else "arrow"
+        groups = _by_split(files, path.parent if single else path)
+        loaded = datasets.load_dataset(kind, data_files=groups, cache_dir=cache_dir)
     elif path.is_dir():
         loaded = datasets.load_dataset("imagefolder", data_dir=str(path), cache_dir=cache_dir)
     elif path.exists() or dataset.startswith((".", "/")):
@@ -74,17 +75,18 @@ def load_hf(dataset: str, config: str | None = None, revision: str | None = None
     return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict({"train": loaded})
 
 
-def _by_split(files: list[str]) -> dict[str, list[str]]:
-    """Data files grouped by the split their name says (``train-00000.parquet``, ``test/x.arrow``), else train."""
+def _by_split(files: list[Path], root: Path) -> dict[str, list[str]]:
+    """Data files grouped by the split their path below ``root`` names, as the Hub lays them out: a folder
+    named for it (``test/x.arrow``) or a name starting with it (``train-00000-of-00002.parquet``); else train."""
+    names = [name for candidates in SPLIT_NAMES.values() for name in candidates]
     groups: dict[str, list[str]] = {}
     for file in files:
-        name = file.lower()
-        split = next(
-            (hf for hf in (n for names in SPLIT_NAMES.values() for n in names) if f"/{hf}" in name or f"{hf}-" in name
-             or f"{hf}." in Path(name).name),
-            "train",
-        )  # fmt: skip
-        groups.setdefault(split, []).append(file)
+        relative = file.relative_to(root) if file.is_relative_to(root) else Path(file.name)
+        folders = [part.lower() for part in relative.parts[:-1]]
+        split = next((name for name in names if name in folders), None) or next(
+            (name for name in names if re.match(rf"{name}[-_.]", relative.name.lower())), "train"
+        )
+        groups.setdefault(split, []).append(str(file))
     return groups
 
 

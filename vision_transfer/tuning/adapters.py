@@ -144,7 +144,8 @@ def _plain_pointwise_convs(backbone: nn.Module, targets: list[str]) -> None:
         if not isinstance(module, nn.Conv2d) or type(module) is nn.Conv2d:
             continue
         plain = nn.Conv2d(
-            module.in_channels, module.out_channels, 1, stride=module.stride, bias=module.bias is not None,
+            module.in_channels, module.out_channels, 1, stride=(module.stride[0], module.stride[1]),
+            bias=module.bias is not None,
             device=module.weight.device, dtype=module.weight.dtype,
         )  # fmt: skip
         plain.weight, plain.bias = module.weight, module.bias
