@@ -154,6 +154,8 @@ def test_fit_and_extract_from_the_command_line(hf_sources: dict, tmp_path: Path,
     assert run_cli(extract) == 0
     out = capsys.readouterr().out
     assert re.search(r"^train\s+24 rows", out, re.M) and re.search(r"^val\s+6 rows", out, re.M)
+    assert run_cli(["check-data", f"hf:{hf_sources['saved']}"]) == 0
+    assert "| total | 24 | 6 | 6 |" in capsys.readouterr().out
 
 
 def test_a_datamodule_over_a_dataset_decodes_through_the_loader_workers(hf_sources: dict) -> None:

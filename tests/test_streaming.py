@@ -232,6 +232,11 @@ def test_fit_test_and_extract_on_a_prepared_dataset_from_the_command_line(
     ]  # fmt: skip
     assert run_cli(extract) == 0
     assert "backbone forward passes" in capsys.readouterr().out
+    assert run_cli(["check-data", str(out)]) == 0  # the prepared chunks, decoded one by one
+    report = capsys.readouterr().out
+    metadata = json.loads((out / METADATA).read_text())
+    total = "| total | " + " | ".join(str(len(metadata["splits"][s]["ids"])) for s in ("train", "val", "test")) + " |"
+    assert total in report and "max 24x24" in report and "unreadable files: 0" in report
 
 
 class LastCheckpointSeen(pl.Callback):

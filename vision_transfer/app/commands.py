@@ -398,7 +398,9 @@ def check_data(argv: list[str]) -> None:
         prog="vision-transfer check-data",
         description="Scan a dataset before training: counts per class, sizes and modes, unreadable files, duplicates.",
     )
-    parser.add_argument("source", help="an image folder, a path,label CSV, or fashion-mnist[:folder]")
+    parser.add_argument(
+        "source", help="an image folder, a path,label CSV, fashion-mnist[:folder], a prepared folder or hf:<dataset>"
+    )
     parser.add_argument("--headers-only", action="store_true", help="open headers only (faster, misses truncation)")
     args = parser.parse_args(argv)
     from vision_transfer.data.check import check_source, read_any

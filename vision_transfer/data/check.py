@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from vision_transfer.data.images import load_image
+from vision_transfer.data.prepared import METADATA
 from vision_transfer.data.sources import SourceSplits, read_csv, read_fashion_mnist, read_image_folder
 from vision_transfer.errors import DataError, ImageLoadError
 
@@ -111,12 +112,21 @@ def check_source(source: SourceSplits, decode: bool = True) -> DataReport:
 
 
 def read_any(source: str) -> SourceSplits:
-    """A folder, a ``.csv`` file, or ``fashion-mnist`` (Debian package or a folder after a colon)."""
+    """A folder, a ``.csv`` file, ``fashion-mnist`` (Debian package or a folder after a colon), a prepared
+    dataset (``vision-transfer prepare``'s folder), or ``hf:`` and a Hugging Face dataset's name or path."""
     if source == "fashion-mnist" or source.startswith("fashion-mnist:"):
         return read_fashion_mnist(source.partition(":")[2] or None)
+    if source.startswith("hf:"):
+        from vision_transfer.data.hf import read_hf
+
+        return read_hf(source.removeprefix("hf:"))
     path = Path(source)
     if path.suffix == ".csv":
         return read_csv(path)
+    if (path / METADATA).is_file():
+        from vision_transfer.data.prepared import read_prepared
+
+        return read_prepared(source)[0]
     if path.is_dir():
         return read_image_folder(path)
-    raise DataError(f"{source}: not a folder, a .csv file or 'fashion-mnist'.")
+    raise DataError(f"{source}: not a folder, a .csv file, a prepared dataset, 'fashion-mnist' or 'hf:<dataset>'.")
