@@ -183,3 +183,18 @@ def test_the_datamodule_decodes_as_told_on_every_split_and_predict(photos: dict[
 def test_an_unknown_decode_is_refused_by_name() -> None:
     with pytest.raises(ConfigError, match="decode='turbo'"):
         ImageFolderDataModule("anywhere", decode="turbo")  # type: ignore[arg-type]
+
+
+def test_feature_extraction_decodes_in_full_and_refuses_fast(image_folder: Path, tmp_path: Path) -> None:
+    """extract, probe, inspect and the benchmark decode in full (what the cache records): decode=fast is refused
+    there by name, not ignored (cache_features: tests/test_option_paths.py)."""
+    from tests.test_cli import run_cli
+    from vision_transfer.app.protocols import extract_datamodule
+    from vision_transfer.datamodules import ImageFolderDataModule
+
+    with pytest.raises(ConfigError, match="decode='fast': feature extraction decodes every image in full"):
+        extract_datamodule(ImageFolderDataModule(str(image_folder), decode="fast"), "test_efficientnet", "none")
+    args = ["extract", "--backbone=test_efficientnet", "--weights=none", "--image_size=32",
+            "--data=ImageFolderDataModule", f"--data.init_args.root={image_folder}", "--data.init_args.decode=fast",
+            f"--cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    assert run_cli(args) == 2 and not (tmp_path / "cache").exists()  # refused before anything was written

@@ -250,12 +250,13 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     "verify_images": (None, {FIT: Elsewhere("tests/test_bad_input.py", "bad files fail before training")}),
     "on_bad_image": (None, {FIT: Elsewhere("tests/test_bad_input.py", "skip lists the bad images")}),
     "decode": (
-        None,
+        "fast",
         {
             FIT: Elsewhere(
                 "tests/test_decode.py::test_the_datamodule_decodes_as_told_on_every_split_and_predict",
                 "JPEGs only (the table's data is PNG): every split and predict, within a tested tolerance of timm",
-            )
+            ),
+            CACHED: REFUSED,  # extraction decodes in full, what the feature cache records
         },
     ),
     "predict_paths": (None, {PREDICT: Elsewhere("tests/test_cli.py", "the predict command")}),

@@ -38,6 +38,7 @@ def extract_datamodule(
 ) -> tuple[dict[str, FeatureCache], int]:
     """Features of every split of ``datamodule``; returns the caches (one per split) and the
     backbone forward passes run. ``num_workers`` None uses the datamodule's DataLoader workers."""
+    datamodule.check_for_extraction()
     splits = datamodule.prepare_splits()
     caches, extractor = extract(
         backbone,

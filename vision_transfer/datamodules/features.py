@@ -84,6 +84,7 @@ class CachedFeatureDataModule(pl.LightningDataModule):
         extract_batch_size: int = 256,
     ) -> None:
         super().__init__()
+        images.check_for_extraction()
         hp: Any = images.hparams
         changed = augmentation_settings(scale_min=hp.scale_min, hflip=hp.hflip, color_jitter=hp.color_jitter)
         if images.augment_preset not in ("none", "light") or changed:

@@ -170,7 +170,8 @@ class ImageDataModule(pl.LightningDataModule):
             scaling) when that still leaves every resize a downscale (the shorter side the transform
             needs: :func:`~vision_transfer.data.transforms.decode_side`); ``full`` decodes every pixel
             (bit-equal to timm's eval pipeline); ``fast``: ``reduced``'s pixels through simplejpeg (the
-            ``[fast]`` extra), with less overhead than PIL. Other formats and arrays decode in full.
+            ``[fast]`` extra), with less overhead than PIL. Other formats and arrays decode in full, and so
+            does feature extraction (which refuses ``fast``: :meth:`check_for_extraction`).
         predict_paths: folder(s), image file(s) or ``.txt`` lists of paths to predict.
         data_config: the preprocessing (size, crop, interpolation; the model normalises): the model's,
             from :func:`vision_transfer.backbones.preprocessing` (the command line links it from the
@@ -282,6 +283,16 @@ class ImageDataModule(pl.LightningDataModule):
             )
             for split, samples in self.splits.items()
         }
+
+    def check_for_extraction(self) -> None:
+        """Feature extraction (``extract``, ``probe``, ``inspect``, ``benchmark``, ``cache_features``) decodes every
+        image in full, timm's eval pipeline, which the feature cache records; it refuses ``decode='fast'``, a
+        request it would not honour (the default ``reduced`` is a speed setting of the image loaders only)."""
+        if self.hparams.get("decode") == "fast":
+            raise ConfigError(
+                "decode='fast': feature extraction decodes every image in full (timm's eval pipeline, which the "
+                "feature cache records); drop it there (it applies to the image loaders of fit, test and predict)."
+            )
 
     @property
     def augment_preset(self) -> AugmentPreset:
