@@ -180,32 +180,30 @@ def test_ddp_streams_every_sample_once_per_epoch_across_two_ranks(coded: Path, t
 
 
 def test_a_run_killed_mid_epoch_resumes_without_repeating_or_skipping_samples(coded: Path, tmp_path: Path) -> None:
-    whole = _run(coded, tmp_path / "whole", 1, 2)  # the same run, uninterrupted, meanwhile
-    killed_dir = tmp_path / "killed"
-    hold = killed_dir / "hold"
-    killed_dir.mkdir()
+    hold = tmp_path / "hold"
     hold.touch()
-    killed = _run(coded, killed_dir, 1, 2, str(hold))
+    killed = _run(coded, tmp_path, 1, 2, str(hold))
     try:
         from tests.test_faults import _wait_for
 
-        _wait_for((killed_dir / "paused").exists, "the pause after step 3", killed, str(killed_dir / "log.txt"))
+        _wait_for((tmp_path / "paused").exists, "the pause after step 3", killed, str(tmp_path / "log.txt"))
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.wait()
-    _finish(whole, tmp_path / "whole")
-    saved = torch.load(killed_dir / "ckpt" / "last.ckpt", weights_only=False)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 2  # the pause holds step 3 before its checkpoint: two steps are saved
-    before = [entry for entry in _seen(killed_dir / "seen-rank0.txt") if entry[1] < saved["global_step"]]
-    (killed_dir / "seen-rank0.txt").unlink()
+    seen = _seen(tmp_path / "seen-rank0.txt")
+    assert [step for _, step, _ in seen] == [0, 1, 2]
+    before, unsaved = seen[:2], seen[2]
+    (tmp_path / "seen-rank0.txt").unlink()
     hold.unlink()
-    _finish(_run(coded, killed_dir, 1, 2, str(hold)), killed_dir)  # the same command resumes from last.ckpt
-    after = _seen(killed_dir / "seen-rank0.txt")
-    assert after[0][:2] == (0, 2)  # it goes on in epoch 0, at the first step not saved
+    _finish(_run(coded, tmp_path, 1, 2, str(hold)), tmp_path)  # the same command resumes from last.ckpt
+    after = _seen(tmp_path / "seen-rank0.txt")
+    # it goes on in epoch 0 at the first step not saved, with the very batch the killed run was training on
+    assert after[0] == unsaved
     resumed = before + after
-    uninterrupted = _seen(tmp_path / "whole" / "seen-rank0.txt")
-    assert resumed == uninterrupted  # the same batches in the same order: nothing repeated, nothing skipped
-    for epoch in (0, 1):
+    assert [(epoch, step) for epoch, step, _ in resumed] == [(step // 6, step) for step in range(12)]
+    for epoch in (0, 1):  # every sample once in each epoch: nothing repeated, nothing skipped
         assert sorted(i for e, _, batch in resumed if e == epoch for i in batch) == list(range(N_TRAIN))
 
 
