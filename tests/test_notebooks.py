@@ -44,7 +44,14 @@ REUSES_BENCHMARK_RUNS = {"04_imbalance_and_multilabel": 3}  # fits reused: 2 lon
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [  # on the worker that made those runs (conftest's group for their fixtures), not a second worker making them again
+        pytest.param(p, marks=pytest.mark.xdist_group("benchmark_runs")) if p.stem in REUSES_BENCHMARK_RUNS else p
+        for p in NOTEBOOKS
+    ],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_in_small_mode(
     path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> None:

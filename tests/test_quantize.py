@@ -16,43 +16,78 @@ import torch
 
 from vision_transfer.errors import ConfigError, ExportError
 from vision_transfer.export.exporter import classifier_from_pretrained, export_classifier
-from vision_transfer.export.quantize import INT8_FILE, RECIPES, int8_export, onnx_outputs, validation_score
+from vision_transfer.export.loading import Classifier
+from vision_transfer.export.quantize import INT8_FILE, int8_export, onnx_outputs, validation_score
 
 FAMILIES = ("test_resnet", "test_efficientnet", "test_convnext", "test_vit")
 
 
 def _exported(arch: str, folder: Path, tta: str | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """``arch`` (random weights) exported as ONNX into ``folder``; random images and the fp32 model's own
-    predictions as their labels (so the fp32 score is 100 by construction)."""
+    """``arch`` (random weights) with a 3-class head that separates three kinds of image (noise with one colour
+    channel brighter), exported as ONNX into ``folder``; the images and the fp32 model's logits.
+
+    The head is the nearest-class-mean rule on the backbone's features, scaled to a margin of a few logits:
+    a trained model's regime. timm's random 1000-class heads gave logits a thousandth apart, whose top-1 flipped
+    with ONNX Runtime's version (onnxruntime 1.32 moved a random tiny EfficientNet from 70% to 0% agreement)."""
     torch.manual_seed(0)
-    classifier = classifier_from_pretrained(arch, "none")
+    pretrained = classifier_from_pretrained(arch, "none")
+    size = pretrained.data_config.input_size[1]
+    kinds = np.arange(48) % 3
+    images = np.random.default_rng(0).normal(size=(48, 3, size, size)).astype(np.float32)
+    images[np.arange(48), kinds] += 1.0
+    with torch.no_grad():
+        features = pretrained.backbone(torch.from_numpy(images))
+        centre = features.mean(0)
+        means = torch.stack([features[torch.from_numpy(kinds == k)].mean(0) for k in range(3)]) - centre
+        scale = 2.0 / float((features - centre).std() * means.norm(dim=1).mean())
+        head = torch.nn.Linear(features.shape[1], 3).requires_grad_(False)
+        head.weight.copy_(means * scale)
+        head.bias.copy_(-(centre @ means.T) * scale)
+    classifier = Classifier(arch, pretrained.backbone, head, pretrained.data_config, ["red", "green", "blue"])
     if tta:
         classifier.prediction = {**classifier.prediction, "temperature": 1.7}
     export_classifier(classifier, folder, ["onnx"], tta=tta)
-    size = classifier.data_config.input_size[1]
-    images = np.random.default_rng(0).normal(size=(48, 3, size, size)).astype(np.float32)
     logits, _ = onnx_outputs(folder / "classifier.onnx", [(images, np.zeros(len(images)))])
+    assert (logits.argmax(1) == kinds).mean() > 0.9  # the fp32 model does tell the kinds apart
     return images, logits
 
 
 @pytest.mark.parametrize(("arch", "tta"), [*((a, None) for a in FAMILIES), ("test_efficientnet", "flip")])
 def test_int8_tracks_fp32_and_is_smaller_on_every_family(arch: str, tta: str | None, tmp_path: Path) -> None:
-    """The fastest recipe that keeps the tolerance is written (a tiny ViT's LayerNorm/softmax quantized
-    collapses it: the gate falls back to the weighted operators only)."""
+    """Under the default tolerance (1 point) the fastest recipe, every operator in int8, agrees with fp32."""
     folder = tmp_path / arch
     images, logits = _exported(arch, folder, tta)
     labels = logits.argmax(1)
-    # random tiny models have near-tied logits: 15 points of agreement with fp32 is the tolerance here
-    report = int8_export(folder, [images[:24]], [(images, labels)], max_drop=15)
+    report = int8_export(folder, [images[:24]], [(images, labels)])
     assert report["val_fp32"] == 100 and report["validation_images"] == len(images)
-    assert [t["recipe"] for t in report["tried"]] == list(RECIPES[: len(report["tried"])])
-    assert report["recipe"] == report["tried"][-1]["recipe"] and report["drop_points"] <= 15
-    if arch == "test_vit":  # measured: "all" and "sensitive_fp32" agree on 0% of the images
-        assert report["recipe"] == "weighted_only" and report["tried"][0]["drop_points"] > 50
-    assert report["size_mb"] < report["fp32_size_mb"] / 2  # int8 weights; measured 2.4-4x on these tiny models
+    assert report["recipe"] == "all" and report["drop_points"] <= 1
+    assert report["size_mb"] < 0.6 * report["fp32_size_mb"]  # int8 weights; tiny models carry many scales
     int8, _ = onnx_outputs(folder / INT8_FILE, [(images, labels)])
-    assert np.abs(int8 - logits).mean() < 0.1 * logits.std()  # measured 0.01-0.045 of the logits' spread
+    # with TTA the graph returns log-probabilities: a uint8 softmax (before its tail stayed fp32) sent every one
+    # under 1/510 to the log's clamp, 5.3 logits off on average (here: 0.5 std)
+    assert np.abs(int8 - logits).mean() < 0.3 * logits.std()
     assert report["drop_points"] == pytest.approx(100 - validation_score(int8, labels)[1], abs=1e-3)
+
+
+def test_the_gate_tries_the_recipes_in_turn_and_writes_the_first_within_the_tolerance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe that loses too much is passed over for the next, and the report lists each one tried."""
+    import vision_transfer.export.quantize as quantize
+
+    folder = tmp_path / "test_resnet"
+    images, logits = _exported("test_resnet", folder)
+    real = quantize.quantize_onnx
+
+    def first_recipe_broken(source: Path, target: Path, calibration: list[np.ndarray], recipe: str) -> Path:
+        blank = [np.zeros_like(batch) for batch in calibration] if recipe == "all" else calibration
+        return real(source, target, blank, recipe)
+
+    monkeypatch.setattr(quantize, "quantize_onnx", first_recipe_broken)
+    report = int8_export(folder, [images[:24]], [(images, logits.argmax(1))])
+    assert [t["recipe"] for t in report["tried"]] == ["all", "sensitive_fp32"]
+    assert report["tried"][0]["drop_points"] > 1 and report["recipe"] == "sensitive_fp32"
+    assert report["drop_points"] <= 1 and (folder / INT8_FILE).is_file()
 
 
 def test_an_int8_model_beyond_the_tolerance_is_refused_and_the_fp32_files_stay(tmp_path: Path) -> None:

@@ -70,11 +70,28 @@ def quantize_onnx(
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
             op_types_to_quantize=list(WEIGHTED_OPS) if recipe == "weighted_only" else None,
-            nodes_to_exclude=[] if recipe == "all" else kept_in_fp32(prepared),
+            nodes_to_exclude=after_the_weights(prepared) + ([] if recipe == "all" else kept_in_fp32(prepared)),
             )  # fmt: skip
         finally:
             root.setLevel(level)
     return target
+
+
+def after_the_weights(path: str | Path) -> list[str]:
+    """The nodes no weighted operator follows: the prediction graph's tail after the classifier (temperature,
+    softmax, the test-time-augmentation average, the log). They stay in fp32 under every recipe: a uint8
+    softmax rounds every probability under 1/510 to 0 (its log to the clamp), for no speed."""
+    import onnx
+
+    nodes = list(onnx.load(str(path), load_external_data=False).graph.node)  # in topological order
+    feeds_weights: set[str] = set()  # tensors from which a weighted operator is reached
+    tail = []
+    for node in reversed(nodes):
+        if node.op_type in WEIGHTED_OPS or any(out in feeds_weights for out in node.output):
+            feeds_weights.update(node.input)
+        else:
+            tail.append(node.name)
+    return sorted(tail)
 
 
 def kept_in_fp32(path: str | Path) -> list[str]:
