@@ -595,6 +595,13 @@ ABLATIONS: dict[str, tuple[str, str, dict[str, Any], str]] = {
     "ours_no_smoothing": ("ours", "quickstart", {"model.label_smoothing": 0.0}, "no label smoothing (fastai's loss)"),
     "ours_light_aug": ("ours", "quickstart", {"data.augment": "light"}, "light augmentation (crop from 35%, flip)"),
     "ours_one_lr": ("ours", "quickstart", {"model.head_lr": None}, "the head at the backbone's lr (fastai's one lr)"),
+    "ours_fastai_betas": (
+        "ours", "quickstart", {"model.adam_betas": [0.9, 0.99]}, "Adam betas (0.9, 0.99) (fastai's), not (0.9, 0.999)"
+    ),
+    "ours_one_cycle_shape": (
+        "ours", "quickstart", {"model.warmup_epochs": 0.75, "model.min_lr_ratio": 0.0},
+        "one-cycle's schedule shape: warm-up over 25% of the run (not 10%), annealed to 0 (not 1%)",
+    ),
     "fastai": ("fastai", "one_cycle", _FASTAI, "fastai: unfreeze + fit_one_cycle(3, 2e-3), Resize"),
     "fastai_presize": ("fastai", "one_cycle", {**_FASTAI, "pipeline": "presize"}, "fastai on our pixels (presize)"),
     "fastai_linear_head": ("fastai", "one_cycle", {**_FASTAI, "head": "linear"}, "fastai with a linear head"),

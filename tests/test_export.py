@@ -227,13 +227,17 @@ def test_every_export_has_a_model_card_whose_numbers_are_measured_and_whose_code
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
     blocks = _python_blocks(card)
-    assert len(blocks) == 3  # vision-transfer, timm, ONNX Runtime
+    assert len(blocks) == 4  # vision-transfer, timm, transformers, ONNX Runtime
+    top1 = []
     for block in blocks:
         assert IMAGE_PLACEHOLDER in block
         code = block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {str(image)!r}")
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out)
         assert result.returncode == 0, (block, result.stderr[-2000:])
-        assert any(name in result.stdout for name in classifier.class_names), result.stdout
+        named = {result.stdout.find(name): name for name in classifier.class_names if name in result.stdout}
+        assert named, result.stdout
+        top1.append(named[min(named)])  # each block prints its top class first
+    assert len(set(top1)) == 1, top1  # one model, one preprocessing: the same answer from every runtime
 
 
 def test_a_card_without_training_data_says_so_and_runs(tmp_path: Path) -> None:

@@ -141,10 +141,12 @@ def test_multilabel_fit_predict_load_and_export_agree(
     test = recorded_datamodule(read_checkpoint(best)[0]).prepare_splits()["test"]
     probs = classifier.prediction_head().probabilities(classifier.preprocess([str(p) for p in test.items]))
     assert f"| test | {len(test)} | {mean_average_precision(probs, torch.from_numpy(test.labels)):.4f} | " in card
-    timm_block = next(b for b in _python_blocks(card) if "timm.create_model" in b)
-    code = timm_block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {images[0]!r}")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "carded")
-    assert result.returncode == 0 and any(name in result.stdout for name in CLASSES), result.stderr[-2000:]
+    for library in ("timm.create_model", "transformers"):  # the transformers pipeline with sigmoid scores
+        block = next(b for b in _python_blocks(card) if library in b)
+        code = block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {images[0]!r}")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path / "carded")
+        assert result.returncode == 0 and any(name in result.stdout for name in CLASSES), result.stderr[-2000:]
+    assert 'function_to_apply="sigmoid"' in card
 
 
 @pytest.mark.parametrize("solver", ["lbfgs", "sgd"])

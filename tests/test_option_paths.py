@@ -162,6 +162,7 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
     ),
     "layer_decay": (0.5, {FIT: ACTS, "mode=linear_probe": REFUSED}),
     "momentum": (0.5, {"optimizer=sgd": ACTS, "alone": REFUSED}),
+    "adam_betas": ((0.5, 0.9), {FIT: ACTS, CACHED: ACTS, "optimizer=sgd": REFUSED}),
     "optimizer": ("sgd", {FIT: ACTS, CACHED: ACTS}),
     "lr": (1e-2, {FIT: ACTS, CACHED: ACTS}),
     "head_lr": (1e-2, {FIT: ACTS, CACHED: ACTS}),

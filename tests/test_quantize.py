@@ -27,8 +27,8 @@ def _exported(arch: str, folder: Path, tta: str | None = None) -> tuple[np.ndarr
     channel brighter), exported as ONNX into ``folder``; the images and the fp32 model's logits.
 
     The head is the nearest-class-mean rule on the backbone's features, scaled to a margin of a few logits:
-    a trained model's regime. timm's random 1000-class heads gave logits a thousandth apart, whose top-1 flipped
-    with ONNX Runtime's version (onnxruntime 1.32 moved a random tiny EfficientNet from 70% to 0% agreement)."""
+    a trained model's regime. timm's random 1000-class heads gave logits a thousandth apart: their int8 top-1
+    agreement moved between fresh installs (a tiny EfficientNet's from over 85% to 0-69%)."""
     torch.manual_seed(0)
     pretrained = classifier_from_pretrained(arch, "none")
     size = pretrained.data_config.input_size[1]

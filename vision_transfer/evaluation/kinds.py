@@ -238,7 +238,7 @@ class SingleLabel(TaskKind):
     label_column = "label"
     cleanlab_package = "cleanlab"
     card: ClassVar[dict[str, Any]] = {"title": "", "output": "softmax", "scope": "", "metrics": ["accuracy", "f1"],
-            "probabilities": "logits.softmax(-1)"}  # fmt: skip
+            "probabilities": "logits.softmax(-1)", "pipeline": "softmax"}  # fmt: skip
 
     def cleanlab_labels(self, labels: np.ndarray) -> Any:
         return labels
@@ -428,7 +428,7 @@ class MultiLabel(TaskKind):
     cleanlab_package = "cleanlab.multilabel_classification"
     card: ClassVar[dict[str, Any]] = {"title": "multi-label ", "output": "sigmoid per class, then per-class thresholds",
             "scope": " (several at once)", "metrics": ["mean_average_precision"],
-            "probabilities": "torch.sigmoid(logits)"}  # fmt: skip
+            "probabilities": "torch.sigmoid(logits)", "pipeline": "sigmoid"}  # fmt: skip
 
     def cleanlab_labels(self, labels: np.ndarray) -> Any:
         return [np.flatnonzero(row).tolist() for row in labels]

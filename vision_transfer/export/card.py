@@ -188,6 +188,11 @@ def _loading(kind: Any, files: Mapping[str, Any], data_config: Any) -> list[str]
                    'names = json.load(open("config.json"))["label_names"]', "with torch.no_grad():",
                    '    logits = model(transform(Image.open(IMAGE).convert("RGB")).unsqueeze(0))[0]',
                    f"print(sorted(zip({probabilities}.tolist(), names), reverse=True)[:3])", "```", ""]  # fmt: skip
+        blocks += ["With Hugging Face transformers (`pip install transformers timm`; its timm wrapper reads this "
+                   "folder; the plain model, without the temperature, TTA or thresholds):", "",
+                   "```python", IMAGE_PLACEHOLDER, "from transformers import pipeline", "",
+                   f'pipe = pipeline("image-classification", model=".", function_to_apply="{kind.card["pipeline"]}")',
+                   "print(pipe(IMAGE, top_k=3))", "```", ""]  # fmt: skip
     if "onnx" in files:
         onnx_file, c = files["onnx"], data_config
         preprocessing = (f"input_size={tuple(c.input_size)}, interpolation={c.interpolation!r}, mean={tuple(c.mean)}, "

@@ -113,6 +113,7 @@ class ImageClassifier(pl.LightningModule):
         layer_decay: float = _D.layer_decay,
         weight_decay: float = _D.weight_decay,
         momentum: float = _D.momentum,
+        adam_betas: tuple[float, float] = _D.adam_betas,
         warmup_epochs: float = _D.warmup_epochs,
         min_lr_ratio: float = _D.min_lr_ratio,
         task: TaskOption = "auto",

@@ -44,6 +44,8 @@ class TuningConfig:
         layer_decay: each stage group below the top gets ``lr`` times this, once more per step down.
         weight_decay: decoupled weight decay, not applied to biases and norm parameters.
         momentum: SGD momentum.
+        adam_betas: AdamW's (beta1, beta2), the decay rates of its gradient and squared-gradient averages
+            (PyTorch's default; fastai's Adam uses (0.9, 0.99)).
         warmup_epochs: linear warmup length, in (fractional) epochs, before the cosine decay.
         min_lr_ratio: the cosine schedule ends at this fraction of each group's learning rate.
         scheduler: ``cosine`` (per step, with warmup, following the unfreezing schedule),
@@ -77,6 +79,7 @@ class TuningConfig:
     layer_decay: float = 1.0
     weight_decay: float = 0.01
     momentum: float = 0.9
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     warmup_epochs: float = 0.5
     min_lr_ratio: float = 0.01
     scheduler: Scheduler = "cosine"
@@ -90,11 +93,14 @@ class TuningConfig:
     lora_targets: list[str] | None = None
 
     def __post_init__(self) -> None:
+        betas = tuple(float(b) for b in self.adam_betas)  # YAML gives a list: one form, so == compares values
+        object.__setattr__(self, "adam_betas", betas)
         checks = [
             ("lr", self.lr > 0, "must be > 0"),
             ("head_lr", self.head_lr is None or self.head_lr > 0, "must be > 0"),
             ("layer_decay", 0 < self.layer_decay <= 1, "must be in (0, 1]"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+            ("adam_betas", len(betas) == 2 and all(0 <= b < 1 for b in betas), "must be two numbers in [0, 1)"),
             ("warmup_epochs", self.warmup_epochs >= 0, "must be >= 0"),
             ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("lp_epochs", self.lp_epochs >= 0, "must be >= 0"),
@@ -134,6 +140,7 @@ class TuningConfig:
                 "a mode that freezes stage groups, peft, or bn='frozen'",
             ),
             "momentum": (self.optimizer == "sgd", "optimizer='sgd'"),
+            "adam_betas": (self.optimizer == "adamw", "optimizer='adamw'"),
             "warmup_epochs": (self.scheduler == "cosine", "scheduler='cosine'"),
             "min_lr_ratio": (self.scheduler == "cosine", "scheduler='cosine'"),
             "plateau_factor": (self.scheduler == "plateau", "scheduler='plateau'"),

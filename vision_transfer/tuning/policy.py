@@ -143,7 +143,7 @@ class TuningPolicy:
         if t.optimizer == "sgd":
             optimizer: torch.optim.Optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
         else:
-            optimizer = torch.optim.AdamW(groups, lr=t.lr, fused=True if fused else None)
+            optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=t.adam_betas, fused=True if fused else None)
         if t.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", factor=t.plateau_factor, patience=t.plateau_patience
