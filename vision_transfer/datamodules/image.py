@@ -467,20 +467,25 @@ class ImageDataModule(pl.LightningDataModule):
         return type(self).__name__
 
     # -- loaders ----------------------------------------------------------------------------
-    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
-        workers = self.num_workers
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+    def _loader_options(self, dataset: Dataset, training: bool) -> dict[str, Any]:
+        """What every loader of this data shares (the map-style ones and the prepared data's stream): batch size,
+        workers, the collate (skipping unreadable images when asked), pinned memory on CUDA, and in training
+        no last batch of one image (it breaks BatchNorm)."""
         skipping = isinstance(dataset, ImageDataset) and dataset.skip_unreadable
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "collate_fn": collate_readable if skipping else collate_images,
+            "pin_memory": self.trainer is not None and self.trainer.strategy.root_device.type == "cuda",
+            "drop_last": training and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+        }
+
+    def _loader(self, dataset: Dataset, shuffle: bool = False) -> DataLoader:
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
-            collate_fn=collate_readable if skipping else collate_images,
             sampler=self._sampler(dataset) if shuffle else None,
-            num_workers=workers,
-            pin_memory=pin,
-            persistent_workers=workers > 0,
-            # A last batch of one image breaks BatchNorm in training.
-            drop_last=shuffle and len(dataset) > self.batch_size,  # type: ignore[arg-type]
+            persistent_workers=self.num_workers > 0,
+            **self._loader_options(dataset, training=shuffle),
         )
 
     def _sampler(self, dataset: Dataset) -> Sampler[int]:

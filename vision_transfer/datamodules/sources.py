@@ -7,7 +7,7 @@ from typing import Any
 
 from torch.utils.data import DataLoader
 
-from vision_transfer.data.dataset import ImageDataset, UnreadableImage, collate_images, collate_readable
+from vision_transfer.data.dataset import ImageDataset, UnreadableImage
 from vision_transfer.data.hf import read_hf
 from vision_transfer.data.images import load_image
 from vision_transfer.data.prepared import join, read_prepared
@@ -137,12 +137,7 @@ class PreparedDataModule(ImageDataModule):
             join(self.path, "train"), cache_dir=self.cache_dir, shuffle=True, seed=self.hparams["split_seed"],
             transform=StreamedItem(dataset),
         )  # fmt: skip
-        pin = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        loader = _resumable_loader()(
-            stream, batch_size=self.batch_size, num_workers=self.num_workers, pin_memory=pin,
-            collate_fn=collate_readable if dataset.skip_unreadable else collate_images,
-            drop_last=len(dataset) > self.batch_size,  # a last batch of one image breaks BatchNorm in training
-        )  # fmt: skip
+        loader = _resumable_loader()(stream, **self._loader_options(dataset, training=True))
         loader.pending, self._pending = self._pending, None
         self._stream = loader
         return loader  # type: ignore[no-any-return]
