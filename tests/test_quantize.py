@@ -17,7 +17,7 @@ import torch
 from vision_transfer.errors import ConfigError, ExportError
 from vision_transfer.export.exporter import classifier_from_pretrained, export_classifier
 from vision_transfer.export.loading import Classifier
-from vision_transfer.export.quantize import INT8_FILE, int8_export, onnx_outputs, validation_score
+from vision_transfer.export.quantize import INT8_FILE, int8_export, onnx_outputs, quantize_onnx, validation_score
 
 FAMILIES = ("test_resnet", "test_efficientnet", "test_convnext", "test_vit")
 
@@ -80,13 +80,13 @@ def test_the_gate_tries_the_recipes_in_turn_and_writes_the_first_within_the_tole
     real = quantize.quantize_onnx
 
     def first_recipe_broken(source: Path, target: Path, calibration: list[np.ndarray], recipe: str) -> Path:
-        blank = [np.zeros_like(batch) for batch in calibration] if recipe == "all" else calibration
+        blank = [np.zeros_like(batch) for batch in calibration] if recipe.startswith("all") else calibration
         return real(source, target, blank, recipe)
 
     monkeypatch.setattr(quantize, "quantize_onnx", first_recipe_broken)
     report = int8_export(folder, [images[:24]], [(images, logits.argmax(1))])
-    assert [t["recipe"] for t in report["tried"]] == ["all", "sensitive_fp32"]
-    assert report["tried"][0]["drop_points"] > 1 and report["recipe"] == "sensitive_fp32"
+    assert [t["recipe"] for t in report["tried"]] == ["all", "all_7bit", "sensitive_fp32"]
+    assert all(t["drop_points"] > 1 for t in report["tried"][:2]) and report["recipe"] == "sensitive_fp32"
     assert report["drop_points"] <= 1 and (folder / INT8_FILE).is_file()
 
 
@@ -98,7 +98,8 @@ def test_an_int8_model_beyond_the_tolerance_is_refused_and_the_fp32_files_stay(t
     labels = logits.argmax(1)
     fp32 = (folder / "classifier.onnx").read_bytes()
     with pytest.raises(
-        ExportError, match=r"int8 all [\d.]+; sensitive_fp32 [\d.]+; weighted_only [\d.]+: every recipe"
+        ExportError,
+        match=r"int8 all [\d.]+; all_7bit [\d.]+; sensitive_fp32 [\d.]+; weighted_only [\d.]+: every recipe",
     ):
         int8_export(folder, [np.zeros_like(images[:4])], [(images, labels)], max_drop=0)  # calibrated on blanks
     assert sorted(p.name for p in folder.iterdir()) == ["README.md", "classifier.onnx", "export_report.json"]
@@ -106,6 +107,22 @@ def test_an_int8_model_beyond_the_tolerance_is_refused_and_the_fp32_files_stay(t
     forced = int8_export(folder, [np.zeros_like(images[:4])], [(images, labels)], max_drop=0, allow_drop=True,
                          recipes=("all",))  # fmt: skip
     assert forced["drop_points"] > 0 and forced["allowed_drop"] and (folder / INT8_FILE).is_file()
+
+
+def test_the_7bit_recipe_writes_7bit_weights_and_the_others_8bit(tmp_path: Path) -> None:
+    """all_7bit reaches ONNX Runtime as reduce_range: every int8 weight within [-64, 64] (no uint8 x int8
+    product can saturate a 16-bit sum without VNNI); the other recipes use the full int8 range."""
+    import onnx
+    from onnx import numpy_helper
+
+    folder = tmp_path / "test_resnet"
+    images, _ = _exported("test_resnet", folder)
+    for recipe in ("all", "all_7bit"):
+        quantize_onnx(folder / "classifier.onnx", folder / f"{recipe}.onnx", [images[:24]], recipe)
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(folder / f"{recipe}.onnx")).graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 64]  # fmt: skip
+        largest = max(int(np.abs(w.astype(np.int32)).max()) for w in weights)
+        assert weights and (largest <= 64 if recipe == "all_7bit" else largest == 127), (recipe, largest)
 
 
 def test_the_gate_scores_top1_or_map_in_points() -> None:
