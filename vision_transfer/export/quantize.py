@@ -48,6 +48,7 @@ def quantize_onnx(
     if recipe not in RECIPES:
         raise ConfigError(f"int8 recipe {recipe!r}: one of {', '.join(RECIPES)}.")
     try:
+        import onnx
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:  # the export extra
@@ -65,6 +66,7 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory() as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        nodes = list(onnx.load(str(prepared), load_external_data=False).graph.node)  # in topological order
         root = logging.getLogger()
         level = root.level
         root.setLevel(logging.ERROR)  # ONNX Runtime warns on the root logger for every 1-D weight (LayerNorm)
@@ -73,20 +75,18 @@ def quantize_onnx(
             str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8, reduce_range=recipe == "all_7bit",
             op_types_to_quantize=list(WEIGHTED_OPS) if recipe == "weighted_only" else None,
-            nodes_to_exclude=after_the_weights(prepared) + ([] if recipe.startswith("all") else kept_in_fp32(prepared)),
+            nodes_to_exclude=after_the_weights(nodes) + ([] if recipe.startswith("all") else kept_in_fp32(nodes)),
             )  # fmt: skip
         finally:
             root.setLevel(level)
     return target
 
 
-def after_the_weights(path: str | Path) -> list[str]:
-    """The nodes no weighted operator follows: the prediction graph's tail after the classifier (temperature,
-    softmax, the test-time-augmentation average, the log). They stay in fp32 under every recipe: a uint8
-    softmax rounds every probability under 1/510 to 0 (its log to the clamp), for no speed."""
-    import onnx
-
-    nodes = list(onnx.load(str(path), load_external_data=False).graph.node)  # in topological order
+def after_the_weights(nodes: list[Any]) -> list[str]:
+    """Of a graph's ``nodes`` (in topological order), those no weighted operator follows: the prediction
+    graph's tail after the classifier (temperature, softmax, the test-time-augmentation average, the log).
+    They stay in fp32 under every recipe: a uint8 softmax rounds every probability under 1/510 to 0 (its log
+    to the clamp), for no speed."""
     feeds_weights: set[str] = set()  # tensors from which a weighted operator is reached
     tail = []
     for node in reversed(nodes):
@@ -97,12 +97,9 @@ def after_the_weights(path: str | Path) -> list[str]:
     return sorted(tail)
 
 
-def kept_in_fp32(path: str | Path) -> list[str]:
-    """The nodes the cautious recipes leave in fp32: grouped (depthwise) convolutions, the first convolution
-    (the stem or patch embedding, on raw pixels) and the last matrix product (the classifier)."""
-    import onnx
-
-    nodes = onnx.load(str(path), load_external_data=False).graph.node
+def kept_in_fp32(nodes: list[Any]) -> list[str]:
+    """Of a graph's ``nodes``, those the cautious recipes leave in fp32: grouped (depthwise) convolutions, the
+    first convolution (the stem or patch embedding, on raw pixels) and the last matrix product (the classifier)."""
     grouped = [n.name for n in nodes if n.op_type == "Conv" and any(a.name == "group" and a.i > 1 for a in n.attribute)]
     convs = [n.name for n in nodes if n.op_type == "Conv"]
     products = [n.name for n in nodes if n.op_type in ("MatMul", "Gemm")]
