@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images", type=int, default=480)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--short-side", type=int, default=256, help="prepare's pre-resize of the chunks")
-    parser.add_argument("--workers", type=int, default=2, help="the pooled columns' workers; 0: leave them out")
+    parser.add_argument("--workers", type=int, default=2, help="the pooled columns' workers; 0 or 1: leave them out")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--output", default="benchmarks/results/data_speed")
     args = parser.parse_args(argv)
@@ -113,8 +113,9 @@ def main(argv: list[str] | None = None) -> None:
         common = {"val_fraction": 0.0, "test_fraction": 0.0, "data_config": config, "batch_size": args.batch_size}
         source = ImageFolderDataModule(str(folder), **common)
         start = time.perf_counter()
+        prepare_workers = max(1, args.workers)
         prepare(SourceSplits(source.class_names, source.prepare_splits()), str(chunks), short_side=args.short_side,
-                num_workers=max(1, args.workers))  # fmt: skip
+                num_workers=prepare_workers)  # fmt: skip
         prepare_s = time.perf_counter() - start
 
         def ours(kind: str, decode: str, legacy: bool = False) -> Callable[[bool, int], Any]:
@@ -165,7 +166,10 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['pipeline']} | {r['train_1']:.0f} | {pooled['train']} | {r['eval_1']:.0f} "
             f"| {pooled['eval']} | {r['train_1'] / today['train_1']:.2f}x | {r['eval_1'] / today['eval_1']:.2f}x |"
         )
-    lines.append(f"\nprepare ({args.images} images, short side {args.short_side}, {w} processes): {prepare_s:.1f} s")
+    lines.append(
+        f"\nprepare ({args.images} images, short side {args.short_side}, {prepare_workers} processes): "
+        f"{prepare_s:.1f} s"
+    )
     table = "\n".join(lines)
     print(table)
     out = Path(args.output)

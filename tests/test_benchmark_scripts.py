@@ -252,7 +252,9 @@ def test_data_speed_script_measures_every_pipeline_side_by_side_tiny(
     assert len(names) == 7 and names[0].startswith("image folder, PIL (today") and names[-1].startswith("timm's")
     for row in results["rows"]:
         assert set(row) == {"pipeline", "train_1", "eval_1"} and row["train_1"] > 0 and row["eval_1"] > 0
-    table = table_rows(capsys.readouterr().out, "| pipeline |")
+    out = capsys.readouterr().out
+    table = table_rows(out, "| pipeline |")
     assert list(table) == names and all(cells[4] == f"{float(cells[4][:-1]):.2f}x" for cells in table.values())
     assert all(cells[1] == cells[3] == "-" for cells in table.values())  # no pooled columns measured
+    assert "prepare (32 images, short side 40, 1 processes)" in out  # what prepare ran with, not --workers 0
     assert table[names[0]][4:] == ["1.00x", "1.00x"]
