@@ -2,11 +2,11 @@
 
 Packaged ImageNet EfficientNet-Lite0 fine-tuned on Fashion-MNIST (4,000 train / 1,000 val / 2,000 test at 64 px,
 the README's main job's split and recipe; or ``--checkpoint``), exported by ``vision-transfer export --quantize
-int8`` (fp32 ONNX, TorchScript, and int8 ONNX calibrated on 256 training images and gated on val), each int8
-recipe also written for a row of its own, then every file side by side in this one process: size, images per
-second at batch 1 and 64 (``--threads`` intra-op threads, ONNX Runtime for the ONNX files, torch for TorchScript
-and the eager model), and val/test top-1 on the same preprocessed images. Prints the gate's choice and its
-int8/fp32 ratios against the goals and writes ``<out>/results.json``.
+int8`` (fp32 ONNX and TorchScript; int8 ONNX and int8 TorchScript (torch.ao), calibrated on 256 training images
+and gated on val), each int8 ONNX recipe also written for a row of its own, then every file side by side in this
+one process: size, images per second at batch 1 and 64 (``--threads`` intra-op threads, ONNX Runtime for the ONNX
+files, torch for TorchScript and the eager model), and val/test top-1 on the same preprocessed images. Prints the
+gates' choices and their int8/fp32 ratios against the goals and writes ``<out>/results.json``.
 
     python benchmarks/deploy.py --out benchmarks/results/deploy
     python benchmarks/deploy.py --out /tmp/deploy --train 200 --val 100 --test 100 --epochs 1 --image-size 32
@@ -61,12 +61,16 @@ def throughput(run: Callable[[np.ndarray], Any], images: np.ndarray, batch: int,
     return calls * batch / (time.perf_counter() - start)
 
 
-def runners(folder: Path, checkpoint: Path, threads: int) -> dict[str, tuple[Path | None, Callable[[np.ndarray], Any]]]:
-    """Each export's file (None: the eager model) and a function from a normalised batch to logits."""
+def runners(
+    folder: Path, checkpoint: Path, threads: int, torch_recipe: str
+) -> dict[str, tuple[Path | None, Callable[[np.ndarray], Any]]]:
+    """Each export's file (None: the eager model) and a function from a normalised batch to logits
+    (``torch_recipe``: the recipe of the int8 TorchScript file)."""
     import torch
 
     from vision_transfer.export import load_classifier
     from vision_transfer.export.quantize import onnx_session
+    from vision_transfer.export.quantize_torch import ENGINE, TORCH_INT8_FILE
 
     torch.set_num_threads(threads)
     out: dict[str, tuple[Path | None, Callable[[np.ndarray], Any]]] = {}
@@ -76,10 +80,11 @@ def runners(folder: Path, checkpoint: Path, threads: int) -> dict[str, tuple[Pat
     for name, file in onnx_files:
         session = onnx_session(folder / file, threads)
         out[name] = (folder / file, lambda x, s=session: s.run(["logits"], {"images": x})[0])
-    scripted = torch.jit.load(str(folder / "classifier.torchscript.pt")).eval()
-    eager = load_classifier(checkpoint).eval()
-    for name, module, path in (("TorchScript fp32", scripted, folder / "classifier.torchscript.pt"),
-                               ("PyTorch eager fp32", eager, None)):  # fmt: skip
+    torch.backends.quantized.engine = ENGINE
+    scripted, int8 = (folder / "classifier.torchscript.pt", folder / TORCH_INT8_FILE)
+    for name, module, path in (("TorchScript fp32", torch.jit.load(str(scripted)).eval(), scripted),
+                               (f"TorchScript int8 ({torch_recipe})", torch.jit.load(str(int8)).eval(), int8),
+                               ("PyTorch eager fp32", load_classifier(checkpoint).eval(), None)):  # fmt: skip
 
         def call(x: np.ndarray, m: Any = module) -> Any:
             with torch.inference_mode():
@@ -101,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from vision_transfer.app.export import CheckpointData, quantize_checkpoint_export
-    from vision_transfer.export import export_checkpoint
+    from vision_transfer.export import export_checkpoint, load_classifier
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -112,7 +117,12 @@ def main(argv: list[str] | None = None) -> None:
     folder = out / "export"
     export_checkpoint(checkpoint, folder, ["timm", "torchscript", "onnx"])
     recorded = CheckpointData.read(checkpoint)
-    int8 = quantize_checkpoint_export(recorded, folder, calibration_images=args.calibration_images, allow_drop=True)
+    gates = quantize_checkpoint_export(recorded, folder, classifier=load_classifier(checkpoint),
+                                       runtimes=("onnx", "torchscript"), calibration_images=args.calibration_images,
+                                       allow_drop=True)  # fmt: skip
+    int8, torch_int8 = gates["onnx"], gates["torchscript"]
+    if "error" in torch_int8:
+        raise SystemExit(torch_int8["error"])
     data = eval_arrays(recorded, args.calibration_images)
     from vision_transfer.export.quantize import RECIPES, quantize_onnx
 
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         batches = [calibration[i : i + 32] for i in range(0, len(calibration), 32)]
         quantize_onnx(folder / "classifier.onnx", folder / f"int8_{recipe}.onnx", batches, recipe)
     rows = []
-    for name, (path, run) in runners(folder, checkpoint, args.threads).items():
+    for name, (path, run) in runners(folder, checkpoint, args.threads, torch_int8["recipe"]).items():
         row: dict[str, Any] = {"export": name, "size_mb": path.stat().st_size / 2**20 if path else None}
         for split, (x, y) in data.items():
             logits = np.concatenate([run(np.ascontiguousarray(x[i : i + 64])) for i in range(0, len(x), 64)])
@@ -136,9 +146,16 @@ def main(argv: list[str] | None = None) -> None:
               "speedup_batch64": q["img_s_batch64"] / fp32["img_s_batch64"],
               "shrink": fp32["size_mb"] / q["size_mb"], "val_drop_points": 100 * (fp32["val_top1"] - q["val_top1"]),
               "test_drop_points": 100 * (fp32["test_top1"] - q["test_top1"])}  # fmt: skip
+    scripted = next(r for r in rows if r["export"] == "TorchScript fp32")
+    tq = next(r for r in rows if r["export"] == f"TorchScript int8 ({torch_int8['recipe']})")
+    ratios.update({"torch_speedup_batch1": tq["img_s_batch1"] / scripted["img_s_batch1"],
+                   "torch_speedup_batch64": tq["img_s_batch64"] / scripted["img_s_batch64"],
+                   "torch_shrink": scripted["size_mb"] / tq["size_mb"],
+                   "torch_val_drop_points": 100 * (scripted["val_top1"] - tq["val_top1"]),
+                   "torch_test_drop_points": 100 * (scripted["test_top1"] - tq["test_top1"])})  # fmt: skip
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {args.threads} threads"
     results = {"machine": machine, "checkpoint": str(checkpoint), "fit_s": fit_s, "image_size": args.image_size,
-               "int8_gate": int8, "rows": rows, "ratios": ratios}  # fmt: skip
+               "int8_gate": int8, "torch_int8_gate": torch_int8, "rows": rows, "ratios": ratios}  # fmt: skip
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(f"\n{machine}; lite0 fine-tuned at {args.image_size} px; int8 calibrated on {int8['calibration_images']} "
           f"training images\n")  # fmt: skip
@@ -155,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
           f"(batch 64) the throughput (goal >= {GOALS['speedup']:g}x), {ratios['shrink']:.2f}x smaller (goal >= "
           f"{GOALS['shrink']:g}x), {ratios['val_drop_points']:+.2f} / {ratios['test_drop_points']:+.2f} points val / "
           f"test top-1 lost (goal <= {GOALS['drop_points']:g})")  # fmt: skip
+    print(f"TorchScript int8 ({torch_int8['recipe']}) vs TorchScript fp32: {ratios['torch_speedup_batch1']:.2f}x "
+          f"(batch 1) and {ratios['torch_speedup_batch64']:.2f}x (batch 64) the throughput, "
+          f"{ratios['torch_shrink']:.2f}x smaller, {ratios['torch_val_drop_points']:+.2f} / "
+          f"{ratios['torch_test_drop_points']:+.2f} points val / test top-1 lost")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Usage: python tests/ddp_run.py OUT_DIR [STRATEGY] [PEFT] [TEACHER]. Each rank saves its final weights to
 OUT_DIR/rank<N>.pt and the frozen-group count it saw at each epoch. TEACHER: a checkpoint to distil from
-(a full fine-tune).
+(logits and features), with PEFT's adapters or a full fine-tune.
 """
 
 from __future__ import annotations
@@ -36,12 +36,11 @@ def main() -> None:
     datamodule = tiny_data(data, batch_size=4, verify_images=False)
     peft = sys.argv[3] if len(sys.argv) > 3 else "none"
     teacher = sys.argv[4] if len(sys.argv) > 4 else None
-    if teacher is not None:  # every parameter trains and is used: plain DDP
-        model = tiny_model(datamodule, mode="full", teacher=teacher, kd_alpha=1.0, lr=0.05, warmup_epochs=0)
-    elif peft == "none":
+    distil = {} if teacher is None else {"teacher": teacher, "kd_alpha": 0.7, "kd_feature_weight": 100.0}
+    if peft == "none" and teacher is None:
         model = tiny_model(datamodule, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0)
-    else:  # adapters from the first step: every parameter that requires grad is used
-        model = tiny_model(datamodule, mode="full", peft=peft, lr=0.05, warmup_epochs=0)
+    else:  # adapters (or every weight) from the first step: every parameter that requires grad is used
+        model = tiny_model(datamodule, mode="full", peft=peft, lr=0.05, warmup_epochs=0, **distil)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     log = FrozenLog()
     trainer = pl.Trainer(

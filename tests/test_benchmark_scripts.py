@@ -201,13 +201,20 @@ def test_deploy_script_measures_every_export_side_by_side_tiny(
                  "--seconds", "0.05"])  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     rows = {r["export"]: r for r in results["rows"]}
-    assert list(rows) == ["ONNX fp32", *(f"ONNX int8 ({r})" for r in RECIPES), "TorchScript fp32", "PyTorch eager fp32"]
+    torch_int8 = f"TorchScript int8 ({results['torch_int8_gate']['recipe']})"
+    assert list(rows) == ["ONNX fp32", *(f"ONNX int8 ({r})" for r in RECIPES), "TorchScript fp32", torch_int8,
+                          "PyTorch eager fp32"]  # fmt: skip
+    assert results["torch_int8_gate"]["recipe"] == "static"  # lite0, a convolutional network: static quantization
     for r in rows.values():
         assert r["img_s_batch1"] > 0 and r["img_s_batch64"] > 0 and 0 <= r["test_top1"] <= 1
     # every fp32 runtime runs one graph: the same predictions on the same images
     assert rows["ONNX fp32"]["test_top1"] == rows["TorchScript fp32"]["test_top1"] == rows["PyTorch eager fp32"][
         "test_top1"]  # fmt: skip
     assert rows["ONNX int8 (all)"]["size_mb"] < rows["ONNX fp32"]["size_mb"] / 2.5
+    assert rows[torch_int8]["size_mb"] < rows["TorchScript fp32"]["size_mb"] / 2.5
+    gate = results["torch_int8_gate"]  # scored through the file written, against the fp32 TorchScript file
+    assert gate["val_fp32"] == pytest.approx(100 * rows["TorchScript fp32"]["val_top1"], abs=1e-3)
+    assert gate["val_int8"] == pytest.approx(100 * rows[torch_int8]["val_top1"], abs=1e-3)
     assert results["int8_gate"]["val_fp32"] == pytest.approx(100 * rows["ONNX fp32"]["val_top1"], abs=1e-3)
     assert results["int8_gate"]["recipe"] in RECIPES and "The gate's choice" in capsys.readouterr().out
 
@@ -217,8 +224,9 @@ def test_deploy_script_measures_every_export_side_by_side_tiny(
 def test_distil_script_trains_a_teacher_and_both_students_tiny(
     scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """benchmarks/distil.py at a tiny size: the lite2 teacher, lite0 alone and lite0 distilled from it (the
-    same seed, the same recipe), each scored on test; the students' checkpoints record the teacher's path."""
+    """benchmarks/distil.py at a tiny size: the lite2 teacher, lite0 alone and lite0 distilled from it by logits
+    and by logits + features (the same seed, the same recipe), each scored on test; the students' checkpoints
+    record the teacher's path and the feature weight."""
     import distil  # type: ignore[import-not-found]
 
     from vision_transfer.checkpoint import read_checkpoint
@@ -227,14 +235,19 @@ def test_distil_script_trains_a_teacher_and_both_students_tiny(
                  "--image-size", "32", "--threads", "1", "--seeds", "0"])  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     roles = [r["role"] for r in results["rows"]]
-    assert roles == ["teacher", "student alone", "student <- teacher (logit KD)"]
-    teacher, alone, distilled = results["rows"]
+    assert roles == ["teacher", "student alone", "student <- teacher (logit KD)",
+                     "student <- teacher (logit + feature KD)"]  # fmt: skip
+    teacher, alone, distilled, features = results["rows"]
     assert teacher["backbone"] == "tf_efficientnet_lite2" and alone["backbone"] == distilled["backbone"]
     assert all(0 <= r["test_top1"] <= 1 for r in results["rows"])
     settings = read_checkpoint(distilled["checkpoint"])[0].settings
     assert settings["teacher"] == teacher["checkpoint"] and read_checkpoint(alone["checkpoint"])[0].settings[
         "teacher"] is None  # fmt: skip
-    assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 |" in capsys.readouterr().out
+    assert settings["kd_feature_weight"] == 0 and read_checkpoint(features["checkpoint"])[0].settings[
+        "kd_feature_weight"] == 3000  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 |" in printed
+    assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 (logit + feature KD) |" in printed
 
 
 def test_data_speed_script_measures_every_pipeline_side_by_side_tiny(

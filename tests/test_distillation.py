@@ -47,6 +47,26 @@ def test_kd_loss_is_hintons_term_scaled_by_t_squared() -> None:
     assert float(SINGLE.distillation_loss(torch.tensor(t), torch.tensor(t), temperature)) == pytest.approx(0, abs=1e-6)
 
 
+def test_feature_kd_is_the_similarity_preserving_term_for_any_feature_sizes() -> None:
+    """Tung & Mori's term against numpy: Gram matrices of each model's features (4 images; 6 and 9 features),
+    rows L2-normalised, squared Frobenius distance over b^2; zero for features that differ only by a rotation
+    and a scale (the same similarities), positive otherwise."""
+    from vision_transfer.losses.distillation import similarity_distillation
+
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(4, 6)), rng.normal(size=(4, 9))
+
+    def gram(x: np.ndarray) -> np.ndarray:
+        g = x @ x.T
+        return g / np.linalg.norm(g, axis=1, keepdims=True)
+
+    expected = ((gram(s) - gram(t)) ** 2).sum() / 16
+    assert float(similarity_distillation(torch.tensor(s), torch.tensor(t))) == pytest.approx(expected, rel=1e-5)
+    rotation, _ = np.linalg.qr(rng.normal(size=(6, 6)))
+    same = similarity_distillation(torch.tensor(s), torch.tensor(3 * s @ rotation))
+    assert expected > 0.01 and float(same) == pytest.approx(0, abs=1e-10)
+
+
 @pytest.fixture(scope="module")
 def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A teacher of another family (test_resnet), input size (48 px) and normalisation, random weights."""
@@ -76,37 +96,46 @@ def test_the_teacher_sees_the_students_view_in_its_own_preprocessing(teacher_che
 def test_a_student_distils_from_its_teacher_which_sees_the_mixed_view_and_stays_out_of_the_checkpoint(
     teacher_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """With and without feature distillation (the teacher, test_resnet, has other feature sizes): each term
+    changes the training loss, and the teacher saw exactly the (mixed) views the student trained on."""
     root = write_folder(tmp_path / "images")
     seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
-    forward, logits = ImageClassifier.forward, Teacher.logits
+    forward, outputs = ImageClassifier.forward_features, Teacher.outputs
 
-    def student_forward(self: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
-        seen["student"].append(images.detach().clone())
+    def student_features(self: ImageClassifier, images: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            seen["student"].append(images.detach().clone())
         return forward(self, images)
 
-    def teacher_logits(self: Teacher, views: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+    def teacher_outputs(self: Teacher, views: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         seen["teacher"].append(views.detach().clone())
-        return logits(self, views, *args)
+        return outputs(self, views, *args)
 
-    monkeypatch.setattr(ImageClassifier, "forward", student_forward)
-    monkeypatch.setattr(Teacher, "logits", teacher_logits)
+    monkeypatch.setattr(ImageClassifier, "forward_features", student_features)
+    monkeypatch.setattr(Teacher, "outputs", teacher_outputs)
     losses = {}
-    for name, options in (("plain", {}), ("distilled", {"teacher": str(teacher_checkpoint), "kd_alpha": 0.7,
-                                                         "kd_temperature": 3.0})):  # fmt: skip
+    distil = {"teacher": str(teacher_checkpoint), "kd_alpha": 0.7, "kd_temperature": 3.0}
+    for name, options in (("plain", {}), ("distilled", distil), ("features", {**distil, "kd_feature_weight": 5.0})):
         pl.seed_everything(0, verbose=False)
         data = tiny_data(root)
         model = tiny_model(data, mixup_alpha=0.4, **options)
         trainer = pl.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        seen = {"student": [], "teacher": []}
         trainer.fit(model, datamodule=data)
         losses[name] = float(trainer.callback_metrics["train/loss"])
+        metrics = trainer.callback_metrics
+        assert ("train/kd_loss" in metrics) == bool(options)
+        assert ("train/kd_feature_loss" in metrics) == (name == "features")
         if options:
-            assert "train/kd_loss" in trainer.callback_metrics
-            path = model.save_standalone_checkpoint(tmp_path / "student.ckpt", datamodule=data)
+            # the training views: the teacher got exactly the (mixed) images the student trained on
+            assert len(seen["teacher"]) == 2 and all(
+                torch.equal(a, b) for a, b in zip(seen["student"], seen["teacher"], strict=True))  # fmt: skip
+            path = model.save_standalone_checkpoint(tmp_path / f"{name}.ckpt", datamodule=data)
     assert losses["plain"] != losses["distilled"]
-    # the training views: the teacher got exactly the (mixed) images the student trained on
-    trained = seen["student"][-len(seen["teacher"]) :]
-    assert len(seen["teacher"]) == 2 and all(torch.equal(a, b) for a, b in zip(trained, seen["teacher"], strict=True))
+    # 0.7 * the same Hinton term + 5 * the feature term (at the last step: weights moved the same way before it)
+    kd_feature = float(metrics["train/kd_feature_loss"])
+    assert kd_feature > 0 and losses["features"] != pytest.approx(losses["distilled"], abs=1e-4)
     content = torch.load(path, weights_only=True)
     assert not [k for k in content["state_dict"] if "teacher" in k]  # only its path is kept
     student_keys = set(tiny_model(tiny_data(root)).state_dict())
@@ -122,6 +151,13 @@ def test_distillation_refusals(teacher_checkpoint: Path, tmp_path: Path) -> None
     with pytest.raises(ConfigError, match="cache_features=True never loads"):
         ImageClassifier(backbone=TINY_BACKBONE, weights="none", mode="linear_probe", cache_features=True,
                         teacher=str(teacher_checkpoint))  # fmt: skip
+    with pytest.raises(ConfigError, match=r"kd_feature_weight=1.0 \(acts only with teacher\)"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", kd_feature_weight=1.0)
+    with pytest.raises(ConfigError, match=r"kd_feature_weight=1.0 \(acts only with a mode that trains the backbone"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", mode="linear_probe", teacher="t.ckpt",
+                        kd_feature_weight=1.0)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"kd_feature_weight=-1.0: the feature term's weight"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", teacher="t.ckpt", kd_feature_weight=-1.0)
     with pytest.raises(ConfigError, match=r"kd_alpha=0: the distillation term's weight"):
         ImageClassifier(backbone=TINY_BACKBONE, weights="none", teacher="t.ckpt", kd_alpha=0)
     with pytest.raises(ConfigError, match="distillation needs the same classes"):

@@ -114,24 +114,41 @@ def test_export_command_and_predict_on_any_input(trained_checkpoint: Path, tmp_p
 def test_int8_export_from_the_cli_calibrates_on_train_and_reports_val_before_and_after(
     trained_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``--quantize int8`` adds the fp32 ONNX it starts from, calibrates on the checkpoint's own training
-    images, scores both on its whole val split and says so; it refuses what it cannot do in one line."""
+    """``--quantize int8`` writes an int8 model per runtime in ``--formats`` (ONNX, TorchScript; the fp32 ONNX
+    added when neither is asked for), calibrates on the checkpoint's own training images, scores each against
+    its fp32 file on the whole val split and says so, in the report, the output and the model card, whose
+    TorchScript block then runs the int8 file; it refuses what it cannot do in one line."""
     from vision_transfer.app.checkpoints import recorded_datamodule
     from vision_transfer.checkpoint import read_checkpoint
+    from vision_transfer.export.card import IMAGE_PLACEHOLDER
     from vision_transfer.export.quantize import INT8_FILE
+    from vision_transfer.export.quantize_torch import TORCH_INT8_FILE
 
-    out = tmp_path / "int8"
-    args = ["export", str(trained_checkpoint), "--to", str(out), "--formats", "timm", "--quantize", "int8"]
-    assert run_cli([*args, "--calibration_images", "8"]) == 0
-    report = json.loads((out / "export_report.json").read_text())
     val = len(recorded_datamodule(read_checkpoint(trained_checkpoint)[0]).prepare_splits()["val"])
-    int8 = report["int8"]
-    assert int8["calibration_images"] == 8 and int8["validation_images"] == val and int8["metric"] == "top-1"
-    assert report["files"]["onnx"] == "classifier.onnx" and report["files"]["int8"] == INT8_FILE
-    assert (out / INT8_FILE).stat().st_size < (out / "classifier.onnx").stat().st_size  # tiny: scales weigh
-    assert int8["drop_points"] <= int8["max_drop"] == 1.0
-    printed = capsys.readouterr().out
-    assert f"val top-1 {int8['val_int8']:.2f} vs fp32 {int8['val_fp32']:.2f}, calibrated on 8 training" in printed
+    both = {"int8": INT8_FILE, "int8_torchscript": TORCH_INT8_FILE}
+    for formats, files in (("timm", {"int8": INT8_FILE}), ("timm,torchscript,onnx", both)):
+        out = tmp_path / formats.replace(",", "_")
+        args = ["export", str(trained_checkpoint), "--to", str(out), "--formats", formats, "--quantize", "int8"]
+        assert run_cli([*args, "--calibration_images", "8"]) == 0
+        report = json.loads((out / "export_report.json").read_text())
+        printed, card = capsys.readouterr().out, (out / "README.md").read_text()
+        assert report["files"]["onnx"] == "classifier.onnx" and {k: report["files"].get(k) for k in files} == files
+        assert sorted(report["int8"]) == sorted(r for r in ("onnx", "torchscript") if r in formats or r == "onnx")
+        for runtime, int8 in report["int8"].items():
+            fp32 = out / ("classifier.onnx" if runtime == "onnx" else "classifier.torchscript.pt")
+            assert int8["calibration_images"] == 8 and int8["validation_images"] == val and int8["metric"] == "top-1"
+            assert (out / int8["file"]).stat().st_size < fp32.stat().st_size  # tiny: scales weigh
+            assert int8["drop_points"] <= int8["max_drop"] == 1.0
+            said = f"val top-1 {int8['val_int8']:.2f} vs fp32 {int8['val_fp32']:.2f}"
+            assert f"{said}, calibrated on 8 training" in printed and f"`{int8['file']}`" in card and said in card
+    (block,) = [b for b in _python_blocks(card) if "torch.jit.load" in b]
+    assert f'torch.jit.load("{TORCH_INT8_FILE}")' in block
+    assert 'torch.backends.quantized.engine = "onednn"' in block  # the weights are packed at load, for it
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
+    result = subprocess.run([sys.executable, "-c", block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {str(image)!r}")],
+                            capture_output=True, text=True, cwd=out)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() in load_classifier(out).class_names, result.stderr[-2000:]
     refused = tmp_path / "refused"
     for bad, said in (("--max_int8_drop=-1", "--max_int8_drop -1: a tolerance in points"),
                       ("--calibration_images=0", "--calibration_images 0: at least 1")):  # fmt: skip
@@ -227,15 +244,22 @@ def test_every_export_has_a_model_card_whose_numbers_are_measured_and_whose_code
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40, 3), np.uint8)).save(image)
     blocks = _python_blocks(card)
-    assert len(blocks) == 4  # vision-transfer, timm, transformers, ONNX Runtime
+    assert len(blocks) == 5  # vision-transfer, timm, transformers, TorchScript, ONNX Runtime
+    assert all(IMAGE_PLACEHOLDER in block for block in blocks)
+    codes = [block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {str(image)!r}") for block in blocks]
+    # one process for all (an interpreter start and the imports each would cost ~5 s), each block in globals of
+    # its own, as a reader's fresh script: nothing one defines or imports reaches the next
+    runner = ("import contextlib, io, json, sys\nprinted = []\nfor code in json.loads(sys.argv[1]):\n"
+              "    out = io.StringIO()\n    with contextlib.redirect_stdout(out):\n"
+              "        exec(code, {'__name__': '__main__'})\n    printed.append(out.getvalue())\n"
+              "print(json.dumps(printed))")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", runner, json.dumps(codes)], capture_output=True, text=True,
+                            cwd=out)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
     top1 = []
-    for block in blocks:
-        assert IMAGE_PLACEHOLDER in block
-        code = block.replace(IMAGE_PLACEHOLDER, f"IMAGE = {str(image)!r}")
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=out)
-        assert result.returncode == 0, (block, result.stderr[-2000:])
-        named = {result.stdout.find(name): name for name in classifier.class_names if name in result.stdout}
-        assert named, result.stdout
+    for block, printed in zip(blocks, json.loads(result.stdout.splitlines()[-1]), strict=True):
+        named = {printed.find(name): name for name in classifier.class_names if name in printed}
+        assert named, (block, printed)
         top1.append(named[min(named)])  # each block prints its top class first
     assert len(set(top1)) == 1, top1  # one model, one preprocessing: the same answer from every runtime
 

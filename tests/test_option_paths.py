@@ -160,6 +160,17 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
             "alone": REFUSED,
         },
     ),
+    "kd_feature_weight": (
+        1.0,
+        {
+            "teacher": Elsewhere(
+                "tests/test_distillation.py::test_a_student_distils_from_its_teacher_which_sees_the_mixed_view_and_stays_out_of_the_checkpoint",
+                "the feature term is logged and changes the training loss; the hand-checked term in "
+                "test_feature_kd_is_the_similarity_preserving_term_for_any_feature_sizes",
+            ),
+            "alone": REFUSED,
+        },
+    ),
     "layer_decay": (0.5, {FIT: ACTS, "mode=linear_probe": REFUSED}),
     "momentum": (0.5, {"optimizer=sgd": ACTS, "alone": REFUSED}),
     "adam_betas": ((0.5, 0.9), {FIT: ACTS, CACHED: ACTS, "optimizer=sgd": REFUSED}),

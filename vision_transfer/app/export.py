@@ -67,14 +67,20 @@ def quantize_checkpoint_export(
     data: CheckpointData,
     folder: str | Path,
     *,
+    classifier: Classifier | None = None,
+    runtimes: tuple[str, ...] = ("onnx",),
+    tta: str | None = None,
     calibration_images: int = CALIBRATION_IMAGES,
     max_drop: float = MAX_DROP,
     allow_drop: bool = False,
     seed: int = 0,
-) -> dict[str, Any]:
-    """Add ``classifier.int8.onnx`` to ``folder`` (which holds the checkpoint's fp32 ONNX export):
-    calibrated on :meth:`CheckpointData.calibration_samples`, gated on the whole validation split
-    (:func:`~vision_transfer.export.quantize.int8_export`)."""
+) -> dict[str, dict[str, Any]]:
+    """Add an int8 model per runtime of ``runtimes`` to ``folder`` (which holds the checkpoint's fp32 exports):
+    ``onnx``: ``classifier.int8.onnx`` (:func:`~vision_transfer.export.quantize.int8_export`); ``torchscript``:
+    ``classifier.int8.torchscript.pt`` of ``classifier`` with ``tta`` (:func:`~vision_transfer.export.
+    quantize_torch.torch_int8_export`). Each is calibrated on :meth:`CheckpointData.calibration_samples` and
+    gated on the whole validation split. Returns each runtime's report; a runtime whose gate refused has
+    ``{"error": ...}`` instead, and the other runtimes still run (nothing already written is lost)."""
     check_int8_options(max_drop, calibration_images)
     if data.source is None:
         raise ExportError(
@@ -83,15 +89,28 @@ def quantize_checkpoint_export(
     if not len(data.splits.get("val", ())):
         raise ExportError(f"{data.source}: no validation split to check the int8 model on.")
     chosen = data.calibration_samples(calibration_images, seed)
-    calibration = (images for images, _ in data.batches(chosen))
-    report = int8_export(folder, calibration, data.batches(data.splits["val"]), max_drop=max_drop,
-                         allow_drop=allow_drop)  # fmt: skip
-    return {**report, "calibration_images": len(chosen)}
+    calibration = [images for images, _ in data.batches(chosen)]
+    validation = list(data.batches(data.splits["val"]))
+    gates = {"onnx": lambda: int8_export(folder, calibration, validation, max_drop=max_drop, allow_drop=allow_drop)}
+    if classifier is not None:
+        from vision_transfer.export.quantize_torch import torch_int8_export
+
+        gates["torchscript"] = lambda: torch_int8_export(folder, classifier, calibration, validation, tta=tta,
+                                                         max_drop=max_drop, allow_drop=allow_drop)  # fmt: skip
+    reports: dict[str, dict[str, Any]] = {}
+    for runtime in runtimes:
+        if runtime not in gates:
+            raise ExportError(f"int8 {runtime}: the runtimes are onnx and torchscript (that one with the classifier).")
+        try:
+            reports[runtime] = {**gates[runtime](), "calibration_images": len(chosen)}
+        except ExportError as e:
+            reports[runtime] = {"error": str(e)}
+    return reports
 
 
 def checkpoint_model_card(
     data: CheckpointData, classifier: Classifier, folder: str | Path, files: dict[str, Any], *,
-    tta: str | None = None, scores: bool = True, int8: dict[str, Any] | None = None,
+    tta: str | None = None, scores: bool = True, int8: dict[str, dict[str, Any]] | None = None,
 ) -> Path:  # fmt: skip
     """Rewrite ``folder``'s ``README.md`` with what the checkpoint records: the recipe, the calibration and,
     when it records its data, the class counts per split and (``scores``) the val/test scores of

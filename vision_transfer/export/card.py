@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 CARD = "README.md"
+INT8_METHODS = {"onnx": "ONNX Runtime static quantization", "torchscript": "torch.ao quantization (TorchScript)"}
 IMAGE_PLACEHOLDER = 'IMAGE = "path/to/image.jpg"'  # the one line a reader (and the test) replaces
 RECIPE_KEYS = (
     "mode", "peft", "lora_r", "optimizer", "lr", "head_lr", "weight_decay", "scheduler", "warmup_epochs",
@@ -104,12 +105,12 @@ def model_card(
     data: Mapping[str, Any] | None = None,
     scores: Mapping[str, Mapping[str, Any]] | None = None,
     calibration: Mapping[str, Any] | None = None,
-    int8: Mapping[str, Any] | None = None,
+    int8: Mapping[str, Mapping[str, Any]] | None = None,
     epoch: int | None = None,
 ) -> str:
     """The card's text. ``settings``: the checkpoint's recipe; ``data``: ``{"source", "counts"}`` (the recorded
-    datamodule and per-split class counts); ``scores``: :func:`class_scores` per split; ``int8``: the int8 gate's
-    report; ``epoch``: the (0-based) epoch the checkpoint's weights are from."""
+    datamodule and per-split class counts); ``scores``: :func:`class_scores` per split; ``int8``: the int8
+    gates' reports by runtime (``onnx``, ``torchscript``); ``epoch``: the (0-based) epoch of the weights."""
     arch = classifier.architecture
     kind = classifier.kind
     weights = classifier.provenance.get("initial_weights", {})
@@ -158,22 +159,24 @@ def model_card(
         if fmt == "card":
             continue
         lines.append(f"- {fmt}: {', '.join(f'`{f}`' for f in file) if isinstance(file, list) else f'`{file}`'}")
-    if int8:
-        lines.append(f"- int8 (`{int8['file']}`): ONNX Runtime static quantization, calibrated on "
-                     f"{int8.get('calibration_images', '?')} training images; val {int8['metric']} "
-                     f"{int8['val_int8']:.2f} vs fp32 {int8['val_fp32']:.2f}; {int8['size_mb']:.1f} MB vs "
-                     f"{int8['fp32_size_mb']:.1f} MB.")  # fmt: skip
+    for runtime, gate in (int8 or {}).items():
+        lines.append(f"- int8 (`{gate['file']}`): {INT8_METHODS[runtime]} (recipe `{gate['recipe']}`), calibrated on "
+                     f"{gate.get('calibration_images', '?')} training images; val {gate['metric']} "
+                     f"{gate['val_int8']:.2f} vs fp32 {gate['val_fp32']:.2f}; {gate['size_mb']:.1f} MB vs "
+                     f"{gate['fp32_size_mb']:.1f} MB.")  # fmt: skip
     lines += ["", "## Intended use and limitations", "",
               f"Classifies images into the {len(names)} classes above{kind.card['scope']}; "
               "every image gets one of them, including images of none (no reject option). Scores hold for data like "
               "the recorded splits: other cameras, lighting, resolutions or corruptions lower them (measure with "
               "`benchmarks/shift.py`), and classes with few training images are the least reliable. The initial "
               "weights carry the biases of their pre-training data.", ""]  # fmt: skip
-    lines += _loading(kind, files, classifier.data_config)
+    lines += _loading(kind, files, classifier.data_config, int8)
     return "\n".join(lines)
 
 
-def _loading(kind: Any, files: Mapping[str, Any], data_config: Any) -> list[str]:
+def _loading(
+    kind: Any, files: Mapping[str, Any], data_config: Any, int8: Mapping[str, Mapping[str, Any]] | None = None
+) -> list[str]:
     probabilities = kind.card["probabilities"]
     blocks = ["## How to load it", "", "Set `IMAGE` to an image file; run from this folder.", ""]
     if "timm" in files:
@@ -193,21 +196,41 @@ def _loading(kind: Any, files: Mapping[str, Any], data_config: Any) -> list[str]
                    "```python", IMAGE_PLACEHOLDER, "from transformers import pipeline", "",
                    f'pipe = pipeline("image-classification", model=".", function_to_apply="{kind.card["pipeline"]}")',
                    "print(pipe(IMAGE, top_k=3))", "```", ""]  # fmt: skip
+    if "torchscript" in files:
+        scripted = files.get("int8_torchscript", files["torchscript"])
+        label = 'json.load(open("config.json"))["label_names"][int(probabilities.argmax())]' if "timm" in files else (
+            "int(probabilities.argmax())")  # fmt: skip
+        engine = (int8 or {}).get("torchscript", {}).get("engine") if "int8_torchscript" in files else None
+        in_int8 = " in int8" if engine else ""
+        blocks += [f"With PyTorch alone (TorchScript, the whole prediction graph{in_int8}; `pip install torch timm`, "
+                   "timm only for the preprocessing):", "",
+                   "```python", IMAGE_PLACEHOLDER, "import json", "", "import timm", "import torch",
+                   "from PIL import Image", "",
+                   f"transform = timm.data.create_transform({_preprocessing(data_config)})",
+                   *([f'torch.backends.quantized.engine = "{engine}"  # the int8 kernels it was checked with']
+                     if engine else []),
+                   f'model = torch.jit.load("{scripted}").eval()', "with torch.no_grad():",
+                   '    logits = model(transform(Image.open(IMAGE).convert("RGB")).unsqueeze(0))[0]',
+                   f"probabilities = {probabilities}", f"print({label})", "```", ""]  # fmt: skip
     if "onnx" in files:
-        onnx_file, c = files["onnx"], data_config
-        preprocessing = (f"input_size={tuple(c.input_size)}, interpolation={c.interpolation!r}, mean={tuple(c.mean)}, "
-                         f"std={tuple(c.std)}, crop_pct={c.crop_pct}, crop_mode={c.crop_mode!r}")  # fmt: skip
+        onnx_file = files["onnx"]
         label = 'config["label_names"][int(np.argmax(logits))]' if "timm" in files else "int(np.argmax(logits))"
         blocks += ["With ONNX Runtime (`pip install onnxruntime timm`; timm only for the preprocessing):", "",
                    "```python", IMAGE_PLACEHOLDER, "import json", "", "import numpy as np", "import onnxruntime",
                    "import timm", "from PIL import Image", "",
                    *(['config = json.load(open("config.json"))'] if "timm" in files else []),
-                   f"transform = timm.data.create_transform({preprocessing})",
+                   f"transform = timm.data.create_transform({_preprocessing(data_config)})",
                    'images = transform(Image.open(IMAGE).convert("RGB")).unsqueeze(0).numpy()',
                    f'session = onnxruntime.InferenceSession("{onnx_file}", providers=["CPUExecutionProvider"])',
                    'logits = session.run(["logits"], {"images": images})[0][0]',
                    f"print({label})", "```", ""]  # fmt: skip
     return blocks
+
+
+def _preprocessing(c: Any) -> str:
+    """``timm.data.create_transform``'s arguments for the data config ``c``, as code."""
+    return (f"input_size={tuple(c.input_size)}, interpolation={c.interpolation!r}, mean={tuple(c.mean)}, "
+            f"std={tuple(c.std)}, crop_pct={c.crop_pct}, crop_mode={c.crop_mode!r}")  # fmt: skip
 
 
 def write_model_card(folder: str | Path, classifier: Any, files: Mapping[str, Any], **sections: Any) -> Path:

@@ -13,7 +13,7 @@ from torch import nn
 from vision_transfer.backbones import create_model
 from vision_transfer.errors import ExportError
 from vision_transfer.export.card import write_model_card
-from vision_transfer.export.loading import Classifier, PlainClassifier, load_classifier
+from vision_transfer.export.loading import Classifier, load_classifier
 from vision_transfer.export.timm_format import timm_state_dict, write_export
 
 FORMATS = ("timm", "torchscript", "onnx")
@@ -66,10 +66,8 @@ def export_classifier(
     folder = Path(to)
     folder.mkdir(parents=True, exist_ok=True)
     classifier = classifier.eval().cpu()
-    head = classifier.prediction_head(tta)
-    prediction = {**classifier.prediction, "tta": head.tta}
-    trivial = head.tta == "none" and float(head.temperature) == 1.0 and not prediction.get("logit_shift")
-    graph: nn.Module = PlainClassifier(classifier) if trivial else head.eval()
+    graph = prediction_graph(classifier, tta)
+    prediction = {**classifier.prediction, "tta": classifier.prediction_head(tta).tta}
     _, height, width = classifier.data_config.input_size
     example = torch.randn(2, 3, height, width, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
@@ -109,6 +107,17 @@ def export_classifier(
     report["files"]["card"] = write_model_card(folder, classifier, report["files"]).name  # from a checkpoint: more
     (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def prediction_graph(classifier: Classifier, tta: str | None = None, model: nn.Module | None = None) -> nn.Module:
+    """What TorchScript and ONNX exports hold: ``classifier``'s prediction head (:meth:`Classifier.prediction_head`)
+    or, when it changes nothing (no temperature, logit adjustment or ``tta``), the plain backbone + head;
+    ``model`` replaces the backbone + head (an int8 copy)."""
+    head = classifier.prediction_head(tta)
+    if model is not None:
+        head.model = model
+    trivial = head.tta == "none" and float(head.temperature) == 1.0 and not classifier.prediction.get("logit_shift")
+    return head.model if trivial else head.eval()
 
 
 def _export_onnx(graph: nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -161,37 +161,66 @@ def int8_export(
     report (every recipe tried). When none does, nothing is written and an ``ExportError`` names every score
     (unless ``allow_drop``: the last one is written); the other exports stay."""
     check_int8_options(max_drop=max_drop)
-    folder = Path(folder)
-    fp32 = folder / "classifier.onnx"
+    fp32 = Path(folder) / "classifier.onnx"
     if not fp32.is_file():
         raise ExportError(f"{fp32}: int8 quantization starts from the fp32 ONNX export (add onnx to --formats).")
-    target = folder / INT8_FILE
-    partial = target.with_name(target.name + ".partial")
     calibration = [np.asarray(batch, dtype=np.float32) for batch in calibration]  # read once, used per recipe
     batches = list(validation)
+    return gate(
+        fp32, Path(folder) / INT8_FILE, recipes, lambda recipe, path: quantize_onnx(fp32, path, calibration, recipe),
+        lambda path: onnx_outputs(path, batches), batches, max_drop=max_drop, allow_drop=allow_drop,
+    )  # fmt: skip
+
+
+def gate(
+    fp32: Path,
+    target: Path,
+    recipes: Iterable[str],
+    write: Callable[[str, Path], Any],
+    outputs: Callable[[Path], tuple[np.ndarray, np.ndarray]],
+    batches: list[tuple[np.ndarray, np.ndarray]],
+    *,
+    max_drop: float,
+    allow_drop: bool,
+) -> dict[str, Any]:
+    """The int8 accuracy gate of every runtime: ``write(recipe, path)`` each recipe in turn and score the file
+    (``outputs(path)``: its logits and labels over ``batches``) against the ``fp32`` file's, until one loses at
+    most ``max_drop`` points; it becomes ``target``. A recipe ``write`` refuses with an ``ExportError`` (a model
+    it cannot quantize) is recorded and skipped. When none passes, nothing is written and an ``ExportError``
+    names every score (unless ``allow_drop``: the last one written is kept)."""
     if not batches:
         raise ExportError("int8: the validation split is empty; the int8 model cannot be checked.")
-    metric, before = validation_score(*onnx_outputs(fp32, batches))
+    partial = target.with_name(target.name + ".partial")
+    metric, before = validation_score(*outputs(fp32))
     tried: list[dict[str, Any]] = []
+    written: dict[str, Any] | None = None
     for recipe in recipes:
-        quantize_onnx(fp32, partial, calibration, recipe)
-        _, after = validation_score(*onnx_outputs(partial, batches))
-        tried.append({"recipe": recipe, "val_int8": round(after, 4), "drop_points": round(before - after, 4)})
+        try:
+            write(recipe, partial)
+        except ExportError as e:
+            tried.append({"recipe": recipe, "refused": str(e)})
+            continue
+        _, after = validation_score(*outputs(partial))
+        written = {"recipe": recipe, "val_int8": round(after, 4), "drop_points": round(before - after, 4)}
+        tried.append(written)
         if before - after <= max_drop:
             break
+    each = "; ".join(f"{t['recipe']} {t['val_int8']:.2f}" if "val_int8" in t else f"{t['recipe']}: {t['refused']}"
+                     for t in tried)  # fmt: skip
+    if written is None:
+        raise ExportError(f"int8 ({target.name}): no recipe could quantize the model: {each}; not written (the "
+                          "fp32 exports are).")  # fmt: skip
     report = {
-        "file": target.name, "recipe": recipe, "metric": metric, "val_fp32": round(before, 4),
-        "val_int8": round(after, 4), "drop_points": round(before - after, 4), "max_drop": max_drop,
+        "file": target.name, **written, "metric": metric, "val_fp32": round(before, 4), "max_drop": max_drop,
         "allowed_drop": allow_drop, "tried": tried, "size_mb": round(partial.stat().st_size / 2**20, 3),
         "fp32_size_mb": round(fp32.stat().st_size / 2**20, 3),
         "validation_images": int(sum(len(labels) for _, labels in batches)),
     }  # fmt: skip
-    if before - after > max_drop and not allow_drop:
+    if written["drop_points"] > max_drop and not allow_drop:
         partial.unlink()
-        each = "; ".join(f"{t['recipe']} {t['val_int8']:.2f}" for t in tried)
         raise ExportError(
-            f"int8: validation {metric} fp32 {before:.2f}, int8 {each}: every recipe drops more than "
-            f"--max_int8_drop {max_drop:g} points; {target.name} not written (the fp32 exports are). Raise "
+            f"int8 ({target.name}): validation {metric} fp32 {before:.2f}, int8 {each}: every recipe drops more "
+            f"than --max_int8_drop {max_drop:g} points; not written (the fp32 exports are). Raise "
             "--max_int8_drop, or --allow_int8_drop to write the last one anyway."
         )
     os.replace(partial, target)

@@ -1,4 +1,5 @@
-"""Knowledge distillation (Hinton et al. 2015): a trained teacher's softened outputs as extra targets.
+"""Knowledge distillation (Hinton et al. 2015): a trained teacher's softened outputs as extra targets, and
+optionally its features' similarity structure (Tung & Mori 2019).
 
 The teacher is any classifier this toolkit loads (a checkpoint, ``probe.ckpt`` or an export folder; any
 backbone, its own preprocessing). It sees the student's training view (after augmentation and mixing): the
@@ -34,6 +35,18 @@ def sigmoid_distillation(student: torch.Tensor, teacher: torch.Tensor, temperatu
     return temperature**2 * F.binary_cross_entropy_with_logits(s, torch.sigmoid(t))
 
 
+def similarity_distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Feature distillation by similarity preservation (Tung & Mori 2019): the batch's ``b x b`` Gram matrix of
+    each model's pooled features, rows L2-normalised, compared by ``||G_s - G_t||_F^2 / b^2``. The student
+    learns which images the teacher finds alike, whatever either feature size (no projection to train)."""
+
+    def gram(features: torch.Tensor) -> torch.Tensor:
+        flat = features.float().flatten(1)
+        return F.normalize(flat @ flat.T, dim=1)
+
+    return (gram(student) - gram(teacher)).pow(2).sum() / len(student) ** 2
+
+
 class Teacher:
     """A frozen classifier giving logits for the student's normalised views (not an ``nn.Module`` attribute
     of the student, so it never enters its checkpoint or its optimizer)."""
@@ -64,15 +77,22 @@ class Teacher:
         self.mean, self.std = self.mean.to(device), self.std.to(device)
         return self
 
-    @torch.no_grad()
     def logits(self, views: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor) -> torch.Tensor:
         """Teacher logits of student-normalised views; ``student_mean``/``std``: per channel, in [0, 1] units."""
+        return self.outputs(views, student_mean, student_std)[1]
+
+    @torch.no_grad()
+    def outputs(
+        self, views: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's pooled features and logits of student-normalised views (see :meth:`logits`)."""
         pixels = views.float() * student_std.view(1, 3, 1, 1) + student_mean.view(1, 3, 1, 1)  # [0, 1]
         _, height, width = self.data_config.input_size
         if pixels.shape[-2:] != (height, width):
             pixels = F.interpolate(pixels, size=(height, width), mode=self.interpolation, antialias=True,
                                    align_corners=False).clamp(0, 1)  # fmt: skip
-        return self.model((pixels - self.mean) / self.std).float()
+        features = self.model.backbone((pixels - self.mean) / self.std)  # type: ignore[operator]
+        return features.float(), self.model.head(features).float()  # type: ignore[operator]
 
     def describe(self) -> str:
         _, height, width = self.data_config.input_size

@@ -22,7 +22,7 @@ from vision_transfer.evaluation import EpochScores
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import balanced_class_weights, log_prior
-from vision_transfer.losses.distillation import Teacher
+from vision_transfer.losses.distillation import Teacher, similarity_distillation
 from vision_transfer.tuning import TuningConfig, TuningPolicy
 from vision_transfer.tuning.adapters import AdapterSummary, apply_peft
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Peft, Scheduler, Unit
@@ -87,6 +87,8 @@ class ImageClassifier(pl.LightningModule):
             (augmented, mixed) resized to its input, without gradients; only its path is saved.
         kd_alpha: with ``teacher``: loss = (1 - kd_alpha) * task loss + kd_alpha * distillation loss.
         kd_temperature: with ``teacher``: the softening temperature T (the term is scaled by T^2).
+        kd_feature_weight: with ``teacher``: add this weight times the feature distillation term, the
+            similarity-preserving loss between the two models' pooled features (any sizes; 0: off).
         data_config: preprocessing that replaces the one the weights imply (checkpoints record it); the
             datamodule must use the same (:meth:`for_data` gives the data's; ``setup`` checks them).
         class_counts: training samples (multi-label: positives) per class, in head order: the prior
@@ -156,6 +158,7 @@ class ImageClassifier(pl.LightningModule):
         teacher: str | None = None,
         kd_alpha: float = 0.5,
         kd_temperature: float = 2.0,
+        kd_feature_weight: float = 0.0,
         data_config: dict[str, Any] | None = None,
         class_counts: list[float] | None = None,
     ) -> None:
@@ -175,6 +178,9 @@ class ImageClassifier(pl.LightningModule):
                  "a mode that trains the backbone"),
                 (f"kd_alpha={kd_alpha}", teacher is None and kd_alpha != 0.5, "teacher"),
                 (f"kd_temperature={kd_temperature}", teacher is None and kd_temperature != 2.0, "teacher"),
+                (f"kd_feature_weight={kd_feature_weight}", teacher is None and kd_feature_weight != 0, "teacher"),
+                (f"kd_feature_weight={kd_feature_weight}", bool(kd_feature_weight and mode == "linear_probe"),
+                 "a mode that trains the backbone"),
             )
             if cannot_act
         ]  # fmt: skip
@@ -195,6 +201,8 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError(f"kd_alpha={kd_alpha}: the distillation term's weight, in (0, 1].")
         if kd_temperature <= 0:
             raise ConfigError(f"kd_temperature={kd_temperature}: must be > 0.")
+        if kd_feature_weight < 0:
+            raise ConfigError(f"kd_feature_weight={kd_feature_weight}: the feature term's weight, >= 0.")
         if ema_decay is not None and not 0 < ema_decay < 1:
             raise ConfigError(f"ema_decay={ema_decay}: must be in (0, 1).")
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
@@ -403,8 +411,10 @@ class ImageClassifier(pl.LightningModule):
             teacher = self.hparams.get("teacher")
             if teacher is not None and self._teacher is None:
                 self._teacher = Teacher(teacher, list(self.class_names or []), self.task_kind)
+                features = self.hparams.get("kd_feature_weight")
                 self.print(f"distilling from {self._teacher.describe()}: kd_alpha={self.hparams['kd_alpha']}, "
-                           f"kd_temperature={self.hparams['kd_temperature']}")  # fmt: skip
+                           f"kd_temperature={self.hparams['kd_temperature']}"
+                           + (f", kd_feature_weight={features}" if features else ""))  # fmt: skip
         # Lightning gives setup the target device already (self.device), before moving the model
         channels_last = self.hparams.get("channels_last")
         if channels_last or (channels_last is None and self.device.type == "cuda"):
@@ -483,24 +493,36 @@ class ImageClassifier(pl.LightningModule):
         if len(labels) < 2 and self.policy.num_frozen < len(self.policy.groups):
             return None  # one image left after on_bad_image=skip: BatchNorm cannot train on it
         inputs, target = batch.mixed(self._mix)
-        logits = inputs.logits(self)
-        loss = self._loss(logits, target)
         if self._teacher is not None:  # the teacher sees the same (augmented, mixed) view
-            loss = self._distil(loss, logits, inputs.images)  # type: ignore[union-attr]
+            features = self.forward_features(inputs.images)  # type: ignore[union-attr]
+            logits = self.forward_head(features)
+            loss = self._distil(self._loss(logits, target), logits, features, inputs.images)  # type: ignore[union-attr]
+        else:
+            logits = inputs.logits(self)
+            loss = self._loss(logits, target)
         self.log("train/loss", loss, prog_bar=True)
         # scores on the hard labels, also when the loss saw mixed targets
         self.log_dict({f"train/{k}": v for k, v in self.task_kind.train_scores(logits, labels).items()}, prog_bar=True)
         return loss
 
-    def _distil(self, loss: torch.Tensor, logits: torch.Tensor, views: torch.Tensor) -> torch.Tensor:
-        """``(1 - kd_alpha) * loss + kd_alpha * kd_loss`` against the teacher's logits of ``views``."""
+    def _distil(
+        self, loss: torch.Tensor, logits: torch.Tensor, features: torch.Tensor, views: torch.Tensor
+    ) -> torch.Tensor:
+        """``(1 - kd_alpha) * loss + kd_alpha * kd_loss (+ kd_feature_weight * feature term)`` against the
+        teacher's logits (and pooled features) of ``views``; ``features``: the student's pooled features."""
         assert self._teacher is not None
         hp: Any = self.hparams
         teacher = self._teacher if self._teacher.mean.device == self.device else self._teacher.to(self.device)
-        target = teacher.logits(views, self.normalize.mean.flatten() / 255, self.normalize.std.flatten() / 255)
+        taught, target = teacher.outputs(views, self.normalize.mean.flatten() / 255,
+                                         self.normalize.std.flatten() / 255)  # fmt: skip
         distil = self.task_kind.distillation_loss(logits, target, hp.kd_temperature)
         self.log("train/kd_loss", distil)
-        return (1 - hp.kd_alpha) * loss + hp.kd_alpha * distil
+        total = (1 - hp.kd_alpha) * loss + hp.kd_alpha * distil
+        if hp.get("kd_feature_weight"):  # absent from checkpoints written before it existed
+            alike = similarity_distillation(features, taught)
+            self.log("train/kd_feature_loss", alike)
+            total = total + hp.kd_feature_weight * alike
+        return total
 
     def _scores_input(self, logits: torch.Tensor, final: bool = False) -> torch.Tensor:
         """What the scores count: the logits predictions come from (post-hoc adjustment and temperature;
