@@ -124,12 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     if "error" in torch_int8:
         raise SystemExit(torch_int8["error"])
     data = eval_arrays(recorded, args.calibration_images)
-    from vision_transfer.export.quantize import RECIPES, quantize_onnx
+    from vision_transfer.export.quantize import RECIPES, prepare_onnx, quantize_onnx
 
     calibration = data.pop("calibration")[0]
+    prepared = prepare_onnx(folder / "classifier.onnx", out / "prepared.onnx")
     for recipe in RECIPES:  # each recipe's file, for its own row (the gate wrote its choice as classifier.int8.onnx)
         batches = [calibration[i : i + 32] for i in range(0, len(calibration), 32)]
-        quantize_onnx(folder / "classifier.onnx", folder / f"int8_{recipe}.onnx", batches, recipe)
+        quantize_onnx(folder / "classifier.onnx", folder / f"int8_{recipe}.onnx", batches, recipe, prepared)
     rows = []
     for name, (path, run) in runners(folder, checkpoint, args.threads, torch_int8["recipe"]).items():
         row: dict[str, Any] = {"export": name, "size_mb": path.stat().st_size / 2**20 if path else None}

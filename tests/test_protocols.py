@@ -218,10 +218,11 @@ def test_few_shot_episodes_come_from_train_only_and_are_seeded(splits: dict[str,
     assert blind.mean < 0.2
 
 
-@pytest.mark.parametrize("shots", [1, 2, 5, 10])
+@pytest.mark.parametrize("shots", [1, 2, 10])
 def test_few_shot_fits_in_the_span_of_the_shots_are_the_full_fits(splits: dict[str, Split], shots: int) -> None:
     """Fitting on the shots' coordinates in their span (fewer rows than features) gives the same C,
-    cross-validated accuracies and weights as fitting all 1,280 features, for every shot count."""
+    cross-validated accuracies and weights as fitting all 1,280 features, for every kind of shot count: one
+    (a fixed C, no folds), two (the fewest folds) and many (5 was here too: the same path as 10, 17 s of CI)."""
     train = splits["train"]
     rng = np.random.default_rng((7, shots))
     rows = draw_shots(class_rows(train.labels), shots, rng, train.labels)

@@ -10,6 +10,7 @@ the fp32 exports.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -96,8 +97,6 @@ def test_static_int8_prepares_the_model_without_changing_its_outputs(arch: str) 
     """Before torch.fx traces it, timm's fused norm + activation layers are split (so batch norm folds into the
     convolution) and TensorFlow "same" padding becomes fixed padding at the input size: the fp32 outputs do not
     move, and none of those layers is left."""
-    import copy
-
     from timm.layers import BatchNormAct2d
     from timm.layers.conv2d_same import Conv2dSame
 
@@ -118,6 +117,22 @@ def test_static_int8_prepares_the_model_without_changing_its_outputs(arch: str) 
     assert not any(isinstance(m, (BatchNormAct2d, Conv2dSame)) for m in prepared.modules())
     if arch == "tf_efficientnet_lite0":  # the one of these with dynamic padding
         assert any(isinstance(m, Conv2dSame) for m in model.modules())
+
+
+def test_same_padding_in_numbers_changes_no_output_even_or_odd() -> None:
+    """``Conv2d(padding="same")`` (convmixer's; torch.ao's int8 convolution refuses the string): even kernels
+    pad one pixel more after than before, as torch does."""
+    from vision_transfer.export.quantize_torch import _fix_same_padding
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding="same"), torch.nn.Conv2d(4, 4, (4, 3), padding="same"),
+                                torch.nn.Conv2d(4, 2, 2, padding="same", dilation=2)).eval()  # fmt: skip
+    images = torch.randn(2, 3, 9, 11)
+    prepared = copy.deepcopy(model)
+    _fix_same_padding(prepared, images[:1])
+    with torch.no_grad():
+        torch.testing.assert_close(prepared(images), model(images))
+    assert not any(getattr(m, "padding", None) == "same" for m in prepared.modules())
 
 
 def test_the_torch_gate_records_a_recipe_that_cannot_quantize_and_goes_on(
@@ -156,9 +171,9 @@ def test_the_gate_tries_the_recipes_in_turn_and_writes_the_first_within_the_tole
     images, logits, _ = _exported("test_resnet", folder)
     real = quantize.quantize_onnx
 
-    def first_recipe_broken(source: Path, target: Path, calibration: list[np.ndarray], recipe: str) -> Path:
+    def first_recipe_broken(source: Path, target: Path, calibration: list[np.ndarray], recipe: str, *rest: Any) -> Path:
         blank = [np.zeros_like(batch) for batch in calibration] if recipe.startswith("all") else calibration
-        return real(source, target, blank, recipe)
+        return real(source, target, blank, recipe, *rest)
 
     monkeypatch.setattr(quantize, "quantize_onnx", first_recipe_broken)
     report = int8_export(folder, [images[:24]], [(images, logits.argmax(1))])

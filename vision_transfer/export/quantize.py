@@ -39,18 +39,21 @@ Batches = Iterable[tuple[np.ndarray, np.ndarray]]  # (normalised float32 NCHW im
 
 
 def quantize_onnx(
-    source: str | Path, target: str | Path, calibration: Iterable[np.ndarray], recipe: str = "all"
+    source: str | Path,
+    target: str | Path,
+    calibration: Iterable[np.ndarray],
+    recipe: str = "all",
+    prepared: str | Path | None = None,
 ) -> Path:
     """Quantize the fp32 ONNX model ``source`` into ``target`` by one of :data:`RECIPES`: shape inference and
-    graph clean-up first (``quant_pre_process``), then static QDQ quantization (per-channel int8 weights, 7-bit
-    under ``all_7bit``; uint8 activations) with min-max activation ranges over ``calibration`` (normalised
-    float32 batches)."""
+    graph clean-up first (``quant_pre_process``; ``prepared``: a file it already wrote for ``source``, reused),
+    then static QDQ quantization (per-channel int8 weights, 7-bit under ``all_7bit``; uint8 activations) with
+    min-max activation ranges over ``calibration`` (normalised float32 batches)."""
     if recipe not in RECIPES:
         raise ConfigError(f"int8 recipe {recipe!r}: one of {', '.join(RECIPES)}.")
     try:
         import onnx
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:  # the export extra
         raise ConfigError("int8 export needs onnxruntime: pip install 'vision-transfer[export]'.") from e
 
@@ -64,8 +67,8 @@ def quantize_onnx(
 
     target = Path(target)
     with tempfile.TemporaryDirectory() as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+        if prepared is None:
+            prepared = prepare_onnx(source, Path(scratch) / "prepared.onnx")
         nodes = list(onnx.load(str(prepared), load_external_data=False).graph.node)  # in topological order
         root = logging.getLogger()
         level = root.level
@@ -80,6 +83,17 @@ def quantize_onnx(
         finally:
             root.setLevel(level)
     return target
+
+
+def prepare_onnx(source: str | Path, target: str | Path) -> Path:
+    """ONNX Runtime's ``quant_pre_process`` of ``source`` (shape inference, graph clean-up) into ``target``:
+    what every recipe quantizes (:func:`quantize_onnx`)."""
+    try:
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as e:  # the export extra
+        raise ConfigError("int8 export needs onnxruntime: pip install 'vision-transfer[export]'.") from e
+    quant_pre_process(str(source), str(target), skip_symbolic_shape=True)
+    return Path(target)
 
 
 def after_the_weights(nodes: list[Any]) -> list[str]:
@@ -166,10 +180,13 @@ def int8_export(
         raise ExportError(f"{fp32}: int8 quantization starts from the fp32 ONNX export (add onnx to --formats).")
     calibration = [np.asarray(batch, dtype=np.float32) for batch in calibration]  # read once, used per recipe
     batches = list(validation)
-    return gate(
-        fp32, Path(folder) / INT8_FILE, recipes, lambda recipe, path: quantize_onnx(fp32, path, calibration, recipe),
-        lambda path: onnx_outputs(path, batches), batches, max_drop=max_drop, allow_drop=allow_drop,
-    )  # fmt: skip
+    with tempfile.TemporaryDirectory() as scratch:
+        prepared = prepare_onnx(fp32, Path(scratch) / "prepared.onnx")  # once, for every recipe
+        return gate(
+            fp32, Path(folder) / INT8_FILE, recipes,
+            lambda recipe, path: quantize_onnx(fp32, path, calibration, recipe, prepared),
+            lambda path: onnx_outputs(path, batches), batches, max_drop=max_drop, allow_drop=allow_drop,
+        )  # fmt: skip
 
 
 def gate(

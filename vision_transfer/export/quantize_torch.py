@@ -71,7 +71,14 @@ def quantize_torch(
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+            try:
+                quantized = quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+                with torch.inference_mode():
+                    quantized(torch.zeros(1, *input_size))  # e.g. a layer that reads its Linear's .weight fails here
+                return quantized
+            except Exception as e:
+                raise ExportError(f"int8 PyTorch dynamic: torch.ao cannot quantize the model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
@@ -96,13 +103,21 @@ def quantize_torch(
             raise ExportError(f"int8 PyTorch static: torch.fx cannot trace the model ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
         seen = 0
-        with torch.inference_mode():
-            for images in calibration:
-                prepared(images.float())
-                seen += len(images)
+        try:
+            with torch.inference_mode():
+                for images in calibration:
+                    prepared(images.float())
+                    seen += len(images)
+            if seen:
+                quantized = convert_fx(prepared)
+                with torch.inference_mode():
+                    quantized(example)  # a layer it converts but cannot run fails here, not in the user's hands
+        except Exception as e:  # a traced layer that does not run observed, converted or in int8
+            raise ExportError(f"int8 PyTorch static: torch.ao cannot quantize the model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
         if not seen:
             raise ExportError("int8 PyTorch static: no calibration images.")
-        return convert_fx(prepared)
+        return quantized
 
 
 def torch_int8_export(
@@ -135,7 +150,11 @@ def torch_int8_export(
 
     def write(recipe: str, path: Path) -> None:
         int8 = quantize_torch(plain, images, size, recipe)
-        save_torchscript(prediction_graph(classifier, tta, int8), torch.zeros(2, *size), path)
+        try:
+            save_torchscript(prediction_graph(classifier, tta, int8), torch.zeros(2, *size), path)
+        except Exception as e:  # a quantized layer TorchScript cannot trace: this recipe is refused, by name
+            raise ExportError(f"int8 PyTorch {recipe}: TorchScript cannot trace the int8 model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
 
     report = gate(fp32, Path(folder) / TORCH_INT8_FILE, recipes or torch_recipes(plain), write,
                   lambda path: torchscript_outputs(path, batches), batches, max_drop=max_drop,
@@ -187,9 +206,21 @@ def _split_norm_act(model: nn.Module) -> None:
 
 def _fix_same_padding(model: nn.Module, example: torch.Tensor) -> None:
     """Replace timm's TensorFlow-style ``Conv2dSame`` (padding computed from each input's size, which torch.fx
-    cannot trace) by the fixed zero padding it computes at ``example``'s size, then a plain ``Conv2d``."""
+    cannot trace) by the fixed zero padding it computes at ``example``'s size, then a plain ``Conv2d``; and
+    give every ``Conv2d(padding="same")`` (which torch.ao's int8 convolution does not take) its padding in
+    numbers, the uneven kind as a ``ZeroPad2d`` before it."""
     from timm.layers.conv2d_same import Conv2dSame
     from timm.layers.padding import get_same_padding
+
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Conv2d and module.padding == "same" and module.padding_mode == "zeros":
+            totals = [d * (k - 1) for k, d in zip(module.kernel_size, module.dilation, strict=True)]
+            if all(t % 2 == 0 for t in totals):
+                module.padding = (totals[0] // 2, totals[1] // 2)
+            else:  # torch's "same" puts the odd pixel after, as ZeroPad2d's (left, right, top, bottom) below
+                module.padding = (0, 0)
+                pad = (totals[1] // 2, totals[1] - totals[1] // 2, totals[0] // 2, totals[0] - totals[0] // 2)
+                _replace(model, name, nn.Sequential(nn.ZeroPad2d(pad), module))
 
     sizes: dict[str, tuple[int, int]] = {}
     hooks = [
