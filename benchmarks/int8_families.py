@@ -63,16 +63,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from tests.family_configs import CONFIGS
 
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster than two contended ones
     rows, crashed = [], []
-    for key in args.families or sorted(CONFIGS):
-        try:
-            rows.append(sweep(key))
-        except Exception as e:  # anything but a refusal
-            crashed.append(key)
-            rows.append({"family": key, "crash": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
-        print(json.dumps(rows[-1]), flush=True)
+    try:
+        for key in args.families or sorted(CONFIGS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.ao's deprecation notices, timm's size notes
+                    rows.append(sweep(key))
+            except Exception as e:  # anything but a refusal
+                crashed.append(key)
+                rows.append({"family": key, "crash": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"})
+            print(json.dumps(rows[-1]), flush=True)
+    finally:
+        torch.set_num_threads(threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"

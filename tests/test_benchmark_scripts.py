@@ -271,3 +271,26 @@ def test_data_speed_script_measures_every_pipeline_side_by_side_tiny(
     assert all(cells[1] == cells[3] == "-" for cells in table.values())  # no pooled columns measured
     assert "prepare (32 images, short side 40, 1 processes)" in out  # what prepare ran with, not --workers 0
     assert table[names[0]][4:] == ["1.00x", "1.00x"]
+
+
+def test_int8_families_script_quantizes_or_refuses_by_name_each_kind_of_family(
+    scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """benchmarks/int8_families.py on a family of each outcome its full run (every family) found: a plain CNN
+    and convmixer (``Conv2d(padding="same")``, which torch.ao's int8 convolution took for a crash until given in
+    numbers) quantize statically; hiera is refused by torch.fx's tracer, repvit by torch.ao's int8 kernels,
+    beit's dynamic recipe by the check run (its attention reads its Linear's ``.weight``, a crash before). None
+    may end otherwise: the script exits 1 on an exception that is not a refusal."""
+    import int8_families  # type: ignore[import-not-found]
+
+    int8_families.main(["--out", str(tmp_path), "--families", "resnet", "convmixer", "hiera", "repvit", "beit"])
+    rows = {r["family"]: r for r in json.loads((tmp_path / "results.json").read_text())["rows"]}
+    assert all("crash" not in r for r in rows.values()), rows
+    for family in ("resnet", "convmixer"):
+        assert rows[family]["order"] == ["static"] and rows[family]["static"]["outcome"] == "ok"
+        assert rows[family]["static"]["relative_error"] < 0.2
+    assert "torch.fx cannot trace" in rows["hiera"]["static"]["reason"] and rows["hiera"]["dynamic"]["outcome"] == "ok"
+    assert "torch.ao cannot quantize" in rows["repvit"]["static"]["reason"]
+    assert rows["beit"]["order"] == ["dynamic", "static"]
+    assert "int8 PyTorch dynamic: torch.ao cannot quantize" in rows["beit"]["dynamic"]["reason"]
+    assert "5 families" in capsys.readouterr().out
