@@ -161,6 +161,18 @@ def test_the_torch_gate_records_a_recipe_that_cannot_quantize_and_goes_on(
     assert report["recipe"] == "dynamic" and (folder / TORCH_INT8_FILE).is_file()
 
 
+def test_a_torch_int8_model_beyond_the_tolerance_is_refused_and_the_fp32_file_stays(tmp_path: Path) -> None:
+    """The accuracy gate for the PyTorch file: calibrated on blank images, static int8 loses points; nothing is
+    written, the fp32 TorchScript file is untouched, and the error gives both scores."""
+    folder = tmp_path / "test_resnet"
+    images, logits, classifier = _exported("test_resnet", folder, formats=("torchscript",))
+    fp32 = (folder / "classifier.torchscript.pt").read_bytes()
+    with pytest.raises(ExportError, match=r"validation top-1 fp32 100.00, int8 static [\d.]+: every recipe drops"):
+        torch_int8_export(folder, classifier, [np.zeros_like(images[:4])], [(images, logits.argmax(1))], max_drop=0)
+    assert not (folder / TORCH_INT8_FILE).exists() and not list(folder.glob("*.partial"))
+    assert (folder / "classifier.torchscript.pt").read_bytes() == fp32
+
+
 def test_the_gate_tries_the_recipes_in_turn_and_writes_the_first_within_the_tolerance(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -130,7 +130,7 @@ def export(argv: list[str]) -> None:
         report = {**report, "int8": int8}
         for runtime, gate in int8.items():
             report["files"][INT8_FILES[runtime]] = gate["file"]
-            print(f"{INT8_FILES[runtime]:<12} {gate['file']}  ({gate['recipe']}; {gate['size_mb']:.1f} MB vs "
+            print(f"{'int8':<12} {gate['file']}  ({gate['recipe']}; {gate['size_mb']:.1f} MB vs "
                   f"{gate['fp32_size_mb']:.1f} MB; val {gate['metric']} {gate['val_int8']:.2f} vs fp32 "
                   f"{gate['val_fp32']:.2f}, calibrated on {gate['calibration_images']} training images)")  # fmt: skip
         (folder / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")

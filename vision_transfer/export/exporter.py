@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -93,10 +94,11 @@ def export_classifier(
         report["files"]["timm"] = ["config.json", "model.safetensors"]
     if "torchscript" in formats:
         path = folder / "classifier.torchscript.pt"
-        traced = torch.jit.trace(graph, example, check_trace=False)
-        traced.save(str(path))
-        with torch.inference_mode():
-            out = torch.jit.load(str(path))(example)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated, not gone
+            torch.jit.trace(graph, example, check_trace=False).save(str(path))
+            with torch.inference_mode():
+                out = torch.jit.load(str(path))(example)
         report["files"]["torchscript"] = path.name
         report["max_abs_diff"]["torchscript"] = _check("TorchScript", out, reference)
     if "onnx" in formats:

@@ -165,7 +165,9 @@ def torch_int8_export(
 def torchscript_outputs(path: str | Path, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
     """The logits of every batch through the TorchScript file at ``path``, and the labels."""
     torch.backends.quantized.engine = ENGINE
-    model = torch.jit.load(str(path), map_location="cpu").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated, not gone
+        model = torch.jit.load(str(path), map_location="cpu").eval()
     logits, labels = [], []
     with torch.inference_mode():
         for images, target in batches:
