@@ -151,8 +151,12 @@ def test_the_torch_gate_records_a_recipe_that_cannot_quantize_and_goes_on(
             raise ExportError("int8 PyTorch static: torch.fx cannot trace the model (TraceError: for the test)")
         return real(model, calibration, size, recipe)
 
-    monkeypatch.setattr(quantize_torch, "quantize_torch", untraceable)
     batches = [(images, logits.argmax(1))]
+    with monkeypatch.context() as patch:  # a PyTorch without the engine (e.g. an ARM build): named, with a way out
+        patch.setattr(quantize_torch, "ENGINE", "no_such_engine")
+        with pytest.raises(ExportError, match=r"lacks the no_such_engine quantized engine.*--formats without torch"):
+            torch_int8_export(folder, classifier, [images[:24]], batches)
+    monkeypatch.setattr(quantize_torch, "quantize_torch", untraceable)
     with pytest.raises(ExportError, match=r"no recipe could quantize the model: static: int8 PyTorch static: torch"):
         torch_int8_export(folder, classifier, [images[:24]], batches)
     assert not (folder / TORCH_INT8_FILE).exists()

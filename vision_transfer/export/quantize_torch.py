@@ -63,7 +63,11 @@ def quantize_torch(
     if recipe not in TORCH_RECIPES:
         raise ConfigError(f"int8 PyTorch recipe {recipe!r}: one of {', '.join(TORCH_RECIPES)}.")
     if ENGINE not in torch.backends.quantized.supported_engines:
-        raise ExportError(f"int8 PyTorch: this PyTorch build lacks the {ENGINE} quantized engine.")
+        raise ExportError(
+            f"int8 PyTorch: this PyTorch build lacks the {ENGINE} quantized engine (it has "
+            f"{', '.join(torch.backends.quantized.supported_engines)}); --formats without torchscript writes the "
+            "ONNX int8 model alone."
+        )
     torch.backends.quantized.engine = ENGINE
     model = copy.deepcopy(model).cpu().eval()
     if recipe == "dynamic":
@@ -164,7 +168,8 @@ def torch_int8_export(
 
 def torchscript_outputs(path: str | Path, batches: Batches) -> tuple[np.ndarray, np.ndarray]:
     """The logits of every batch through the TorchScript file at ``path``, and the labels."""
-    torch.backends.quantized.engine = ENGINE
+    if ENGINE in torch.backends.quantized.supported_engines:  # an int8 file's weights are packed for it at load
+        torch.backends.quantized.engine = ENGINE
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch 2.14 marks TorchScript deprecated, not gone
         model = torch.jit.load(str(path), map_location="cpu").eval()
