@@ -133,7 +133,17 @@ def test_multilabel_fit_predict_load_and_export_agree(
     from vision_transfer.evaluation.metrics import mean_average_precision
     from vision_transfer.export.card import IMAGE_PLACEHOLDER
 
-    assert run_cli(["export", str(best), "--to", str(tmp_path / "carded"), "--formats", "timm"]) == 0
+    # with both int8 models: each gate scores mAP, its fp32 side equal to the exported graph's val mAP
+    assert run_cli(["export", str(best), "--to", str(tmp_path / "carded"), "--quantize", "int8",
+                    "--calibration_images", "8", "--allow_int8_drop"]) == 0  # fmt: skip
+    gates = json.loads((tmp_path / "carded" / "export_report.json").read_text())["int8"]
+    val = recorded_datamodule(read_checkpoint(best)[0]).prepare_splits()["val"]
+    val_probs = classifier.prediction_head().probabilities(classifier.preprocess([str(p) for p in val.items]))
+    expected = 100 * float(mean_average_precision(val_probs, torch.from_numpy(val.labels)))
+    assert sorted(gates) == ["onnx", "torchscript"]
+    for gate in gates.values():
+        assert gate["metric"] == "mAP" and gate["val_fp32"] == pytest.approx(expected, abs=2e-3)
+        assert 0 <= gate["val_int8"] <= 100 and gate["validation_images"] == len(val)
     card = (tmp_path / "carded" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["metrics"] == ["mean_average_precision"] and "multi-label" in meta["tags"]
