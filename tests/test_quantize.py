@@ -165,6 +165,16 @@ def test_the_torch_gate_records_a_recipe_that_cannot_quantize_and_goes_on(
     assert report["recipe"] == "dynamic" and (folder / TORCH_INT8_FILE).is_file()
 
 
+def test_a_refusal_names_an_error_without_a_message() -> None:
+    """torch.ao fails with bare ``assert`` statements too: the refusal still names the error (it raised an
+    IndexError of its own before)."""
+    from vision_transfer.export.quantize_torch import _refused
+
+    assert str(_refused("static: torch.ao cannot quantize the model", AssertionError())) == (
+        "int8 PyTorch static: torch.ao cannot quantize the model (AssertionError)")  # fmt: skip
+    assert str(_refused("dynamic: x", RuntimeError("first\nsecond"))) == "int8 PyTorch dynamic: x (RuntimeError: first)"
+
+
 def test_a_torch_int8_model_beyond_the_tolerance_is_refused_and_the_fp32_file_stays(tmp_path: Path) -> None:
     """The accuracy gate for the PyTorch file: calibrated on blank images, static int8 loses points; nothing is
     written, the fp32 TorchScript file is untouched, and the error gives both scores."""

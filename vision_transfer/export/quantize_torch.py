@@ -31,12 +31,13 @@ from vision_transfer.export.quantize import MAX_DROP, Batches, check_int8_option
 FP32_FILE = "classifier.torchscript.pt"
 TORCH_INT8_FILE = "classifier.int8.torchscript.pt"
 TORCH_RECIPES = ("static", "dynamic")
-# torch.ao's kernels. On an AMD EPYC without VNNI, lite0 at 64 px, batch 64: onednn 1,250-2,430 img/s, x86 (fbgemm)
-# 410-510, fp32 TorchScript 620-710. The engine is chosen when a file is loaded (it repacks the weights then), so
+# torch.ao's kernels. On an AMD EPYC without VNNI, lite0 at 64 px, batch 64: onednn 1,249-2,432 img/s, x86 and
+# fbgemm 276-506, fp32 TorchScript 619-714. The engine is chosen when a file is loaded (it repacks the weights then), so
 # the model card's code sets it too.
 ENGINE = "onednn"
 # 7-bit weights: no uint8 x int8 product saturates a 16-bit sum on CPUs without VNNI. With 8-bit weights the same
-# lite0 lost 0.9 point (onednn) to 4.7 points (x86); with 7-bit, under 0.1 on every engine (benchmarks/deploy.py).
+# lite0 lost 0.9 point (onednn) to 4.7 points (x86); with 7-bit it scored 0.917-0.919 val top-1 on every engine,
+# fp32 0.916 (benchmarks/RESULTS.md).
 WEIGHT_RANGE = (-64, 63)
 
 
@@ -59,7 +60,8 @@ def quantize_torch(
 ) -> nn.Module:
     """An int8 copy of ``model`` (normalised float NCHW images of ``input_size`` -> logits) by ``recipe``;
     ``static`` records activation ranges over ``calibration`` (normalised float batches). ``model`` is left as
-    it was. Raises ``ExportError`` when FX cannot trace the model (``static``)."""
+    it was. Raises ``ExportError`` naming the stage when the engine is missing, or when the model cannot be
+    traced, calibrated, converted or run."""
     if recipe not in TORCH_RECIPES:
         raise ConfigError(f"int8 PyTorch recipe {recipe!r}: one of {', '.join(TORCH_RECIPES)}.")
     if ENGINE not in torch.backends.quantized.supported_engines:
@@ -81,8 +83,7 @@ def quantize_torch(
                     quantized(torch.zeros(1, *input_size))  # e.g. a layer that reads its Linear's .weight fails here
                 return quantized
             except Exception as e:
-                raise ExportError(f"int8 PyTorch dynamic: torch.ao cannot quantize the model ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
+                raise _refused("dynamic: torch.ao cannot quantize the model", e) from e
     from torch.ao.quantization import QConfig, get_default_qconfig_mapping
     from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
     from torch.ao.quantization.observer import HistogramObserver, PerChannelMinMaxObserver
@@ -104,8 +105,7 @@ def quantize_torch(
             mapping = get_default_qconfig_mapping(ENGINE).set_global(qconfig)  # fixed ranges for sigmoid etc. kept
             prepared = prepare_fx(model, mapping, (example,), prepare_custom_config=config)
         except Exception as e:  # torch.fx's TraceError, or an error from a layer run on proxies
-            raise ExportError(f"int8 PyTorch static: torch.fx cannot trace the model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
+            raise _refused("static: torch.fx cannot trace the model", e) from e
         seen = 0
         try:
             with torch.inference_mode():
@@ -117,11 +117,17 @@ def quantize_torch(
                 with torch.inference_mode():
                     quantized(example)  # a layer it converts but cannot run fails here, not in the user's hands
         except Exception as e:  # a traced layer that does not run observed, converted or in int8
-            raise ExportError(f"int8 PyTorch static: torch.ao cannot quantize the model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
+            raise _refused("static: torch.ao cannot quantize the model", e) from e
         if not seen:
             raise ExportError("int8 PyTorch static: no calibration images.")
         return quantized
+
+
+def _refused(what: str, e: Exception) -> ExportError:
+    """The refusal of a recipe that failed at ``what``, naming the error (its first line; torch.ao's bare
+    ``assert`` has none)."""
+    first = (str(e).splitlines() or [""])[0][:200]
+    return ExportError(f"int8 PyTorch {what} ({type(e).__name__}{': ' + first if first else ''})")
 
 
 def torch_int8_export(
@@ -157,8 +163,7 @@ def torch_int8_export(
         try:
             save_torchscript(prediction_graph(classifier, tta, int8), torch.zeros(2, *size), path)
         except Exception as e:  # a quantized layer TorchScript cannot trace: this recipe is refused, by name
-            raise ExportError(f"int8 PyTorch {recipe}: TorchScript cannot trace the int8 model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from e  # fmt: skip
+            raise _refused(f"{recipe}: TorchScript cannot trace the int8 model", e) from e
 
     report = gate(fp32, Path(folder) / TORCH_INT8_FILE, recipes or torch_recipes(plain), write,
                   lambda path: torchscript_outputs(path, batches), batches, max_drop=max_drop,
