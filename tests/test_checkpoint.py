@@ -151,3 +151,41 @@ def test_a_setting_the_model_no_longer_takes_is_refused_not_dropped(
     assert _cli("validate", "--ckpt_path={path}")(path, capsys) == expected
     assert _python(calibrate_checkpoint)(path, capsys) == expected
     assert load_classifier(path).class_names == list(CLASSES)  # the weights and classes are still readable
+
+
+def test_paths_given_as_pathlib_objects_are_recorded_as_text(tmp_path: Path) -> None:
+    """``pathlib.Path`` where a path is asked for (every path option of every datamodule and of the model) is
+    recorded as text: ``torch.load(weights_only=True)``, which Lightning's LR finder and a resume use, refuses
+    a pickled Path (it crashed ``find_lr`` after its sweep)."""
+    from safetensors.torch import save_file
+
+    from vision_transfer.datamodules import (
+        CsvDataModule,
+        FashionMNISTDataModule,
+        ImageFolderDataModule,
+        PreparedDataModule,
+    )
+
+    root = write_folder(tmp_path / "images")
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"images/{c}/{c}_0.png,{c}\n" for c in CLASSES))
+    base = tiny_data(root).data_config
+    modules = [
+        ImageFolderDataModule(root=root, data_config=base, predict_paths=[root / "circle"]),
+        CsvDataModule(csv_path=table, data_config=base, predict_paths=root / "square"),
+        FashionMNISTDataModule(root=tmp_path, data_config=base),
+        PreparedDataModule(path=tmp_path, cache_dir=tmp_path, data_config=base),
+    ]
+    weights = tmp_path / "w.safetensors"
+    save_file(tiny_model(modules[0]).backbone.state_dict(), weights)
+    model = tiny_model(modules[0], weights=weights)
+    for module in (*modules, model):
+        path = tmp_path / f"{type(module).__name__}.pt"
+        torch.save(dict(module.hparams), path)
+        hparams = torch.load(path, weights_only=True)
+        found = [k for k, v in hparams.items() if "tmp" in str(v)]
+        assert found, type(module).__name__  # the paths are there, as text
+        assert all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v)) for v in
+                   (hparams[k] for k in found)), hparams  # fmt: skip
+    saved = model.save_standalone_checkpoint(tmp_path / "model.ckpt", modules[0])
+    assert read_checkpoint(saved)[0].datamodule["init_args"]["root"] == str(root)

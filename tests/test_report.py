@@ -96,6 +96,58 @@ def test_lr_find_plots_loss_against_lr_and_suggests_one(tmp_path: Path, capsys: 
     assert not list(out.glob(".lr_find*.ckpt"))  # Lightning's temporary checkpoint is gone
 
 
+SWEEP_MODES = {
+    "full": {},
+    "linear_probe": {"mode": "linear_probe"},
+    "partial": {"mode": "partial", "trainable_groups": 1},
+    "gradual, epoch milestones": {"mode": "gradual", "unfreeze_every": 1},
+    "gradual, step milestones": {"mode": "gradual", "unfreeze_every": 2, "milestone_unit": "step"},
+    "lp_ft": {"mode": "lp_ft", "lp_epochs": 1},
+    "lp_ft, plateau": {"mode": "lp_ft", "lp_epochs": 1, "scheduler": "plateau"},
+}
+
+
+@pytest.fixture(scope="module")
+def sweep_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_folder(tmp_path_factory.mktemp("sweep") / "images", per_class=8)
+
+
+@pytest.mark.parametrize("options", SWEEP_MODES.values(), ids=SWEEP_MODES.keys())
+def test_lr_sweep_runs_every_step_on_the_first_stage(sweep_folder: Path, options: dict[str, object]) -> None:
+    """A training set of a few batches: the 20-step sweep spans 7 epochs of a max_epochs=1 trainer. Every
+    step runs (Lightning's ``lr_find`` alone stopped at max_epochs: 3 steps), all on the first stage's frozen
+    set and at one rate for all groups, whatever the mode's milestones; the trainer and the schedule are
+    as they were afterwards."""
+    import pytorch_lightning as pl
+
+    from tests.conftest import tiny_data, tiny_model
+    from vision_transfer.app.lr_finder import find_lr
+
+    data = tiny_data(sweep_folder, val_fraction=0.2, test_fraction=0.1)
+    model = tiny_model(data, lr=1e-3, head_lr=1e-2, **options)
+    start = model.policy.frozen_at(0, 0)
+    seen: list[tuple[int, set[float]]] = []
+    step = model.training_step
+
+    def recording(batch: object, batch_idx: int) -> object:
+        rates = {group["lr"] for group in model.trainer.optimizers[0].param_groups}
+        seen.append((model.policy.num_frozen, rates))
+        return step(batch, batch_idx)
+
+    model.training_step = recording  # type: ignore[method-assign]
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    result = find_lr(trainer, model, data, min_lr=1e-5, max_lr=1.0, num_training=20)
+    assert len(seen) == 20 and len(result.lrs) == 20 - min(10, 20 // 5)
+    assert [frozen for frozen, _ in seen] == [start] * 20
+    assert all(len(rates) == 1 for _, rates in seen)  # the sweep's one rate, never a phase's head rate
+    assert result.lrs[-1] > 0.1  # the sweep reached the top of its range
+    assert trainer.max_epochs == 1
+    assert not model.policy.update(0, 0) and model.policy.num_frozen == start
+    later = model.policy.frozen_at(10, 10**6)
+    assert model.policy.update(10, 10**6) == (later != start)  # the schedule moves again after the sweep
+
+
 def test_lr_suggestion_falls_back_when_the_steepest_point_is_past_the_minimum() -> None:
     lrs = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
     inside = LrFinderResult(lrs, [2.0, 1.5, 1.0, 0.5, 3.0], steepest=1e-3, min_over_10=1e-3, plot=None)

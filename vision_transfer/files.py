@@ -5,7 +5,9 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import MutableMapping
 from pathlib import Path
+from typing import Any
 
 from vision_transfer.errors import DiskFullError
 
@@ -47,6 +49,16 @@ def write_atomic(
             raise DiskFullError(f"{message}; {advice}." if advice else f"{message}.") from e
         raise
     _fsync_folder(path.parent)
+
+
+def paths_as_text(hparams: MutableMapping[str, Any]) -> None:
+    """Record ``os.PathLike`` values (alone or in a list) as text, in place: a checkpoint's hyperparameters
+    must load under ``torch.load(weights_only=True)``, which refuses a pickled ``pathlib.Path``."""
+    for key, value in hparams.items():
+        if isinstance(value, os.PathLike):
+            hparams[key] = os.fspath(value)
+        elif isinstance(value, list | tuple) and any(isinstance(item, os.PathLike) for item in value):
+            hparams[key] = [os.fspath(item) if isinstance(item, os.PathLike) else item for item in value]
 
 
 def _fsync_folder(folder: Path) -> None:

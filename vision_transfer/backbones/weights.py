@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import os
 import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,7 +78,7 @@ def state_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def resolve_weights(name: str, weights: str | None) -> WeightsSource:
+def resolve_weights(name: str, weights: str | os.PathLike[str] | None) -> WeightsSource:
     """Turn a user's ``weights`` setting into a concrete source.
 
     Accepted values: ``None``/``"none"`` (random init), ``"packaged"``, ``"timm"`` or
@@ -87,6 +88,7 @@ def resolve_weights(name: str, weights: str | None) -> WeightsSource:
     """
     if weights is None or weights == "none":
         return WeightsSource("none", f"seed:{RANDOM_INIT_SEED}")
+    weights = os.fspath(weights)
     if weights == "auto":
         weights = "packaged" if packaged_weights_path(name) is not None else "timm"
     if weights == "packaged":

@@ -54,6 +54,7 @@ from vision_transfer.data.transforms import (
 )
 from vision_transfer.errors import ConfigError, DataError, ImageLoadError
 from vision_transfer.evaluation.kinds import TaskKind, TaskOption, kind_of_flag, kind_of_labels, task_kind
+from vision_transfer.files import paths_as_text
 
 log = logging.getLogger(__name__)
 Data = TypeVar("Data", bound="ImageDataModule")
@@ -233,6 +234,7 @@ class ImageDataModule(pl.LightningDataModule):
         # what the model shares with its data stays out of the hyperparameters: Lightning logs them merged with
         # the model's, which hold the same values resolved (and a checkpoint records them there, once)
         self.save_hyperparameters(ignore=["data_config", "classes", "task"])
+        paths_as_text(self.hparams)
         self.data_config = DataConfig.from_dict(data_config) if isinstance(data_config, dict) else data_config
         self._classes = list(classes) if classes is not None else None
         self._task = task

@@ -20,6 +20,7 @@ from vision_transfer.data.transforms import Normalize
 from vision_transfer.errors import CheckpointError, ConfigError
 from vision_transfer.evaluation import EpochScores
 from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_kind
+from vision_transfer.files import paths_as_text
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import balanced_class_weights, log_prior
 from vision_transfer.losses.distillation import Teacher, similarity_distillation
@@ -207,6 +208,8 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError(f"ema_decay={ema_decay}: must be in (0, 1).")
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
         self.save_hyperparameters()
+        paths_as_text(self.hparams)
+        weights = self.hparams["weights"]
         kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.backbone, implied = create_backbone(backbone, weights, image_size=image_size, **kwargs)
         self.data_config = DataConfig.from_dict(data_config) if data_config else implied

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -74,6 +75,7 @@ class TuningPolicy:
         self._unused: set[str] | None = None
         self._last_input: torch.Tensor | None = None
         self._warned_leak = False
+        self._held: int | None = None
 
     @staticmethod
     def _start_points(config: TuningConfig, n: int) -> list[float]:
@@ -97,11 +99,22 @@ class TuningPolicy:
         return sum(1 for start in self.starts if start > now)
 
     def update(self, epoch: int, step: int) -> bool:
-        """Move to the frozen set of this point of training; True when it changed."""
-        frozen = self.frozen_at(epoch, step)
+        """Move to the frozen set of this point of training (while :meth:`held`, of its start); True when it
+        changed."""
+        frozen = self._held if self._held is not None else self.frozen_at(epoch, step)
         changed = frozen != self.num_frozen
         self.num_frozen = frozen
         return changed
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Keep the first stage's frozen set and head rate whatever the epoch and step: an LR range test
+        sweeps one stage, however many epochs its steps span."""
+        self._held = self.frozen_at(0, 0)
+        try:
+            yield
+        finally:
+            self._held = None
 
     def start_steps(self, steps_per_epoch: float) -> list[float]:
         """Optimizer step at which each group starts training (``inf``: never)."""
@@ -178,7 +191,7 @@ class TuningPolicy:
         Call it at the start of every epoch; applied once (the flag is saved with the optimizer state,
         so a resumed run does not apply it again)."""
         phase_start = self.config.phase_start
-        if phase_start is None or self.config.scheduler != "plateau" or epoch < phase_start:
+        if phase_start is None or self.config.scheduler != "plateau" or epoch < phase_start or self._held is not None:
             return
         for group in optimizer.param_groups:
             if group.get("stage") == -1 and not group.get("finetune_phase"):
