@@ -2,7 +2,7 @@
 
 Usage: python tests/ddp_run.py OUT_DIR [STRATEGY] [PEFT] [TEACHER]. Each rank saves its final weights to
 OUT_DIR/rank<N>.pt and the frozen-group count it saw at each epoch. TEACHER: a checkpoint to distil from
-(logits and features), with PEFT's adapters or a full fine-tune.
+(logits and features, on fixed views with kd_cache), with PEFT's adapters or a full fine-tune.
 """
 
 from __future__ import annotations
@@ -33,10 +33,12 @@ def main() -> None:
     if not data.exists():  # rank 0 and rank 1 both get here; the content is seeded and identical
         write_folder(data, per_class=12)
     pl.seed_everything(0)
-    datamodule = tiny_data(data, batch_size=4, verify_images=False)
     peft = sys.argv[3] if len(sys.argv) > 3 else "none"
     teacher = sys.argv[4] if len(sys.argv) > 4 else None
-    distil = {} if teacher is None else {"teacher": teacher, "kd_alpha": 0.7, "kd_feature_weight": 100.0}
+    # with a teacher: fixed views, so its outputs are computed once (kd_cache) and shared between the ranks
+    datamodule = tiny_data(data, batch_size=4, verify_images=False, **({"augment": "none"} if teacher else {}))
+    distil = {} if teacher is None else {"teacher": teacher, "kd_alpha": 0.7, "kd_feature_weight": 100.0,
+                                         "kd_cache": True, "cache_dir": str(out / "cache")}  # fmt: skip
     if peft == "none" and teacher is None:
         model = tiny_model(datamodule, mode="gradual", unfreeze_every=1, lr=0.05, warmup_epochs=0)
     else:  # adapters (or every weight) from the first step: every parameter that requires grad is used
@@ -57,7 +59,13 @@ def main() -> None:
     )
     trainer.fit(model, datamodule)
     torch.save(
-        {"state_dict": model.state_dict(), "initial": initial, "frozen": log.frozen, "world": trainer.world_size},
+        {
+            "state_dict": model.state_dict(),
+            "initial": initial,
+            "frozen": log.frozen,
+            "world": trainer.world_size,
+            "memo": [model._memo.hits, model._memo.misses, len(model._memo.rows)] if model._memo else None,
+        },
         out / f"rank{trainer.global_rank}.pt",
     )
 

@@ -225,19 +225,24 @@ def test_distil_script_trains_a_teacher_and_both_students_tiny(
     scripts: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """benchmarks/distil.py at a tiny size: the lite2 teacher, lite0 alone and lite0 distilled from it by logits
-    and by logits + features (the same seed, the same recipe), each scored on test; the students' checkpoints
+    (on the fly, and with kd_cache: the same test top-1 up to the teacher's float noise) and by logits +
+    features (the same seed, the same recipe), each scored on test; the students' checkpoints
     record the teacher's path and the feature weight."""
     import distil  # type: ignore[import-not-found]
 
     from vision_transfer.checkpoint import read_checkpoint
 
     distil.main(["--out", str(tmp_path), "--train", "60", "--val", "30", "--test", "30", "--epochs", "1",
-                 "--image-size", "32", "--threads", "1", "--seeds", "0"])  # fmt: skip
+                 "--image-size", "32", "--threads", "1", "--seeds", "0", "--kd-cache"])  # fmt: skip
     results = json.loads((tmp_path / "results.json").read_text())
     roles = [r["role"] for r in results["rows"]]
     assert roles == ["teacher", "student alone", "student <- teacher (logit KD)",
-                     "student <- teacher (logit + feature KD)"]  # fmt: skip
-    teacher, alone, distilled, features = results["rows"]
+                     "student <- teacher (logit KD, kd_cache)", "student <- teacher (logit + feature KD)"]  # fmt: skip
+    teacher, alone, distilled, cached, features = results["rows"]
+    # the same training up to the teacher's float noise: at most one of the 30 test images changes
+    assert cached["test_top1_change"] == cached["test_top1"] - distilled["test_top1"]
+    assert abs(cached["test_top1_change"]) <= 1 / 30 + 1e-6
+    assert len(list((tmp_path / "teacher_cache" / "teacher").glob("*.safetensors"))) == 1
     assert teacher["backbone"] == "tf_efficientnet_lite2" and alone["backbone"] == distilled["backbone"]
     assert all(0 <= r["test_top1"] <= 1 for r in results["rows"])
     settings = read_checkpoint(distilled["checkpoint"])[0].settings
@@ -248,6 +253,7 @@ def test_distil_script_trains_a_teacher_and_both_students_tiny(
     printed = capsys.readouterr().out
     assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 |" in printed
     assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 (logit + feature KD) |" in printed
+    assert "| tf_efficientnet_lite0 | tf_efficientnet_lite2 (logit KD, kd_cache) |" in printed
 
 
 def test_data_speed_script_measures_every_pipeline_side_by_side_tiny(

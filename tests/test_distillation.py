@@ -169,8 +169,9 @@ def test_distillation_refusals(teacher_checkpoint: Path, tmp_path: Path) -> None
 def test_the_readme_command_distils_from_a_checkpoint(
     teacher_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """``fit --model.teacher CKPT`` from the command line: the teacher is loaded and announced, the run ends
-    with a checkpoint that records the teacher's path."""
+    """``fit --model.teacher CKPT --model.kd_cache true`` from the command line (the README's command, on fixed
+    views): the teacher is loaded and announced, its outputs kept in the cache folder, and the run ends with a
+    checkpoint that records the teacher's path."""
     from tests.conftest import tiny_fit_args
     from tests.test_cli import run_cli
     from vision_transfer.checkpoint import read_checkpoint
@@ -178,11 +179,93 @@ def test_the_readme_command_distils_from_a_checkpoint(
     root = write_folder(tmp_path / "images")
     data = ["--data=vision_transfer.datamodules.ImageFolderDataModule", f"--data.init_args.root={root}"]
     args = tiny_fit_args(data, tmp_path, "--test_after_fit=false", f"--model.teacher={teacher_checkpoint}",
-                         "--model.kd_temperature=4")  # fmt: skip
+                         "--model.kd_temperature=4", "--model.kd_cache=true", "--data.init_args.augment=none",
+                         f"--model.cache_dir={tmp_path / 'cache'}")  # fmt: skip
     assert run_cli(args) == 0
-    assert "distilling from teacher teacher.ckpt (test_resnet, 48x48): kd_alpha=0.5, kd_temperature=4" in (
-        capsys.readouterr().out
-    )
+    printed = capsys.readouterr().out
+    announced = "distilling from teacher teacher.ckpt (test_resnet, 48x48): kd_alpha=0.5, kd_temperature=4.0"
+    assert f"{announced}, kd_cache (kept in {tmp_path / 'cache' / 'teacher'}" in printed
+    assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 1
     best = next((tmp_path / "runs").rglob("best.ckpt"))
     settings = read_checkpoint(best)[0].settings
     assert settings["teacher"] == str(teacher_checkpoint) and settings["kd_temperature"] == 4
+
+
+@pytest.mark.parametrize("feature_weight", [0.0, 5.0], ids=["logits", "logits+features"])
+def test_kd_cache_runs_the_teacher_once_per_image_and_trains_as_without_it(
+    teacher_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, feature_weight: float
+) -> None:
+    """Fixed views (augment none), 18 training images, 3 epochs: without kd_cache the teacher sees 54 views,
+    with it 18 (the first epoch) and the student ends as without it. A second run reads the kept outputs and
+    never runs the teacher; another teacher gets its own file; an unreadable file is computed again."""
+    root = write_folder(tmp_path / "images")
+    cache = tmp_path / "cache"
+    seen: list[int] = []
+    outputs = Teacher.outputs
+
+    def counting(self: Teacher, views: torch.Tensor, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen.append(len(views))
+        return outputs(self, views, *args)
+
+    monkeypatch.setattr(Teacher, "outputs", counting)
+
+    def fit(teacher: Path, **options: object) -> tuple[ImageClassifier, int]:
+        pl.seed_everything(0, verbose=False)
+        data = tiny_data(root, augment="none", batch_size=6)
+        model = tiny_model(data, teacher=str(teacher), kd_alpha=0.7, kd_feature_weight=feature_weight, **options)
+        trainer = pl.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)  # fmt: skip
+        seen.clear()
+        trainer.fit(model, datamodule=data)
+        assert len(data.splits["train"]) == 18
+        return model, sum(seen)
+
+    plain, plain_views = fit(teacher_checkpoint)
+    cached, cached_views = fit(teacher_checkpoint, kd_cache=True, cache_dir=str(cache))
+    assert plain_views == 54 and cached_views == 18
+    assert cached._memo is not None and (cached._memo.hits, cached._memo.misses) == (36, 18)
+    for key, value in plain.state_dict().items():
+        assert torch.allclose(value.float(), cached.state_dict()[key].float(), atol=1e-6), key
+    (kept,) = (cache / "teacher").glob("*.safetensors")
+    again, again_views = fit(teacher_checkpoint, kd_cache=True, cache_dir=str(cache))
+    assert again_views == 0 and again._memo is not None and again._memo.hits == 54
+    assert torch.equal(again.head.weight, cached.head.weight)
+    torch.manual_seed(2)
+    other = ImageClassifier(backbone="test_resnet", weights="none", class_names=list(CLASSES),
+                            data_config=TEACHER_CONFIG).save_standalone_checkpoint(tmp_path / "other.ckpt")  # fmt: skip
+    assert fit(other, kd_cache=True, cache_dir=str(cache))[1] == 18
+    assert len(list((cache / "teacher").glob("*.safetensors"))) == 2
+    kept.write_bytes(b"not a safetensors file")
+    assert fit(teacher_checkpoint, kd_cache=True, cache_dir=str(cache))[1] == 18
+    assert fit(teacher_checkpoint, kd_cache=True, cache_dir=str(cache))[1] == 0  # written again
+
+
+class _NewViews(torch.utils.data.Dataset):
+    """Random images, new at every access: views that are never the same twice."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), index % len(CLASSES)
+
+
+def test_kd_cache_refuses_views_that_change(teacher_checkpoint: Path, tmp_path: Path) -> None:
+    """Without a teacher, with mixing, with an augmenting datamodule, and (caught while training) with a
+    loader whose views are new every epoch: each refused, naming kd_cache."""
+    with pytest.raises(ConfigError, match=r"kd_cache=True \(acts only with teacher\)"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", kd_cache=True)
+    with pytest.raises(ConfigError, match="kd_cache reuses the teacher's outputs of fixed views; mixup_alpha"):
+        ImageClassifier(backbone=TINY_BACKBONE, weights="none", teacher="t.ckpt", kd_cache=True, mixup_alpha=0.2)
+    root = write_folder(tmp_path / "images")
+    trainer_options = {"max_epochs": 2, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                       "enable_progress_bar": False, "enable_model_summary": False}  # fmt: skip
+    data = tiny_data(root, augment="light")
+    model = tiny_model(data, teacher=str(teacher_checkpoint), kd_cache=True)
+    with pytest.raises(ConfigError, match=r"kd_cache: the datamodule augments \(augment='light'\)"):
+        pl.Trainer(**trainer_options).fit(model, datamodule=data)
+    model = ImageClassifier(backbone=TINY_BACKBONE, weights="none", image_size=32, class_names=list(CLASSES),
+                            teacher=str(teacher_checkpoint), kd_cache=True)  # fmt: skip
+    loader = torch.utils.data.DataLoader(_NewViews(), batch_size=4)
+    with pytest.raises(ConfigError, match="kd_cache: 12 different training views in this run, more than the 8"):
+        pl.Trainer(**trainer_options, limit_val_batches=0).fit(model, train_dataloaders=loader)

@@ -171,6 +171,20 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
             "alone": REFUSED,
         },
     ),
+    "kd_cache": (
+        True,
+        {
+            "teacher": Elsewhere(
+                "tests/test_distillation.py::test_kd_cache_runs_the_teacher_once_per_image_and_trains_as_without_it",
+                "the teacher runs once per image and the student ends as without it (speed, by design)",
+            ),
+            "alone": REFUSED,
+            "mixup_alpha=0.2": Elsewhere(
+                "tests/test_distillation.py::test_kd_cache_refuses_views_that_change",
+                "refused with mixing, with an augmenting datamodule and with views new every epoch",
+            ),
+        },
+    ),
     "layer_decay": (0.5, {FIT: ACTS, "mode=linear_probe": REFUSED}),
     "momentum": (0.5, {"optimizer=sgd": ACTS, "alone": REFUSED}),
     "adam_betas": ((0.5, 0.9), {FIT: ACTS, CACHED: ACTS, "optimizer=sgd": REFUSED}),
@@ -193,7 +207,17 @@ TABLE: dict[str, tuple[Any, dict[str, Cell]]] = {
             "mode=linear_probe": REFUSED,
         },
     ),
-    "cache_dir": ("somewhere", {CACHED: Inert("where features are stored"), "alone": REFUSED}),
+    "cache_dir": (
+        "somewhere",
+        {
+            CACHED: Inert("where features are stored"),
+            "kd_cache": Elsewhere(
+                "tests/test_distillation.py::test_kd_cache_runs_the_teacher_once_per_image_and_trains_as_without_it",
+                "where the teacher's outputs are kept",
+            ),
+            "alone": REFUSED,
+        },
+    ),
     # -- what defines the model, the data and the run (each with its own tests) -------------------
     "backbone": (
         None,

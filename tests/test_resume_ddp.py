@@ -126,7 +126,7 @@ def test_ddp_without_find_unused_parameters_is_refused_clearly(tmp_path: Path) -
 
 @pytest.mark.slow
 def test_ddp_trains_lora_adapters_and_distils_on_every_rank_without_find_unused_parameters(tmp_path: Path) -> None:
-    """A LoRA student distilled (logits and features) from a teacher: only the adapters and the head require
+    """A LoRA student distilled (logits and features, kd_cache) from a teacher: only the adapters and the head require
     grad, and all of them are used, so plain DDP works; each rank loads the teacher itself (it is not part of the
     module DDP wraps). Both ranks end identical and trained, the base weights and BatchNorm statistics as they
     started, no teacher weight in the state."""
@@ -142,4 +142,12 @@ def test_ddp_trains_lora_adapters_and_distils_on_every_rank_without_find_unused_
         if key.startswith("backbone.") and ".lora_" not in key:
             assert not moved, f"{key}: a frozen base weight moved"
     assert any(not torch.equal(v, rank0["initial"][k]) for k, v in rank0["state_dict"].items() if ".lora_B." in k)
+    # kd_cache: each rank ran the teacher on views new to both (its share), and at each epoch's end both took
+    # the other's outputs: both hold the same set, more than either computed; rank 0 kept them in one file
+    (hits0, misses0, rows0), (hits1, misses1, rows1) = rank0["memo"], rank1["memo"]
+    assert rows0 == rows1 > max(misses0, misses1) and hits0 + misses0 == hits1 + misses1
+    # computed twice: only a view both ranks drew in the same later epoch, one of the 30 - 2 * 12 that the
+    # first epoch left out (drop_last)
+    assert hits0 > misses0 and hits1 > misses1 and misses0 + misses1 <= rows0 + 6
+    assert len(list((tmp_path / "cache" / "teacher").glob("*.safetensors"))) == 1
     assert not torch.equal(rank0["state_dict"]["head.weight"], rank0["initial"]["head.weight"])

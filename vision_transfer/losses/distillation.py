@@ -102,3 +102,110 @@ class Teacher:
 def _short(names: Any) -> str:
     names = list(names)
     return ", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")
+
+
+class TeacherMemo:
+    """The teacher's outputs of fixed training views, computed at a view's first sight and reused after it
+    (``kd_cache``).
+
+    A view is keyed by its pixels (a BLAKE2b digest of its uint8 values, recovered from the student's
+    normalised view by rounding), so the loader's order, the sampler and the DDP rank do not matter and one
+    image never reads another's outputs. Logits and pooled features (with feature distillation) are kept as
+    the teacher gave them, in float32, on the CPU (float16 features changed the student's weights measurably).
+    :meth:`save` and :meth:`load` keep them in one safetensors file between runs (other seeds, a resume).
+
+    Args:
+        features: keep the teacher's pooled features too.
+        limit: at most this many views are new in a run (the training split's size): more means the views
+            are not fixed (augmentation) and nothing could be reused, which is refused.
+    """
+
+    def __init__(self, features: bool, limit: int | None = None) -> None:
+        self.features = features
+        self.limit = limit
+        self.rows: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.added: list[bytes] = []  # new since the last sync
+        self.new_in_run = 0
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def keys(views: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor) -> list[bytes]:
+        """One digest per view of student-normalised ``views`` (``student_mean``/``std`` in [0, 1] units)."""
+        import hashlib
+
+        unit = views.detach().float() * student_std.view(1, 3, 1, 1) + student_mean.view(1, 3, 1, 1)
+        pixels = (unit * 255).round().clamp(0, 255).to(torch.uint8).cpu().contiguous().numpy()
+        return [hashlib.blake2b(pixel.tobytes(), digest_size=16).digest() for pixel in pixels]
+
+    def outputs(
+        self, teacher: Teacher, views: torch.Tensor, student_mean: torch.Tensor, student_std: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`Teacher.outputs` of ``views``, the teacher running on the views not seen before only.
+        Without ``features`` the first element is an empty tensor."""
+        keys = self.keys(views, student_mean, student_std)
+        new = [i for i, key in enumerate(keys) if key not in self.rows]
+        self.hits += len(keys) - len(new)
+        self.misses += len(new)
+        if new:
+            index = torch.tensor(new, device=views.device)
+            features, logits = teacher.outputs(views.index_select(0, index), student_mean, student_std)
+            kept_features = features.float().cpu() if self.features else None
+            logits_cpu = logits.float().cpu()
+            for j, i in enumerate(new):
+                if keys[i] not in self.rows:  # an image twice in one batch is added once
+                    self.rows[keys[i]] = (logits_cpu[j], kept_features[j] if kept_features is not None else None)
+                    self.added.append(keys[i])
+                    self.new_in_run += 1
+            if self.limit is not None and self.new_in_run > self.limit:
+                raise ConfigError(
+                    f"kd_cache: {self.new_in_run} different training views in this run, more than the "
+                    f"{self.limit} training images: the views change between epochs (augmentation, mixing), so "
+                    "no teacher output is ever reused; drop kd_cache or train on fixed views (augment: none)."
+                )
+        rows = [self.rows[key] for key in keys]
+        logits = torch.stack([row[0] for row in rows]).to(views.device)
+        if not self.features:
+            return logits.new_empty(0), logits
+        return torch.stack([row[1] for row in rows]).to(views.device), logits  # type: ignore[misc]
+
+    def take_added(self) -> dict[bytes, tuple[torch.Tensor, torch.Tensor | None]]:
+        """The entries added since the last call (to share across DDP ranks and to save)."""
+        added = {key: self.rows[key] for key in self.added}
+        self.added = []
+        return added
+
+    def merge(self, entries: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+        """Entries another rank computed (not counted as new in this run)."""
+        for key, value in entries.items():
+            self.rows.setdefault(key, value)
+
+    def save(self, path: Path) -> None:
+        """All entries as one safetensors file, written atomically."""
+        from safetensors.torch import save
+
+        from vision_transfer.files import write_atomic
+
+        keys = list(self.rows)
+        tensors = {
+            "keys": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.uint8).view(len(keys), -1),
+            "logits": torch.stack([self.rows[k][0] for k in keys]),
+        }
+        if self.features:
+            tensors["features"] = torch.stack([self.rows[k][1] for k in keys])  # type: ignore[misc]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, save(tensors), "teacher outputs", advice="rerun: the teacher's outputs are computed again")
+
+    def load(self, path: Path) -> int:
+        """Entries of a file :meth:`save` wrote (an unreadable one is ignored: the teacher runs again); how many."""
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(path)
+        except Exception:
+            return 0
+        if self.features and "features" not in tensors:
+            return 0
+        keys = [bytes(row) for row in tensors["keys"].numpy()]
+        for i, key in enumerate(keys):
+            self.rows.setdefault(key, (tensors["logits"][i], tensors["features"][i] if self.features else None))
+        return len(keys)

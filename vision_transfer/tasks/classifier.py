@@ -23,7 +23,7 @@ from vision_transfer.evaluation.kinds import SINGLE, TaskKind, TaskOption, task_
 from vision_transfer.files import paths_as_text
 from vision_transfer.inference.outputs import PredictionHead, TtaMode, tta_views
 from vision_transfer.losses import balanced_class_weights, log_prior
-from vision_transfer.losses.distillation import Teacher, similarity_distillation
+from vision_transfer.losses.distillation import Teacher, TeacherMemo, similarity_distillation
 from vision_transfer.tuning import TuningConfig, TuningPolicy
 from vision_transfer.tuning.adapters import AdapterSummary, apply_peft
 from vision_transfer.tuning.config import BnPolicy, Mode, Optimizer, Peft, Scheduler, Unit
@@ -90,6 +90,11 @@ class ImageClassifier(pl.LightningModule):
         kd_temperature: with ``teacher``: the softening temperature T (the term is scaled by T^2).
         kd_feature_weight: with ``teacher``: add this weight times the feature distillation term, the
             similarity-preserving loss between the two models' pooled features (any sizes; 0: off).
+        kd_cache: with ``teacher`` and fixed training views (``augment: none``, no mixing): the teacher runs
+            once per training image, in the first epoch, and its outputs are reused after it; they are kept
+            in ``cache_dir`` (default ``$VISION_TRANSFER_CACHE``) under a key of the teacher's weights, the
+            student's preprocessing and the training split's content, so later runs (other seeds, a resume)
+            do not run the teacher at all. Views that change between epochs are refused.
         data_config: preprocessing that replaces the one the weights imply (checkpoints record it); the
             datamodule must use the same (:meth:`for_data` gives the data's; ``setup`` checks them).
         class_counts: training samples (multi-label: positives) per class, in head order: the prior
@@ -160,6 +165,7 @@ class ImageClassifier(pl.LightningModule):
         kd_alpha: float = 0.5,
         kd_temperature: float = 2.0,
         kd_feature_weight: float = 0.0,
+        kd_cache: bool = False,
         data_config: dict[str, Any] | None = None,
         class_counts: list[float] | None = None,
     ) -> None:
@@ -172,7 +178,8 @@ class ImageClassifier(pl.LightningModule):
                  logit_adjustment == "none" and logit_adjustment_tau != 1, "logit_adjustment='loss' or 'posthoc'"),
                 (f"mix_prob={mix_prob}", not (mixup_alpha or cutmix_alpha) and mix_prob != 1,
                  "mixup_alpha or cutmix_alpha > 0"),
-                (f"cache_dir={cache_dir!r}", cache_dir is not None and not cache_features, "cache_features=True"),
+                (f"cache_dir={cache_dir!r}", cache_dir is not None and not (cache_features or kd_cache),
+                 "cache_features=True or kd_cache=True"),
                 (f"drop_path_rate={drop_path_rate}", bool(drop_path_rate and cache_features),
                  "a backbone that runs in training (cached features are extracted in eval mode)"),
                 (f"grad_checkpointing={grad_checkpointing}", bool(grad_checkpointing and mode == "linear_probe"),
@@ -182,6 +189,7 @@ class ImageClassifier(pl.LightningModule):
                 (f"kd_feature_weight={kd_feature_weight}", teacher is None and kd_feature_weight != 0, "teacher"),
                 (f"kd_feature_weight={kd_feature_weight}", bool(kd_feature_weight and mode == "linear_probe"),
                  "a mode that trains the backbone"),
+                (f"kd_cache={kd_cache}", teacher is None and kd_cache, "teacher"),
             )
             if cannot_act
         ]  # fmt: skip
@@ -198,6 +206,9 @@ class ImageClassifier(pl.LightningModule):
             raise ConfigError("mixup_alpha/cutmix_alpha mix images: they cannot be used with cache_features=True.")
         if teacher is not None and cache_features:
             raise ConfigError("teacher: the teacher sees the training images, which cache_features=True never loads.")
+        if kd_cache and (mixup_alpha or cutmix_alpha):
+            raise ConfigError("kd_cache reuses the teacher's outputs of fixed views; mixup_alpha/cutmix_alpha make "
+                              "new views every step: drop one of them.")  # fmt: skip
         if not 0 < kd_alpha <= 1:
             raise ConfigError(f"kd_alpha={kd_alpha}: the distillation term's weight, in (0, 1].")
         if kd_temperature <= 0:
@@ -236,6 +247,8 @@ class ImageClassifier(pl.LightningModule):
         self._loss_fn: nn.Module | None = None
         self._mixer: BatchMixer | None = None
         self._teacher: Teacher | None = None  # a plain attribute: never in the state dict or the optimizer
+        self._memo: TeacherMemo | None = None  # kd_cache: the teacher's outputs of the training views
+        self._memo_path: Path | None = None
         self.kind: TaskKind | None = None if task == "auto" else task_kind(task)
         self.class_names: list[str] | None = None
         self.head: nn.Module = nn.Identity()
@@ -415,9 +428,10 @@ class ImageClassifier(pl.LightningModule):
             if teacher is not None and self._teacher is None:
                 self._teacher = Teacher(teacher, list(self.class_names or []), self.task_kind)
                 features = self.hparams.get("kd_feature_weight")
+                cached = self._open_memo(datamodule) if self.hparams.get("kd_cache") else ""
                 self.print(f"distilling from {self._teacher.describe()}: kd_alpha={self.hparams['kd_alpha']}, "
                            f"kd_temperature={self.hparams['kd_temperature']}"
-                           + (f", kd_feature_weight={features}" if features else ""))  # fmt: skip
+                           + (f", kd_feature_weight={features}" if features else "") + cached)  # fmt: skip
         # Lightning gives setup the target device already (self.device), before moving the model
         channels_last = self.hparams.get("channels_last")
         if channels_last or (channels_last is None and self.device.type == "cuda"):
@@ -516,8 +530,13 @@ class ImageClassifier(pl.LightningModule):
         assert self._teacher is not None
         hp: Any = self.hparams
         teacher = self._teacher if self._teacher.mean.device == self.device else self._teacher.to(self.device)
-        taught, target = teacher.outputs(views, self.normalize.mean.flatten() / 255,
-                                         self.normalize.std.flatten() / 255)  # fmt: skip
+        mean, std = self.normalize.mean.flatten() / 255, self.normalize.std.flatten() / 255
+        if self._memo is not None:
+            if self._memo.limit is None:  # data without a split to count: the training loader's dataset
+                self._memo.limit = _length(getattr(self.trainer.train_dataloader, "dataset", None))
+            taught, target = self._memo.outputs(teacher, views, mean, std)
+        else:
+            taught, target = teacher.outputs(views, mean, std)
         distil = self.task_kind.distillation_loss(logits, target, hp.kd_temperature)
         self.log("train/kd_loss", distil)
         total = (1 - hp.kd_alpha) * loss + hp.kd_alpha * distil
@@ -526,6 +545,58 @@ class ImageClassifier(pl.LightningModule):
             self.log("train/kd_feature_loss", alike)
             total = total + hp.kd_feature_weight * alike
         return total
+
+    def _open_memo(self, datamodule: Any) -> str:
+        """kd_cache: refuse views that change between epochs, start the memo and read the outputs an earlier
+        run kept; what the announcement adds."""
+        assert self._teacher is not None
+        augment = getattr(datamodule, "hparams", {}).get("augment", "none")
+        if augment not in (False, "none"):
+            raise ConfigError(
+                f"kd_cache: the datamodule augments (augment={augment!r}), so each epoch's views are new and no "
+                "teacher output could be reused; set augment: none, or drop kd_cache (the teacher then runs on "
+                "every view)."
+            )
+        splits = getattr(datamodule, "splits", None) or {}
+        train = splits.get("train")
+        self._memo = TeacherMemo(features=bool(self.hparams.get("kd_feature_weight")),
+                                 limit=len(train) if train is not None else None)  # fmt: skip
+        if train is None:
+            return ", kd_cache (in memory: this data has no training split to key a file on)"
+        from vision_transfer.backbones import state_fingerprint
+        from vision_transfer.features.cache import FeatureSpec, default_root
+
+        teacher = self._teacher
+        spec = FeatureSpec(
+            backbone=str(teacher.model.architecture),
+            weights={"kind": "teacher", "sha256": state_fingerprint(teacher.model)},
+            data_config=self.data_config.to_dict(),
+            features="teacher_logits+pooled" if self._memo.features else "teacher_logits",
+            dtype="float32",
+            precision=str(self.trainer.precision),
+        )
+        root = Path(self.hparams.get("cache_dir") or default_root())
+        self._memo_path = root / "teacher" / f"{spec.key(train.fingerprint())}.safetensors"
+        read = self._memo.load(self._memo_path) if self._memo_path.is_file() else 0
+        return (
+            f", kd_cache ({read} teacher outputs read from {self._memo_path})"
+            if read
+            else (f", kd_cache (kept in {self._memo_path})")
+        )
+
+    def on_train_epoch_end(self) -> None:
+        """kd_cache: share the outputs each rank computed this epoch and keep them on disk (rank 0)."""
+        if self._memo is None:
+            return
+        added = self._memo.take_added()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, added)
+            for entries in gathered:
+                self._memo.merge(entries)
+            added = {key: value for entries in gathered for key, value in entries.items()}
+        if added and self._memo_path is not None and self.global_rank == 0:
+            self._memo.save(self._memo_path)
 
     def _scores_input(self, logits: torch.Tensor, final: bool = False) -> torch.Tensor:
         """What the scores count: the logits predictions come from (post-hoc adjustment and temperature;
@@ -737,3 +808,10 @@ def _tuning_docs() -> str:
 
 
 ImageClassifier.__doc__ = (ImageClassifier.__doc__ or "").replace("{tuning}", _tuning_docs())
+
+
+def _length(dataset: Any) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:  # an iterable dataset, or none
+        return None
