@@ -183,7 +183,7 @@ def test_paths_given_as_pathlib_objects_are_recorded_as_text(tmp_path: Path) -> 
         path = tmp_path / f"{type(module).__name__}.pt"
         torch.save(dict(module.hparams), path)
         hparams = torch.load(path, weights_only=True)
-        found = [k for k, v in hparams.items() if "tmp" in str(v)]
+        found = [k for k, v in hparams.items() if str(tmp_path) in str(v)]
         assert found, type(module).__name__  # the paths are there, as text
         assert all(isinstance(v, str) or (isinstance(v, list) and all(isinstance(p, str) for p in v)) for v in
                    (hparams[k] for k in found)), hparams  # fmt: skip

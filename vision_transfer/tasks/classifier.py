@@ -220,7 +220,6 @@ class ImageClassifier(pl.LightningModule):
         tta_views(torch.zeros(1, 3, 2, 2), tta)  # an unknown mode is refused here
         self.save_hyperparameters()
         paths_as_text(self.hparams)
-        weights = self.hparams["weights"]
         kwargs: dict[str, Any] = {"drop_path_rate": drop_path_rate} if drop_path_rate else {}
         self.backbone, implied = create_backbone(backbone, weights, image_size=image_size, **kwargs)
         self.data_config = DataConfig.from_dict(data_config) if data_config else implied
@@ -532,8 +531,6 @@ class ImageClassifier(pl.LightningModule):
         teacher = self._teacher if self._teacher.mean.device == self.device else self._teacher.to(self.device)
         mean, std = self.normalize.mean.flatten() / 255, self.normalize.std.flatten() / 255
         if self._memo is not None:
-            if self._memo.limit is None:  # data without a split to count: the training loader's dataset
-                self._memo.limit = _length(getattr(self.trainer.train_dataloader, "dataset", None))
             taught, target = self._memo.outputs(teacher, views, mean, std)
         else:
             taught, target = teacher.outputs(views, mean, std)
@@ -583,6 +580,10 @@ class ImageClassifier(pl.LightningModule):
             if read
             else (f", kd_cache (kept in {self._memo_path})")
         )
+
+    def on_train_start(self) -> None:
+        if self._memo is not None and self._memo.limit is None:  # data without a split to count: the loader's
+            self._memo.limit = _length(getattr(self.trainer.train_dataloader, "dataset", None))
 
     def on_train_epoch_end(self) -> None:
         """kd_cache: share the outputs each rank computed this epoch and keep them on disk (rank 0)."""

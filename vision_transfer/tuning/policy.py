@@ -75,7 +75,7 @@ class TuningPolicy:
         self._unused: set[str] | None = None
         self._last_input: torch.Tensor | None = None
         self._warned_leak = False
-        self._held: int | None = None
+        self._held = False
 
     @staticmethod
     def _start_points(config: TuningConfig, n: int) -> list[float]:
@@ -101,7 +101,7 @@ class TuningPolicy:
     def update(self, epoch: int, step: int) -> bool:
         """Move to the frozen set of this point of training (while :meth:`held`, of its start); True when it
         changed."""
-        frozen = self._held if self._held is not None else self.frozen_at(epoch, step)
+        frozen = self.frozen_at(0, 0) if self._held else self.frozen_at(epoch, step)
         changed = frozen != self.num_frozen
         self.num_frozen = frozen
         return changed
@@ -110,11 +110,11 @@ class TuningPolicy:
     def held(self) -> Iterator[None]:
         """Keep the first stage's frozen set and head rate whatever the epoch and step: an LR range test
         sweeps one stage, however many epochs its steps span."""
-        self._held = self.frozen_at(0, 0)
+        self._held = True
         try:
             yield
         finally:
-            self._held = None
+            self._held = False
 
     def start_steps(self, steps_per_epoch: float) -> list[float]:
         """Optimizer step at which each group starts training (``inf``: never)."""
@@ -191,7 +191,7 @@ class TuningPolicy:
         Call it at the start of every epoch; applied once (the flag is saved with the optimizer state,
         so a resumed run does not apply it again)."""
         phase_start = self.config.phase_start
-        if phase_start is None or self.config.scheduler != "plateau" or epoch < phase_start or self._held is not None:
+        if phase_start is None or self.config.scheduler != "plateau" or epoch < phase_start or self._held:
             return
         for group in optimizer.param_groups:
             if group.get("stage") == -1 and not group.get("finetune_phase"):
